@@ -1,0 +1,3 @@
+"""zstfs: plain .jsonl on top, zstd-compressed cold files underneath."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from zstfs.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,867 @@
+"""The FUSE operations of zstfs: a protocol adapter only.
+
+What the store looks like is defined by `store.py` (backing names, plain-wins, promotion) and
+`files.py` (inodes, open counts, per-file locks); here we translate between those and pyfuse3's
+operations interface: inode numbers and EntryAttributes in, FUSEErrors out.
+
+Concurrency contract: every handler runs on the trio thread. Table updates happen between awaits;
+a handler that awaits (promotion, decoding, fsync) re-reads what it needs afterwards. Namespace
+changes and opens of a file take that file's lock, so they wait for a promotion or a swap of it.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar, cast
+
+import pyfuse3
+import trio
+from pyfuse3 import FileHandleT, FileInfo, FUSEError, InodeT
+
+from zstfs import codec
+from zstfs.files import ROOT_INODE, FileTable, Node
+from zstfs.names import STATUS_XATTR, zst_name
+from zstfs.stats import Stats
+from zstfs.store import Entry, Store, join, split
+
+log = logging.getLogger(__name__)
+
+#: Entry and attribute cache time. Every change goes through the mount, so the kernel's cache
+#: stays right; swaps (which change only st_blocks and ctime) invalidate the inode explicitly.
+CACHE_TIMEOUT = 60.0
+BLKSIZE = 128 * 1024
+_OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | getattr(os, "O_DIRECT", 0)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def translate_errors(
+    fn: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    """The one place where exceptions become errnos: OSError → its errno, damage → EIO.
+
+    Anything else is a bug: it is logged with its traceback and answered with EIO rather than
+    taking the whole mount down (an uncaught exception in a pyfuse3 handler ends `main()`).
+    """
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except FUSEError:
+            raise
+        except OSError as e:
+            raise FUSEError(e.errno or errno.EIO) from None
+        except codec.CorruptError as e:
+            ops = cast(Operations, args[0])
+            ops.stats.corrupt_reads += 1
+            ops.stats.error(getattr(e, "zstfs_path", "?"), f"damaged .zst: {e}")
+            raise FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("internal error in %s", fn.__name__)
+            raise FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class Handle:
+    """One open file description: a plain backing fd, or a `.zst` fd with its reader."""
+
+    __slots__ = ("fd", "flags", "generation", "node", "reader", "wrote")
+
+    def __init__(self, node: Node, fd: int, flags: int, reader: codec.ZstReader | None) -> None:
+        self.node = node
+        self.fd = fd
+        self.flags = flags
+        self.reader = reader
+        self.generation = node.generation
+        self.wrote = False
+
+
+class DirHandle:
+    __slots__ = ("entries", "node")
+
+    def __init__(self, node: Node, entries: list[tuple[bytes, Entry]]) -> None:
+        self.node = node
+        self.entries = entries
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False  # appends must reach the backing file as the writer sent them
+
+    def __init__(
+        self,
+        store: Store,
+        stats: Stats,
+        *,
+        status: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+        on_idle: Callable[[bytes], None] | None = None,
+        read_threads: int = 4,
+    ) -> None:
+        super().__init__()
+        self.store = store
+        self.rules = store.rules
+        self.stats = stats
+        self.table = FileTable(os.fstat(store.root_fd))
+        self.handles: dict[int, Handle] = {}
+        self.dirs: dict[int, DirHandle] = {}
+        self._next_fh = 1
+        self._status = status
+        self.on_idle = on_idle
+        self.read_limiter = trio.CapacityLimiter(read_threads)
+        self._statfs: tuple[float, pyfuse3.StatvfsData] | None = None
+        self.root_uid = os.geteuid() == 0
+
+    # ------------------------------------------------------------------ helpers
+    def _node(self, ino: int) -> Node:
+        node = self.table.get(ino)
+        if node is None:
+            raise FUSEError(errno.ESTALE)
+        return node
+
+    def _path(self, node: Node) -> bytes:
+        path = self.table.path(node)
+        if path is None:
+            raise FUSEError(errno.ENOENT)
+        return path
+
+    def _dir_path(self, ino: int) -> bytes:
+        node = self._node(ino)
+        if not node.is_dir:
+            raise FUSEError(errno.ENOTDIR)
+        return self._path(node)
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    def _check_name(self, name: bytes) -> None:
+        """Names the view cannot create: zstfs's own and the `.zst` representations."""
+        if not self.rules.visible(name):
+            raise FUSEError(errno.EPERM)
+
+    async def _logical_size(self, path: bytes, st: os.stat_result) -> int:
+        size = self.store.known_size(st)
+        if size is None:
+            try:
+                size = await trio.to_thread.run_sync(
+                    self.store.logical_size, path, st, limiter=self.read_limiter
+                )
+            except codec.CorruptError as e:
+                # A damaged file still lists (with its stored size); reading it gives EIO.
+                self.stats.error(os.fsdecode(path), f"damaged .zst: {e}")
+                self.store.remember_size(st, st.st_size)
+                size = st.st_size
+        return size
+
+    async def _resolve(self, parent: bytes, name: bytes) -> tuple[Entry, int]:
+        """The entry for a logical name and its logical size, or ENOENT."""
+        entry = self.store.resolve(parent, name)
+        if entry is None:
+            raise FUSEError(errno.ENOENT)
+        if not entry.compressed:
+            return entry, entry.st.st_size
+        size = await self._logical_size(join(parent, entry.name), entry.st)
+        again = self.store.resolve(parent, name)  # the await let other requests run
+        if again is None:
+            raise FUSEError(errno.ENOENT)
+        if again.compressed and (again.st.st_ino, again.st.st_size) != (
+            entry.st.st_ino,
+            entry.st.st_size,
+        ):
+            size = await self._logical_size(join(parent, again.name), again.st)
+        return again, (size if again.compressed else again.st.st_size)
+
+    def _attrs(self, node: Node, st: os.stat_result, size: int) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = InodeT(node.ino)
+        a.generation = 0
+        a.entry_timeout = CACHE_TIMEOUT
+        a.attr_timeout = CACHE_TIMEOUT
+        a.st_mode = st.st_mode
+        a.st_nlink = st.st_nlink
+        a.st_uid = st.st_uid
+        a.st_gid = st.st_gid
+        a.st_rdev = st.st_rdev
+        a.st_size = size
+        a.st_blksize = BLKSIZE
+        a.st_blocks = st.st_blocks  # what is really stored, so `du` tells the truth
+        a.st_atime_ns = st.st_atime_ns
+        a.st_mtime_ns = st.st_mtime_ns
+        a.st_ctime_ns = st.st_ctime_ns
+        return a
+
+    async def _entry(self, parent_ino: int, name: bytes) -> tuple[Node, pyfuse3.EntryAttributes]:
+        """Resolve (parent, name) to a node (created if new) and its attributes; no lookup count."""
+        parent = self._dir_path(parent_ino)
+        entry, size = await self._resolve(parent, name)
+        node = self.table.attach(parent_ino, name, entry.st, entry.compressed)
+        return node, self._attrs(node, entry.st, size)
+
+    async def _stat_node(self, node: Node) -> pyfuse3.EntryAttributes:
+        path = self.table.path(node)
+        if path is None:
+            return await self._stat_unlinked(node)
+        if node.ino == ROOT_INODE:
+            st = self.store.lstat(b".")
+            return self._attrs(node, st, st.st_size)
+        parent, name = split(path)
+        entry, size = await self._resolve(parent, name)
+        return self._attrs(node, entry.st, size)
+
+    async def _stat_unlinked(self, node: Node) -> pyfuse3.EntryAttributes:
+        """Attributes of a file that was unlinked while open: from one of its descriptors."""
+        fd = node.anon_fd
+        reader = None
+        if fd is None:
+            for h in self.handles.values():
+                if h.node is node:
+                    fd, reader = h.fd, h.reader
+                    break
+        if fd is None:
+            raise FUSEError(errno.ENOENT)
+        st = os.fstat(fd)
+        size = st.st_size
+        if reader is not None and node.anon_fd is None:
+            size = await trio.to_thread.run_sync(lambda: reader.size, limiter=self.read_limiter)
+        return self._attrs(node, st, size)
+
+    # ------------------------------------------------------------------ lookups
+    @translate_errors
+    async def lookup(
+        self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if not self.rules.visible(name):
+            raise FUSEError(errno.ENOENT)
+        node, attrs = await self._entry(parent_inode, name)
+        node.lookups += 1
+        return attrs
+
+    async def forget(self, inode_list: list[tuple[InodeT, int]]) -> None:
+        for ino, n in inode_list:
+            try:
+                self.table.forget(ino, n)
+            except Exception:  # forget must never raise
+                log.exception("forget(%d, %d)", ino, n)
+
+    @translate_errors
+    async def getattr(
+        self, inode: InodeT, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
+        return await self._stat_node(self._node(inode))
+
+    @translate_errors
+    async def setattr(
+        self,
+        inode: InodeT,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: FileHandleT | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        handle = self.handles.get(fh) if fh is not None else None
+        if fields.update_size:
+            # Truncation changes content: a compressed file becomes plain first.
+            await self._make_plain(node, empty=attr.st_size == 0)
+            if handle is not None:
+                self._refresh_handle(handle)
+                os.ftruncate(handle.fd, attr.st_size)
+            elif node.anon_fd is not None:
+                os.ftruncate(node.anon_fd, attr.st_size)
+            else:
+                self._truncate(node, attr.st_size)
+            node.writes += 1
+        target = self._target(node, handle)
+        if fields.update_mode:
+            mode = stat.S_IMODE(attr.st_mode)
+            self._apply(target, lambda t: os.chmod(t, mode),
+                        lambda p: os.chmod(p, mode, dir_fd=self.store.root_fd), node)
+        if fields.update_uid or fields.update_gid:
+            uid = attr.st_uid if fields.update_uid else -1
+            gid = attr.st_gid if fields.update_gid else -1
+            self._apply(target, lambda t: os.chown(t, uid, gid),
+                        lambda p: os.chown(p, uid, gid, dir_fd=self.store.root_fd,
+                                           follow_symlinks=False), node)
+        if fields.update_atime or fields.update_mtime:
+            current = await self._stat_node(node)
+            ns = (
+                attr.st_atime_ns if fields.update_atime else current.st_atime_ns,
+                attr.st_mtime_ns if fields.update_mtime else current.st_mtime_ns,
+            )
+            self._apply(target, lambda t: os.utime(t, ns=ns),
+                        lambda p: os.utime(p, ns=ns, dir_fd=self.store.root_fd,
+                                           follow_symlinks=False), node)
+        return await self._stat_node(node)
+
+    def _truncate(self, node: Node, size: int) -> None:
+        fd = os.open(self._path(node), os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     dir_fd=self.store.root_fd)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+
+    def _target(self, node: Node, handle: Handle | None) -> int | None:
+        """A descriptor for metadata changes when the file has no name (unlinked but open)."""
+        if self.table.path(node) is not None:
+            return None
+        if node.anon_fd is not None:
+            return node.anon_fd
+        if handle is not None:
+            return handle.fd
+        for h in self.handles.values():
+            if h.node is node:
+                return h.fd
+        raise FUSEError(errno.ENOENT)
+
+    def _apply(
+        self,
+        fd: int | None,
+        by_fd: Callable[[int], None],
+        by_path: Callable[[bytes], None],
+        node: Node,
+    ) -> None:
+        """Apply a metadata change to whichever representation exists (never decoding)."""
+        if fd is not None:
+            by_fd(fd)
+            return
+        path = self._path(node)
+        if node.ino != ROOT_INODE:
+            parent, name = split(path)
+            entry = self.store.resolve(parent, name)
+            if entry is None:
+                raise FUSEError(errno.ENOENT)
+            path = join(parent, entry.name)
+        by_path(path)
+
+    @translate_errors
+    async def readlink(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> bytes:
+        return os.readlink(self._path(self._node(inode)), dir_fd=self.store.root_fd)
+
+    # ------------------------------------------------------------------ directories
+    @translate_errors
+    async def opendir(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileHandleT:
+        node = self._node(inode)
+        path = self._dir_path(inode)
+        entries = await trio.to_thread.run_sync(self.store.listdir, path)
+        fh = self._new_fh()
+        self.dirs[fh] = DirHandle(node, entries)
+        return FileHandleT(fh)
+
+    @translate_errors
+    async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        d = self.dirs[fh]
+        parent = self._path(d.node)
+        for i in range(start_id, len(d.entries)):
+            name, entry = d.entries[i]
+            size = entry.st.st_size
+            if entry.compressed:
+                size = await self._logical_size(join(parent, entry.name), entry.st)
+            node = self.table.attach(d.node.ino, name, entry.st, entry.compressed)
+            if not pyfuse3.readdir_reply(token, name, self._attrs(node, entry.st, size), i + 1):
+                self.table.maybe_drop(node)
+                return
+            node.lookups += 1
+
+    @translate_errors
+    async def releasedir(self, fh: FileHandleT) -> None:
+        del self.dirs[fh]
+
+    @translate_errors
+    async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
+        path = self._path(self.dirs[fh].node)
+        await trio.to_thread.run_sync(self.store.fsync_dir, path)
+
+    @translate_errors
+    async def mkdir(
+        self, parent_inode: InodeT, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self._check_name(name)
+        path = join(self._dir_path(parent_inode), name)
+        os.mkdir(path, stat.S_IMODE(mode) & ~ctx.umask, dir_fd=self.store.root_fd)
+        self._give_to_caller(path, ctx)
+        return await self._new_entry(parent_inode, name)
+
+    @translate_errors
+    async def rmdir(self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if not self.rules.visible(name):
+            raise FUSEError(errno.ENOENT)
+        path = join(self._dir_path(parent_inode), name)
+        os.rmdir(path, dir_fd=self.store.root_fd)
+        self.table.unlink(parent_inode, name)
+
+    @translate_errors
+    async def symlink(
+        self,
+        parent_inode: InodeT,
+        name: bytes,
+        target: bytes,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        self._check_name(name)
+        path = join(self._dir_path(parent_inode), name)
+        os.symlink(target, path, dir_fd=self.store.root_fd)
+        self._give_to_caller(path, ctx)
+        return await self._new_entry(parent_inode, name)
+
+    @translate_errors
+    async def mknod(
+        self,
+        parent_inode: InodeT,
+        name: bytes,
+        mode: int,
+        rdev: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        self._check_name(name)
+        path = join(self._dir_path(parent_inode), name)
+        if self.rules.compressible(name) and self.store.resolve(*split(path)) is not None:
+            raise FUSEError(errno.EEXIST)
+        os.mknod(path, mode & ~ctx.umask, rdev, dir_fd=self.store.root_fd)
+        self._give_to_caller(path, ctx)
+        return await self._new_entry(parent_inode, name)
+
+    def _give_to_caller(self, path: bytes, ctx: pyfuse3.RequestContext) -> None:
+        """A daemon running as root creates files owned by the user who asked."""
+        if self.root_uid and (ctx.uid, ctx.gid) != (0, 0):
+            os.chown(path, ctx.uid, ctx.gid, dir_fd=self.store.root_fd, follow_symlinks=False)
+
+    async def _new_entry(self, parent_ino: int, name: bytes) -> pyfuse3.EntryAttributes:
+        node, attrs = await self._entry(parent_ino, name)
+        node.lookups += 1
+        return attrs
+
+    # ------------------------------------------------------------------ namespace
+    async def _locked_node(self, parent_ino: int, name: bytes) -> Node | None:
+        """The known node of (parent, name) with its lock taken (waits for a swap), or None."""
+        node = self.table.by_link.get((parent_ino, name))
+        if node is None:
+            parent = self._dir_path(parent_ino)
+            entry = self.store.resolve(parent, name)
+            if entry is None:
+                return None
+            node = self.table.by_key.get((entry.st.st_dev, entry.st.st_ino))
+            if node is None:
+                return None
+        node.claims += 1
+        try:
+            await node.lock.acquire()
+        finally:
+            node.claims -= 1
+        return node
+
+    def _release_node(self, node: Node | None) -> None:
+        if node is not None:
+            node.lock.release()
+            self.table.maybe_drop(node)
+
+    @translate_errors
+    async def unlink(self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if not self.rules.visible(name):
+            raise FUSEError(errno.ENOENT)
+        node = await self._locked_node(parent_inode, name)
+        try:
+            parent = self._dir_path(parent_inode)
+            self._remove_forms(parent, name, missing_ok=False)
+            self.table.unlink(parent_inode, name)
+        finally:
+            self._release_node(node)
+
+    def _remove_forms(self, parent: bytes, name: bytes, *, missing_ok: bool) -> bool:
+        """Remove every backing form of a logical file name; True if anything was removed."""
+        removed = False
+        forms = [name, zst_name(name)] if self.rules.compressible(name) else [name]
+        for form in forms:
+            try:
+                os.unlink(join(parent, form), dir_fd=self.store.root_fd)
+                removed = True
+            except FileNotFoundError:
+                pass
+        if not removed and not missing_ok:
+            raise FUSEError(errno.ENOENT)
+        return removed
+
+    @translate_errors
+    async def rename(
+        self,
+        parent_inode_old: InodeT,
+        name_old: bytes,
+        parent_inode_new: InodeT,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        if not self.rules.visible(name_old):
+            raise FUSEError(errno.ENOENT)
+        self._check_name(name_new)
+        src_node = await self._locked_node(parent_inode_old, name_old)
+        dst_node = None
+        try:
+            dst_node = await self._locked_node(parent_inode_new, name_new)
+            if dst_node is src_node:
+                dst_node = None
+            await self._rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        finally:
+            self._release_node(dst_node)
+            self._release_node(src_node)
+
+    async def _rename(
+        self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, flags: int
+    ) -> None:
+        old_dir, new_dir = self._dir_path(p_old), self._dir_path(p_new)
+        src = self.store.resolve(old_dir, n_old)
+        if src is None:
+            raise FUSEError(errno.ENOENT)
+        dst = self.store.resolve(new_dir, n_new)
+        if flags & pyfuse3.RENAME_NOREPLACE and dst is not None:
+            raise FUSEError(errno.EEXIST)
+        if src.compressed and not self.rules.compressible(n_new):
+            # The new name cannot have a .zst form: the file becomes plain first.
+            await self._make_plain(self._node_at(p_old, n_old, src))
+            src = self.store.resolve(old_dir, n_old)
+            assert src is not None
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            await self._exchange(p_old, n_old, src, p_new, n_new, dst)
+            return
+        target = zst_name(n_new) if src.compressed else n_new
+        if dst is not None and dst.compressed != src.compressed:
+            # Replace both forms of the destination. Remove the other form first, so that
+            # no moment shows the old plain file winning over the new compressed one.
+            if stat.S_ISDIR(src.st.st_mode) != stat.S_ISDIR(dst.st.st_mode):
+                raise FUSEError(errno.EISDIR if stat.S_ISDIR(dst.st.st_mode) else errno.ENOTDIR)
+            os.unlink(join(new_dir, dst.name), dir_fd=self.store.root_fd)
+        self.store.rename(join(old_dir, src.name), join(new_dir, target),
+                          flags & pyfuse3.RENAME_NOREPLACE)
+        if self.rules.compressible(n_new) and not src.compressed:
+            # A stale compressed form of the destination would resurface if the plain one went.
+            try:
+                os.unlink(join(new_dir, zst_name(n_new)), dir_fd=self.store.root_fd)
+            except FileNotFoundError:
+                pass
+        self.table.unlink(p_new, n_new)
+        self.table.move((p_old, n_old), (p_new, n_new))
+
+    async def _exchange(
+        self,
+        p_old: int,
+        n_old: bytes,
+        src: Entry,
+        p_new: int,
+        n_new: bytes,
+        dst: Entry | None,
+    ) -> None:
+        if dst is None:
+            raise FUSEError(errno.ENOENT)
+        old_dir, new_dir = self._dir_path(p_old), self._dir_path(p_new)
+        for parent_ino, name, entry in ((p_old, n_old, src), (p_new, n_new, dst)):
+            if entry.compressed:
+                # Both sides must have the same form to swap names atomically.
+                await self._make_plain(self._node_at(parent_ino, name, entry))
+        src = self.store.resolve(old_dir, n_old) or src
+        dst = self.store.resolve(new_dir, n_new) or dst
+        self.store.rename(join(old_dir, src.name), join(new_dir, dst.name), pyfuse3.RENAME_EXCHANGE)
+        a = self.table.by_link.pop((p_old, n_old), None)
+        b = self.table.by_link.pop((p_new, n_new), None)
+        for node, old, new in ((a, (p_old, n_old), (p_new, n_new)),
+                               (b, (p_new, n_new), (p_old, n_old))):
+            if node is not None:
+                node.links[node.links.index(old)] = new
+                self.table.by_link[new] = node
+
+    def _node_at(self, parent_ino: int, name: bytes, entry: Entry) -> Node:
+        return self.table.attach(parent_ino, name, entry.st, entry.compressed)
+
+    @translate_errors
+    async def link(
+        self,
+        inode: InodeT,
+        new_parent_inode: InodeT,
+        new_name: bytes,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        self._check_name(new_name)
+        node = self._node(inode)
+        # A hard link to a compressed file would be broken by its next promotion: link the
+        # plain form instead.
+        await self._make_plain(node)
+        new_dir = self._dir_path(new_parent_inode)
+        if self.rules.compressible(new_name) and self.store.resolve(new_dir, new_name):
+            raise FUSEError(errno.EEXIST)
+        os.link(self._path(node), join(new_dir, new_name), src_dir_fd=self.store.root_fd,
+                dst_dir_fd=self.store.root_fd, follow_symlinks=False)
+        return await self._new_entry(new_parent_inode, new_name)
+
+    # ------------------------------------------------------------------ open files
+    @translate_errors
+    async def open(self, inode: InodeT, flags: int, ctx: pyfuse3.RequestContext) -> FileInfo:
+        node = self._node(inode)
+        node.claims += 1
+        try:
+            async with node.lock:
+                return await self._open_locked(node, flags)
+        finally:
+            node.claims -= 1
+            self.table.maybe_drop(node)
+
+    async def _open_locked(self, node: Node, flags: int) -> FileInfo:
+        writing = flags & os.O_ACCMODE != os.O_RDONLY
+        if writing and flags & os.O_TRUNC:
+            await self._promote_locked(node, empty=True)
+        handle = self._open_handle(node, flags)
+        if writing and flags & os.O_TRUNC:
+            os.ftruncate(handle.fd, 0)
+            node.writes += 1
+        fh = self._new_fh()
+        self.handles[fh] = handle
+        node.opens += 1
+        return FileInfo(fh=FileHandleT(fh), keep_cache=self._keep_cache(node, handle))
+
+    def _open_handle(self, node: Node, flags: int) -> Handle:
+        """A handle on the node's current representation (never decodes)."""
+        backing_flags = (flags & ~_OPEN_STRIP) | os.O_CLOEXEC
+        if node.anon_fd is not None:
+            fd = os.open(f"/proc/self/fd/{node.anon_fd}", backing_flags)
+            return Handle(node, fd, flags, None)
+        path = self._path(node)
+        parent, name = split(path)
+        entry = self.store.resolve(parent, name) if node.ino != ROOT_INODE else None
+        if entry is None:
+            raise FUSEError(errno.ENOENT)
+        if entry.compressed:
+            fd = os.open(join(parent, entry.name), os.O_RDONLY | os.O_CLOEXEC,
+                         dir_fd=self.store.root_fd)
+            reader = codec.ZstReader(fd)
+            return Handle(node, fd, flags, reader)
+        fd = os.open(path, backing_flags | os.O_NOFOLLOW, dir_fd=self.store.root_fd)
+        return Handle(node, fd, flags, None)
+
+    def _keep_cache(self, node: Node, handle: Handle) -> bool:
+        """Keep the kernel's cached pages unless the content changed behind our back."""
+        st = os.fstat(handle.fd)
+        seen = (st.st_size if handle.reader is None else -1, st.st_mtime_ns)
+        keep = node.seen is None or node.seen[1] == seen[1]
+        node.seen = seen
+        return keep
+
+    def _refresh_handle(self, handle: Handle) -> None:
+        """Point a handle at the node's current representation after a promotion."""
+        if handle.generation == handle.node.generation:
+            return
+        fresh = self._open_handle(handle.node, handle.flags)
+        os.close(handle.fd)
+        handle.fd, handle.reader, handle.generation = fresh.fd, fresh.reader, fresh.generation
+
+    async def _make_plain(self, node: Node, *, empty: bool = False) -> None:
+        if not node.compressed:
+            return
+        node.claims += 1
+        try:
+            async with node.lock:
+                await self._promote_locked(node, empty=empty)
+        finally:
+            node.claims -= 1
+
+    async def _promote_locked(self, node: Node, *, empty: bool) -> None:
+        """Turn the node's `.zst` into a plain file (the caller holds the node's lock)."""
+        if not node.compressed:
+            return
+        path = self.table.path(node)
+        if path is None:
+            await self._promote_anonymous(node, empty=empty)
+            return
+        parent, name = split(path)
+        st = await trio.to_thread.run_sync(
+            functools.partial(self.store.promote, parent, name, empty=empty)
+        )
+        self.table.rekey(node, st, False)
+        self.stats.promotions += 1
+        log.debug("promoted %s", os.fsdecode(path))
+
+    async def _promote_anonymous(self, node: Node, *, empty: bool) -> None:
+        """A compressed file unlinked while open is being written: decode it into an unnamed
+        file that lives as long as its handles."""
+        source = next((h for h in self.handles.values() if h.node is node), None)
+        if source is None:
+            raise FUSEError(errno.ENOENT)
+        fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=self.store.root_fd)
+        if not empty:
+            await trio.to_thread.run_sync(codec.decompress_file, source.fd, fd)
+        node.anon_fd = fd
+        node.compressed = False
+        node.generation += 1
+
+    @translate_errors
+    async def create(
+        self,
+        parent_inode: InodeT,
+        name: bytes,
+        mode: int,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> tuple[FileInfo, pyfuse3.EntryAttributes]:
+        self._check_name(name)
+        parent = self._dir_path(parent_inode)
+        existing = self.store.resolve(parent, name) if self.rules.compressible(name) else None
+        if existing is not None:
+            # The name exists in compressed form: O_CREAT without O_EXCL opens it.
+            if flags & os.O_EXCL:
+                raise FUSEError(errno.EEXIST)
+            node, _ = await self._entry(parent_inode, name)
+            info = await self.open(InodeT(node.ino), flags, ctx)
+            node.lookups += 1
+            return info, await self._stat_node(node)
+        path = join(parent, name)
+        fd = os.open(path, (flags & ~getattr(os, "O_DIRECT", 0)) | os.O_CREAT | os.O_CLOEXEC
+                     | os.O_NOFOLLOW, stat.S_IMODE(mode) & ~ctx.umask, dir_fd=self.store.root_fd)
+        try:
+            if self.root_uid and (ctx.uid, ctx.gid) != (0, 0):
+                os.fchown(fd, ctx.uid, ctx.gid)
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        node = self.table.attach(parent_inode, name, st, False)
+        node.lookups += 1
+        handle = Handle(node, fd, flags, None)
+        node.seen = (st.st_size, st.st_mtime_ns)
+        fh = self._new_fh()
+        self.handles[fh] = handle
+        node.opens += 1
+        return FileInfo(fh=FileHandleT(fh)), self._attrs(node, st, st.st_size)
+
+    @translate_errors
+    async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
+        h = self.handles[fh]
+        self._refresh_handle(h)
+        reader = h.reader
+        if reader is None:
+            return os.pread(h.fd, size, off)
+        data = reader.read_cached(off, size)
+        if data is None:
+            try:
+                data = await trio.to_thread.run_sync(reader.read, off, size,
+                                                     limiter=self.read_limiter)
+            except codec.CorruptError as e:
+                e.zstfs_path = self._describe(h.node)  # type: ignore[attr-defined]
+                raise
+        return data
+
+    def _describe(self, node: Node) -> str:
+        path = self.table.path(node)
+        return os.fsdecode(path) if path is not None else f"<inode {node.ino}>"
+
+    @translate_errors
+    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
+        h = self.handles[fh]
+        if h.node.compressed:
+            await self._make_plain(h.node)
+        self._refresh_handle(h)
+        n = os.pwrite(h.fd, buf, off)
+        h.wrote = True
+        h.node.writes += 1
+        return n
+
+    @translate_errors
+    async def flush(self, fh: FileHandleT) -> None:
+        return None
+
+    @translate_errors
+    async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
+        h = self.handles[fh]
+        if h.reader is None:
+            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd)
+
+    @translate_errors
+    async def release(self, fh: FileHandleT) -> None:
+        h = self.handles.pop(fh)
+        node = h.node
+        if h.wrote:
+            st = os.fstat(h.fd)
+            node.seen = (st.st_size, st.st_mtime_ns)  # our own writes kept the page cache right
+        os.close(h.fd)
+        node.opens -= 1
+        if node.opens == 0 and self.on_idle is not None and not node.compressed:
+            path = self.table.path(node)
+            if path is not None and self.rules.compressible(split(path)[1]):
+                self.on_idle(path)
+        self.table.maybe_drop(node)
+
+    # ------------------------------------------------------------------ xattrs
+    def _xattr_path(self, node: Node) -> bytes:
+        path = self._path(node)
+        if node.ino != ROOT_INODE:
+            parent, name = split(path)
+            entry = self.store.resolve(parent, name)
+            if entry is None:
+                raise FUSEError(errno.ENOENT)
+            path = join(parent, entry.name)
+        return self.store.xattr_path(path)
+
+    @translate_errors
+    async def getxattr(self, inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if inode == ROOT_INODE and name == STATUS_XATTR and self._status is not None:
+            return json.dumps(await self._status(), sort_keys=True).encode()
+        try:
+            return os.getxattr(self._xattr_path(self._node(inode)), name, follow_symlinks=False)
+        except OSError as e:
+            if e.errno == errno.ENODATA:
+                raise FUSEError(pyfuse3.ENOATTR) from None
+            raise
+
+    @translate_errors
+    async def setxattr(
+        self, inode: InodeT, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        if inode == ROOT_INODE and name.startswith(b"user.zstfs."):
+            raise FUSEError(errno.EPERM)
+        os.setxattr(self._xattr_path(self._node(inode)), name, value, follow_symlinks=False)
+
+    @translate_errors
+    async def listxattr(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        names = os.listxattr(self._xattr_path(self._node(inode)), follow_symlinks=False)
+        return [os.fsencode(n) for n in names]
+
+    @translate_errors
+    async def removexattr(self, inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        try:
+            os.removexattr(self._xattr_path(self._node(inode)), name, follow_symlinks=False)
+        except OSError as e:
+            if e.errno == errno.ENODATA:
+                raise FUSEError(pyfuse3.ENOATTR) from None
+            raise
+
+    # ------------------------------------------------------------------ filesystem
+    @translate_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        now = time.monotonic()
+        if self._statfs is not None and now - self._statfs[0] < 1.0:
+            return self._statfs[1]  # editors and `df` poll this
+        sv = os.statvfs(self.store.root_fd)
+        data = pyfuse3.StatvfsData()
+        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                      "f_ffree", "f_favail"):
+            setattr(data, field, getattr(sv, field))
+        data.f_namemax = sv.f_namemax - len(b".zst")
+        self._statfs = (now, data)
+        return data
+
+    # ------------------------------------------------------------------ for the compactor
+    def invalidate_attrs(self, node: Node) -> None:
+        """Tell the kernel that a node's attributes (st_blocks, ctime) changed under it."""
+        if node.lookups > 0:
+            try:
+                pyfuse3.invalidate_inode(InodeT(node.ino), attr_only=True)
+            except OSError as e:
+                log.debug("invalidate_inode(%d): %s", node.ino, e)
+

@@ -1,0 +1,162 @@
+"""The life of a mount: open and lock the store, recover, mount, detach, serve, unmount.
+
+Order matters: the store directory is opened (and recovered) before the mount covers it, the fork
+happens before trio starts threads, and a crash never unmounts (a dead mount says ENOTCONN; an
+unmounted one would silently show the raw backing files to a running codex).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import pyfuse3
+import trio
+
+from zstfs import __version__, codec, daemon
+from zstfs.compactor import Compactor
+from zstfs.fs import Operations
+from zstfs.log import default_log_file, setup_logging
+from zstfs.names import NameRules
+from zstfs.options import MountOptions
+from zstfs.stats import Stats
+from zstfs.store import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+
+class MountError(Exception):
+    """A mount that cannot start; the message is one line naming the path and the cause."""
+
+
+def is_mountpoint(path: str) -> str | None:
+    """The filesystem type mounted at `path`, or None."""
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                sep = parts.index("-")
+                if parts[4].replace("\\040", " ") == real:
+                    return parts[sep + 1]
+    except OSError:
+        return None
+    return None
+
+
+def fuse_options(opts: MountOptions) -> set[str]:
+    options = {"default_permissions", f"fsname={opts.fsname or os.path.abspath(opts.source)}",
+               "subtype=zstfs"}
+    if opts.allow_other:
+        options.add("allow_other")
+    if opts.allow_root:
+        options.add("allow_root")
+    return options
+
+
+def mount(opts: MountOptions) -> int:
+    """Run `zstfs mount`. Returns the exit status; raises MountError for a clean refusal."""
+    log_file = opts.log_file
+    if log_file is None and not opts.foreground:
+        log_file = default_log_file(opts.source)
+    setup_logging(debug=opts.debug, log_file=log_file, to_stderr=opts.foreground)
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse: no such device (is the fuse kernel module loaded?)")
+    for path in {opts.source, opts.mountpoint}:
+        if is_mountpoint(path) == "fuse.zstfs":
+            raise MountError(f"{path}: already mounted by zstfs")
+    if not os.path.isdir(opts.mountpoint):
+        raise MountError(f"{opts.mountpoint}: no such directory")
+    rules = NameRules(opts.pattern)
+    params = codec.CodecParams(level=opts.level)
+    try:
+        store = Store.open(opts.source, rules, params)
+    except StoreError as e:
+        raise MountError(str(e)) from None
+    try:
+        store.lock()
+        recovery = store.recover()
+    except StoreError as e:
+        store.close()
+        raise MountError(str(e)) from None
+    stats = Stats()
+    compactor = Compactor(store, stats, compress_after=opts.compress_after, jobs=opts.jobs)
+    ops = Operations(store, stats, on_idle=compactor.notify)
+    compactor.attach(ops)
+    started = time.time()
+    source, mountpoint = os.path.abspath(opts.source), os.path.abspath(opts.mountpoint)
+
+    async def status() -> dict[str, Any]:
+        snap: dict[str, Any] = {
+            "schema": 1,
+            "version": __version__,
+            "pid": os.getpid(),
+            "source": source,
+            "mountpoint": mountpoint,
+            "started": started,
+            "pattern": opts.pattern,
+            "compress_after": opts.compress_after,
+            "level": opts.level,
+            "jobs": opts.jobs,
+            "open_files": sum(1 for n in ops.table if n.opens > 0),
+            "recovery": {"temps_removed": recovery.temps_removed,
+                         "leftovers_removed": recovery.leftovers_removed,
+                         "leftovers_kept": recovery.leftovers_kept},
+        }
+        snap.update(stats.counters())
+        snap.update(await compactor.status())
+        return snap
+
+    ops._status = status
+    try:
+        pyfuse3.init(ops, opts.mountpoint, fuse_options(opts))
+    except RuntimeError as e:
+        store.close()
+        raise MountError(f"{opts.mountpoint}: mount failed: {e} (see the message above)") from None
+    notify: daemon.Notify = lambda error: None  # noqa: E731
+    if not opts.foreground:
+        notify = daemon.detach(log_file)
+        store.record_lock_owner()
+    log.info("mounted %s on %s (pid %d)", opts.source, opts.mountpoint, os.getpid())
+    clean = False
+    try:
+        trio.run(_serve, ops, compactor, notify)
+        clean = True
+    except BaseException as e:
+        log.exception("the daemon failed: %s", e)
+        notify(f"zstfs: {opts.mountpoint}: the daemon failed: {e}")
+        raise
+    finally:
+        # After a crash, leave the mount dead (ENOTCONN) rather than silently showing the
+        # backing files; `zstfs umount` or `fusermount3 -u` clears it.
+        pyfuse3.close(unmount=clean)
+        store.close()
+        log.info("unmounted %s", opts.mountpoint)
+    return 0
+
+
+async def _serve(ops: Operations, compactor: Compactor, notify: daemon.Notify) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_signals, nursery.cancel_scope)
+        await nursery.start(compactor.run)
+        notify(None)
+        daemon.sd_notify("READY=1")
+        await pyfuse3.main()
+        daemon.sd_notify("STOPPING=1")
+        await compactor.stop()
+        nursery.cancel_scope.cancel()
+
+
+async def _signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for sig in signals:
+            log.info("signal %d: unmounting", sig)
+            pyfuse3.terminate()
+
+
+def errno_name(err: int) -> str:
+    return errno.errorcode.get(err, str(err))

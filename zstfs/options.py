@@ -1,0 +1,40 @@
+"""Options of a mount, and the parsing of the values users type (durations, -o lists)."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+from zstfs.names import DEFAULT_PATTERN
+
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """`7d`, `12h`, `30m`, `45s`, `0`, `1.5h` → seconds. Raises ValueError with a clear message."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text.lower())
+    if m is None:
+        raise ValueError(f"invalid duration {text!r} (use e.g. 7d, 12h, 30m, 45s or 0)")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def default_jobs() -> int:
+    """Background compression threads: half the cores, so the foreground always has CPU."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+@dataclass
+class MountOptions:
+    source: str
+    mountpoint: str
+    foreground: bool = False
+    allow_other: bool = False
+    allow_root: bool = False
+    debug: bool = False
+    log_file: str | None = None
+    pattern: str = DEFAULT_PATTERN
+    compress_after: float | None = None  # seconds; None: never compress in the background
+    level: int = 3
+    jobs: int = field(default_factory=default_jobs)
+    fsname: str | None = None

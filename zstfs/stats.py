@@ -1,0 +1,78 @@
+"""Counters of a running mount and the status snapshot shared by the daemon and `zstfs status`.
+
+The snapshot is a JSON object with stable keys (`schema` is bumped on incompatible changes).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA = 1
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stats:
+    swaps_done: int = 0
+    swaps_abandoned: int = 0
+    swaps_failed: int = 0
+    promotions: int = 0
+    bytes_compressed: int = 0
+    corrupt_reads: int = 0
+    last_errors: collections.deque[dict[str, Any]] = field(
+        default_factory=lambda: collections.deque(maxlen=10)
+    )
+    _logged_once: set[str] = field(default_factory=set)
+
+    def error(self, path: str, message: str) -> None:
+        """Record an error for `status`; log it once per (path, message)."""
+        self.last_errors.append({"time": time.time(), "path": path, "error": message})
+        key = f"{path}\0{message}"
+        if key not in self._logged_once:
+            if len(self._logged_once) > 10_000:
+                self._logged_once.clear()
+            self._logged_once.add(key)
+            log.error("%s: %s", path, message)
+
+    def counters(self) -> dict[str, Any]:
+        return {
+            "swaps_done": self.swaps_done,
+            "swaps_abandoned": self.swaps_abandoned,
+            "swaps_failed": self.swaps_failed,
+            "promotions": self.promotions,
+            "bytes_compressed": self.bytes_compressed,
+            "corrupt_reads": self.corrupt_reads,
+            "last_errors": list(self.last_errors),
+        }
+
+
+@dataclass
+class Census:
+    """What a store holds: filled by a walk of the backing tree."""
+
+    plain_files: int = 0
+    compressed_files: int = 0
+    plain_bytes: int = 0
+    compressed_logical_bytes: int = 0
+    compressed_stored_bytes: int = 0
+    damaged_files: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        logical = self.plain_bytes + self.compressed_logical_bytes
+        stored = self.plain_bytes + self.compressed_stored_bytes
+        return {
+            "plain_files": self.plain_files,
+            "compressed_files": self.compressed_files,
+            "logical_bytes": logical,
+            "stored_bytes": stored,
+            "saved_bytes": logical - stored,
+            "ratio": round(logical / stored, 3) if stored else 1.0,
+            "compressed_logical_bytes": self.compressed_logical_bytes,
+            "compressed_stored_bytes": self.compressed_stored_bytes,
+            "damaged_files": self.damaged_files,
+        }
