@@ -103,8 +103,9 @@ class _Stdlib:
         t = self._text.get(i)
         if t is None:
             try:
-                with open(os.path.join(self.root, self.files[i]), encoding="utf-8",
-                          errors="replace") as f:
+                with open(
+                    os.path.join(self.root, self.files[i]), encoding="utf-8", errors="replace"
+                ) as f:
                     t = f.read()
             except OSError:
                 t = ""
@@ -139,11 +140,31 @@ def _stdlib() -> _Stdlib:
 
 
 _WORD_SOURCES = [
-    "argparse.py", "subprocess.py", "typing.py", "pathlib.py", "logging/__init__.py",
-    "json/decoder.py", "json/encoder.py", "collections/__init__.py", "asyncio/base_events.py",
-    "asyncio/tasks.py", "unittest/case.py", "email/message.py", "http/client.py", "shutil.py",
-    "tarfile.py", "zipfile.py", "dataclasses.py", "functools.py", "inspect.py", "os.py",
-    "socket.py", "threading.py", "urllib/request.py", "tempfile.py", "sqlite3/__init__.py",
+    "argparse.py",
+    "subprocess.py",
+    "typing.py",
+    "pathlib.py",
+    "logging/__init__.py",
+    "json/decoder.py",
+    "json/encoder.py",
+    "collections/__init__.py",
+    "asyncio/base_events.py",
+    "asyncio/tasks.py",
+    "unittest/case.py",
+    "email/message.py",
+    "http/client.py",
+    "shutil.py",
+    "tarfile.py",
+    "zipfile.py",
+    "dataclasses.py",
+    "functools.py",
+    "inspect.py",
+    "os.py",
+    "socket.py",
+    "threading.py",
+    "urllib/request.py",
+    "tempfile.py",
+    "sqlite3/__init__.py",
 ]
 _WORD_RE = re.compile(r"[A-Za-z][a-z]{1,13}")
 
@@ -162,7 +183,7 @@ class _Words:
         return s[0].upper() + s[1:] + rng.choice(".....?:")
 
     def prose(self, rng: random.Random, n: int, shared: float = 0.5) -> str:
-        """About ``n`` characters of prose; ``shared`` of its sentences come from the shared pool."""
+        """About ``n`` characters of prose; a ``shared`` fraction of sentences is from the pool."""
         out: list[str] = []
         total = 0
         while total < n:
@@ -179,7 +200,9 @@ def _words() -> _Words:
     lib = _stdlib()
     index = {p: i for i, p in enumerate(lib.files)}
     counts: Counter[str] = Counter()
-    sources = [index[p] for p in _WORD_SOURCES if p in index] or list(range(min(25, len(lib.files))))
+    sources = [index[p] for p in _WORD_SOURCES if p in index] or list(
+        range(min(25, len(lib.files)))
+    )
     for i in sources:
         counts.update(w.lower() for w in _WORD_RE.findall(lib.text(i)))
     common = counts.most_common(6000)
@@ -203,9 +226,13 @@ def _markdown(rng: random.Random, n: int, title: str) -> str:
         elif r < 0.55:
             s = "".join("- " + w.sentence(rng) + "\n" for _ in range(rng.randint(2, 7)))
         elif r < 0.62:
-            s = "```\n" + "\n".join(
-                "  ".join(rng.choices(w.vocab[:400], k=rng.randint(2, 6))) for _ in range(4)
-            ) + "\n```\n"
+            s = (
+                "```\n"
+                + "\n".join(
+                    "  ".join(rng.choices(w.vocab[:400], k=rng.randint(2, 6))) for _ in range(4)
+                )
+                + "\n```\n"
+            )
         else:
             s = w.prose(rng, rng.randint(200, 700), shared=0.3) + "\n"
         parts.append(s + "\n")
@@ -253,8 +280,10 @@ def _repo(i: int) -> _Repo:
         + "\n</INSTRUCTIONS>"
     )
     env = (
-        f"<environment_context>\n  <cwd>{cwd}</cwd>\n  <approval_policy>on-request</approval_policy>\n"
-        "  <sandbox_mode>workspace-write</sandbox_mode>\n  <network_access>restricted</network_access>\n"
+        f"<environment_context>\n  <cwd>{cwd}</cwd>\n"
+        "  <approval_policy>on-request</approval_policy>\n"
+        "  <sandbox_mode>workspace-write</sandbox_mode>\n"
+        "  <network_access>restricted</network_access>\n"
         "  <shell>bash</shell>\n</environment_context>"
     )
     return _Repo(
@@ -294,7 +323,8 @@ def _uuid7(rng: random.Random, ms: int) -> str:
 
 def rollout_name(start_ms: int, session_id: str) -> str:
     """``rollout-YYYY-MM-DDThh-mm-ss-<uuid>.jsonl`` (time taken as UTC)."""
-    return f"rollout-{time.strftime('%Y-%m-%dT%H-%M-%S', time.gmtime(start_ms // 1000))}-{session_id}.jsonl"
+    stamp = time.strftime("%Y-%m-%dT%H-%M-%S", time.gmtime(start_ms // 1000))
+    return f"rollout-{stamp}-{session_id}.jsonl"
 
 
 def parse_size(text: str) -> int:
@@ -369,23 +399,34 @@ class _Session:
         self.reads: list[tuple[str, str]] = []  # (command, output) of earlier reads
         self.images: list[str] = []
         if self.big:
-            for _ in range(rng.randint(1, 4)):
-                n = rng.randint(37_000, 225_000)
-                self.images.append(
-                    "data:image/png;base64," + _b64(_PNG_HEAD + rng.randbytes(n - len(_PNG_HEAD)))
-                )
+            for _ in range(rng.randint(1, 3)):
+                self._new_image()
         self.meta = self._meta_payload(git=False)
         self.meta_git: bytes | None = None
         self.turn_id = ""
         self.call_n = 0
+
+    def _new_image(self) -> str:
+        """A base64 "screenshot" of 50-300 KB; it recurs for the rest of the session."""
+        n = self.rng.randint(37_000, 225_000)
+        img = "data:image/png;base64," + _b64(_PNG_HEAD + self.rng.randbytes(n - len(_PNG_HEAD)))
+        self.images.append(img)
+        return img
 
     # -- emitting ----------------------------------------------------------------------------
 
     def emit(self, kind: str, payload: bytes, dt_ms: float) -> None:
         self.now += max(1, int(dt_ms * self.tscale))
         line = b"".join(
-            (b'{"timestamp":"', _iso(self.now).encode(), b'","type":"', kind.encode(),
-             b'","payload":', payload, b"}\n")
+            (
+                b'{"timestamp":"',
+                _iso(self.now).encode(),
+                b'","type":"',
+                kind.encode(),
+                b'","payload":',
+                payload,
+                b"}\n",
+            )
         )
         self.out.append(line)
         self.written += len(line)
@@ -426,8 +467,10 @@ class _Session:
         )
         if git:
             meta["git"] = {
-                "commit_hash": "%040x" % self.rng.getrandbits(160),
-                "branch": self.rng.choice(["main", "dev", f"feature/{self.words.vocab[self.rng.randrange(300)]}"]),
+                "commit_hash": f"{self.rng.getrandbits(160):040x}",
+                "branch": self.rng.choice(
+                    ["main", "dev", f"feature/{self.words.vocab[self.rng.randrange(300)]}"]
+                ),
                 "repository_url": f"git@github.com:example/{self.repo.name}.git",
             }
         return _dumps(meta)
@@ -510,7 +553,7 @@ class _Session:
     # -- tool outputs ------------------------------------------------------------------------
 
     def _chunk(self, fi: int, n: int) -> tuple[str, int, int]:
-        """About ``n`` chars of whole lines from stdlib file ``fi``: (text, first line, last line)."""
+        """About ``n`` chars of whole lines of stdlib file ``fi``: (text, first, last line no)."""
         t = self.lib.text(fi)
         if len(t) <= n:
             return t, 1, t.count("\n") + 1
@@ -524,7 +567,10 @@ class _Session:
 
     def _pick_file(self) -> int:
         rng = self.rng
-        return rng.choice(self.work) if rng.random() < 0.8 else rng.randrange(len(self.lib.files))
+        n = len(self.lib.files)
+        if rng.random() < 0.12:  # the working set drifts as the task moves on
+            self.work[rng.randrange(len(self.work))] = rng.randrange(n)
+        return rng.choice(self.work) if rng.random() < 0.7 else rng.randrange(n)
 
     def _path(self, fi: int) -> str:
         return "lib/" + self.lib.files[fi]
@@ -542,9 +588,15 @@ class _Session:
             fi = self._pick_file()
             n = min(cap, int(rng.lognormvariate(math.log(9_000), 0.9)), TOOL_OUTPUT_CAP)
             text, a, b = self._chunk(fi, max(n, 40))
-            cmd = f"sed -n '{a},{b}p' {self._path(fi)}" if rng.random() < 0.8 else f"cat {self._path(fi)}"
+            cmd = (
+                f"sed -n '{a},{b}p' {self._path(fi)}"
+                if rng.random() < 0.8
+                else f"cat {self._path(fi)}"
+            )
             out = text
             self.reads.append((cmd, out))
+            if len(self.reads) > 400:
+                del self.reads[:100]
         elif r < 0.7:
             word = self.words.vocab[rng.randrange(20, 1500)]
             cmd = f"rg -n {word!r} lib" if rng.random() < 0.7 else f"rg -n --hidden {word} ."
@@ -554,6 +606,9 @@ class _Session:
             while total < limit:
                 fi = self._pick_file()
                 t = self.lib.text(fi)
+                if not t:
+                    total += 1
+                    continue
                 for _ in range(rng.randint(1, 6)):
                     p = t.find("\n", rng.randrange(len(t))) + 1
                     e = t.find("\n", p)
@@ -565,13 +620,19 @@ class _Session:
         elif r < 0.8:
             d = rng.choice(self.lib.dir_names)
             cmd = f"ls -la lib/{d}" if d != "." else "ls -la lib"
-            stamp = time.strftime("%b %d %H:%M", time.gmtime(self.now // 1000 - rng.randint(0, 9e6)))
-            rows = [f"total {rng.randint(8, 4000)}",
-                    f"drwxr-xr-x  {rng.randint(2, 40):2d} dev dev    4096 {stamp} .",
-                    f"drwxr-xr-x  {rng.randint(2, 40):2d} dev dev    4096 {stamp} .."]
+            stamp = time.strftime(
+                "%b %d %H:%M", time.gmtime(self.now // 1000 - rng.randint(0, 9_000_000))
+            )
+            rows = [
+                f"total {rng.randint(8, 4000)}",
+                f"drwxr-xr-x  {rng.randint(2, 40):2d} dev dev    4096 {stamp} .",
+                f"drwxr-xr-x  {rng.randint(2, 40):2d} dev dev    4096 {stamp} ..",
+            ]
             for fi in self.lib.dirs[d]:
-                rows.append(f"-rw-r--r--   1 dev dev {self.lib.sizes[fi]:7d} {stamp} "
-                            f"{os.path.basename(self.lib.files[fi])}")
+                rows.append(
+                    f"-rw-r--r--   1 dev dev {self.lib.sizes[fi]:7d} {stamp} "
+                    f"{os.path.basename(self.lib.files[fi])}"
+                )
             out = "\n".join(rows) + "\n"
         elif r < 0.9:
             cmd, out = self._pytest(cap)
@@ -584,9 +645,13 @@ class _Session:
                 hunk.append(("-" if x < 0.1 else "+" if x < 0.2 else " ") + ln)
             path = self._path(fi)
             cmd = f"git diff -- {path}"
-            out = (f"diff --git a/{path} b/{path}\nindex {rng.getrandbits(28):07x}..{rng.getrandbits(28):07x} "
-                   f"100644\n--- a/{path}\n+++ b/{path}\n@@ -{a},{b - a} +{a},{b - a} @@\n"
-                   + "\n".join(hunk) + "\n")
+            out = (
+                f"diff --git a/{path} b/{path}\n"
+                f"index {rng.getrandbits(28):07x}..{rng.getrandbits(28):07x} "
+                f"100644\n--- a/{path}\n+++ b/{path}\n@@ -{a},{b - a} +{a},{b - a} @@\n"
+                + "\n".join(hunk)
+                + "\n"
+            )
         if len(out) > min(cap, TOOL_OUTPUT_CAP):
             keep = max(min(cap, TOOL_OUTPUT_CAP) - 40, 0)
             out = out[:keep] + f"\n[... {max(1, (len(out) - keep) // 4)} tokens truncated ...]\n"
@@ -611,26 +676,45 @@ class _Session:
             if rng.random() < 0.25:
                 marks += "F"
                 failed.append(t)
-            rows.append(f"tests/test_{os.path.basename(t)} {marks:<50} [{100 * (i + 1) // n_files:3d}%]")
+            rows.append(
+                f"tests/test_{os.path.basename(t)} {marks:<50} [{100 * (i + 1) // n_files:3d}%]"
+            )
         if failed:
-            rows += ["", "=================================== FAILURES ==================================="]
+            rows += [
+                "",
+                "=================================== FAILURES ===================================",
+            ]
             for t in failed:
                 fi = self._pick_file()
                 text, a, _ = self._chunk(fi, min(max(cap // (2 * len(failed)), 200), 4_000))
-                rows.append(f"___________________ test_{os.path.basename(t)[:-3]} ___________________")
+                rows.append(
+                    f"___________________ test_{os.path.basename(t)[:-3]} ___________________"
+                )
                 rows.append("")
                 rows += ["    " + ln for ln in text.splitlines()[-25:]]
-                rows.append(f"E       AssertionError: assert {rng.randint(0, 99)} == {rng.randint(0, 99)}")
+                rows.append(
+                    f"E       AssertionError: assert {rng.randint(0, 99)} == {rng.randint(0, 99)}"
+                )
                 rows.append(f"\n{self._path(fi)}:{a}: AssertionError")
-            rows.append("=========================== short test summary info ============================")
-            rows += [f"FAILED tests/test_{os.path.basename(t)}::test_{self.words.vocab[rng.randrange(800)]}"
-                     for t in failed]
+            rows.append(
+                "=========================== short test summary info ============================"
+            )
+            rows += [
+                f"FAILED tests/test_{os.path.basename(t)}::"
+                f"test_{self.words.vocab[rng.randrange(800)]}"
+                for t in failed
+            ]
         rows.append(
             f"==================== {len(failed)} failed, {rng.randint(5, 400)} passed in "
             f"{rng.uniform(0.2, 90):.2f}s ===================="
         )
-        cmd = rng.choice(["python -m pytest -q", "pytest -x tests", "python -m pytest tests -q -k "
-                          + self.words.vocab[rng.randrange(600)]])
+        cmd = rng.choice(
+            [
+                "python -m pytest -q",
+                "pytest -x tests",
+                "python -m pytest tests -q -k " + self.words.vocab[rng.randrange(600)],
+            ]
+        )
         return cmd, "\n".join(rows) + "\n"
 
     # -- turn pieces -------------------------------------------------------------------------
@@ -641,16 +725,21 @@ class _Session:
 
     def reasoning(self, left: int) -> None:
         rng = self.rng
-        summary = "**" + self.words.sentence(rng)[:60].rstrip(".?:") + "**\n\n" + self.words.prose(
-            rng, rng.randint(80, 600)
+        summary = (
+            "**"
+            + self.words.sentence(rng)[:60].rstrip(".?:")
+            + "**\n\n"
+            + self.words.prose(rng, rng.randint(80, 600))
         )
         n = min(rng.randint(600, 3_750), max(48, (left - len(summary) - 300) * 3 // 4))
-        payload = _dumps({
-            "type": "reasoning",
-            "summary": [{"type": "summary_text", "text": summary}],
-            "content": None,
-            "encrypted_content": "gAAAAAB" + _b64(rng.randbytes(n)),
-        })
+        payload = _dumps(
+            {
+                "type": "reasoning",
+                "summary": [{"type": "summary_text", "text": summary}],
+                "content": None,
+                "encrypted_content": "gAAAAAB" + _b64(rng.randbytes(n)),
+            }
+        )
         self.item(payload, rng.uniform(800, 15_000))
         if rng.random() < 0.5:
             self.event({"type": "agent_reasoning", "text": summary}, rng.uniform(1, 20))
@@ -661,36 +750,87 @@ class _Session:
         if self.images and rng.random() < 0.02 and left > len(self.images[0]) + 4_000:
             img = self.images[0] if rng.random() < 0.5 else rng.choice(self.images)
             args = {"path": f"{self.repo.cwd}/screenshots/{rng.randrange(10)}.png"}
-            self.item(_dumps({"type": "function_call", "name": "view_image",
-                              "arguments": _dumps_str(args), "call_id": cid}), rng.uniform(1, 50))
-            self.item(_dumps({"type": "function_call_output", "call_id": cid,
-                              "output": [{"type": "input_image", "image_url": img}]}),
-                      rng.uniform(20, 500))
+            self.item(
+                _dumps(
+                    {
+                        "type": "function_call",
+                        "name": "view_image",
+                        "arguments": _dumps_str(args),
+                        "call_id": cid,
+                    }
+                ),
+                rng.uniform(1, 50),
+            )
+            self.item(
+                _dumps(
+                    {
+                        "type": "function_call_output",
+                        "call_id": cid,
+                        "output": [{"type": "input_image", "image_url": img}],
+                    }
+                ),
+                rng.uniform(20, 500),
+            )
             return
         if rng.random() < 0.08:
             fi = self._pick_file()
-            text, a, _ = self._chunk(fi, min(max(left // 2 - 600, 40), rng.randint(300, 6_000)))
+            text, _, _ = self._chunk(fi, min(max(left // 2 - 600, 40), rng.randint(300, 6_000)))
             lines = text.splitlines()
-            patch = (f"*** Begin Patch\n*** Update File: {self._path(fi)}\n@@\n"
-                     + "\n".join(("-" if i % 3 == 0 else "+") + ln for i, ln in enumerate(lines))
-                     + "\n*** End Patch\n")
-            self.item(_dumps({"type": "custom_tool_call", "status": "completed", "call_id": cid,
-                              "name": "apply_patch", "input": patch}), rng.uniform(1, 50))
-            out = {"output": f"Success. Updated the following files:\nM {self._path(fi)}\n",
-                   "metadata": {"exit_code": 0, "duration_seconds": round(rng.uniform(0, 0.3), 1)}}
-            self.item(_dumps({"type": "custom_tool_call_output", "call_id": cid,
-                              "output": _dumps_str(out)}), rng.uniform(5, 300))
+            patch = (
+                f"*** Begin Patch\n*** Update File: {self._path(fi)}\n@@\n"
+                + "\n".join(("-" if i % 3 == 0 else "+") + ln for i, ln in enumerate(lines))
+                + "\n*** End Patch\n"
+            )
+            self.item(
+                _dumps(
+                    {
+                        "type": "custom_tool_call",
+                        "status": "completed",
+                        "call_id": cid,
+                        "name": "apply_patch",
+                        "input": patch,
+                    }
+                ),
+                rng.uniform(1, 50),
+            )
+            out = {
+                "output": f"Success. Updated the following files:\nM {self._path(fi)}\n",
+                "metadata": {"exit_code": 0, "duration_seconds": round(rng.uniform(0, 0.3), 1)},
+            }
+            self.item(
+                _dumps(
+                    {"type": "custom_tool_call_output", "call_id": cid, "output": _dumps_str(out)}
+                ),
+                rng.uniform(5, 300),
+            )
             return
         cmd, out = self.tool_output(max(left - 900, 40))
-        args = {"cmd": cmd, "workdir": self.repo.cwd, "yield_time_ms": 10_000,
-                "max_output_tokens": 10_000}
-        self.item(_dumps({"type": "function_call", "name": "exec_command",
-                          "arguments": _dumps_str(args), "call_id": cid}), rng.uniform(1, 50))
-        text = (f"Chunk ID: {rng.getrandbits(24):06x}\nWall time: {rng.uniform(0, 3):.4f} seconds\n"
-                f"Process exited with code {0 if rng.random() < 0.85 else 1}\n"
-                f"Original token count: {len(out) // 4}\nOutput:\n{out}")
-        self.item(_dumps({"type": "function_call_output", "call_id": cid, "output": text}),
-                  rng.uniform(50, 20_000))
+        args = {
+            "cmd": cmd,
+            "workdir": self.repo.cwd,
+            "yield_time_ms": 10_000,
+            "max_output_tokens": 10_000,
+        }
+        self.item(
+            _dumps(
+                {
+                    "type": "function_call",
+                    "name": "exec_command",
+                    "arguments": _dumps_str(args),
+                    "call_id": cid,
+                }
+            ),
+            rng.uniform(1, 50),
+        )
+        text = (
+            f"Chunk ID: {rng.getrandbits(24):06x}\nWall time: {rng.uniform(0, 3):.4f} seconds\n"
+            f"Process exited with code {0 if rng.random() < 0.85 else 1}\n"
+            f"Original token count: {len(out) // 4}\nOutput:\n{out}"
+        )
+        self.item(
+            _dumps({"type": "function_call_output", "call_id": cid, "output": text}),
+            rng.uniform(50, 20_000),
+        )
 
     def compact(self, left: int) -> None:
         rng = self.rng
@@ -705,7 +845,9 @@ class _Session:
             start = lo
         else:
             recent = rng.random() < 0.3
-            start = int(hi - rng.uniform(0, min(hi - lo, 2 * MiB))) if recent else rng.randint(lo, hi)
+            start = (
+                int(hi - rng.uniform(0, min(hi - lo, 2 * MiB))) if recent else rng.randint(lo, hi)
+            )
         i = bisect.bisect_right(self.hist_end, start)
         j = i
         total = 0
@@ -714,8 +856,9 @@ class _Session:
             j += 1
         items = self.hist[:2] + self.hist[i:j] if i >= 2 else self.hist[:j]
         msg = self.words.prose(rng, rng.randint(1_500, 6_000))
-        payload = b"".join((b'{"message":', _dumps(msg), b',"replacement_history":[',
-                            b",".join(items), b"]}"))
+        payload = b"".join(
+            (b'{"message":', _dumps(msg), b',"replacement_history":[', b",".join(items), b"]}")
+        )
         self.emit("compacted", payload, rng.uniform(5_000, 60_000))
         self.event({"type": "context_compacted"}, rng.uniform(1, 30))
         self.turn_context()
@@ -744,25 +887,45 @@ class _Session:
         rng = self.rng
         words = self.words
         self.turn_id = _uuid7(rng, self.now)
-        final = words.prose(rng, int(min(rng.lognormvariate(math.log(900), 0.8), 6_000)))
-        final_payload = _dumps(_message("assistant", [_text_item(final, "output_text")], "final_answer"))
-        reserve = 2 * len(final_payload) + 1_800
+        # Small budgets get short messages so that the file lands near its requested size.
+        cap = max(self.left() // 16, 120)
+        final = words.prose(rng, int(min(rng.lognormvariate(math.log(900), 0.8), 6_000, cap)))
+        final_payload = _dumps(
+            _message("assistant", [_text_item(final, "output_text")], "final_answer")
+        )
+        reserve = 3 * len(final_payload) + 1_800
         gap = rng.uniform(5_000, 1_800_000) if self.written > 40_000 else rng.uniform(10, 500)
-        self.event({"type": "task_started", "turn_id": self.turn_id, "started_at": self.now // 1000,
-                    "model_context_window": 258_400, "collaboration_mode_kind": "default"}, gap)
+        self.event(
+            {
+                "type": "task_started",
+                "turn_id": self.turn_id,
+                "started_at": self.now // 1000,
+                "model_context_window": 258_400,
+                "collaboration_mode_kind": "default",
+            },
+            gap,
+        )
         self.turn_context()
-        prompt = words.prose(rng, int(min(rng.lognormvariate(math.log(300), 1.0), 8_000)), 0.3)
+        prompt = words.prose(rng, int(min(rng.lognormvariate(math.log(300), 1.0), 8_000, cap)), 0.3)
         content = [_text_item(prompt)]
         images: list[str] = []
         left = self.left() - reserve
-        if self.images and rng.random() < 0.25:
-            img = rng.choice(self.images)
+        if self.images and rng.random() < 0.12:
+            img = self._new_image() if rng.random() < 0.4 else rng.choice(self.images)
             if left > 2 * len(img) + 200 * KiB:
                 images.append(img)
                 content.append({"type": "input_image", "image_url": img})
         self.item(_dumps(_message("user", content)), rng.uniform(1, 10))
-        self.event({"type": "user_message", "message": prompt, "images": images,
-                    "local_images": [], "text_elements": []}, rng.uniform(1, 10))
+        self.event(
+            {
+                "type": "user_message",
+                "message": prompt,
+                "images": images,
+                "local_images": [],
+                "text_elements": [],
+            },
+            rng.uniform(1, 10),
+        )
         steps = rng.randint(1, 30)
         full_turn = 12 * KiB + 2 * len(final_payload)
         n = 0
@@ -773,7 +936,7 @@ class _Session:
             if self.big and self.since_compact >= self.next_compact and left > 600 * KiB:
                 self.compact(left)
                 left = self.left() - reserve
-            if rng.random() < 0.004 and left > len(self.meta) + 4_000:
+            if rng.random() < 0.002 and left > len(self.meta) + 4_000:
                 self.dup_meta()
                 left = self.left() - reserve
             self.reasoning(left)
@@ -781,11 +944,20 @@ class _Session:
             self.token_count()
             n += 1
         self.item(final_payload, rng.uniform(1_000, 20_000))
-        self.event({"type": "agent_message", "message": final, "phase": "final_answer",
-                    "memory_citation": None}, rng.uniform(1, 20))
+        self.event(
+            {
+                "type": "agent_message",
+                "message": final,
+                "phase": "final_answer",
+                "memory_citation": None,
+            },
+            rng.uniform(1, 20),
+        )
         self.token_count()
-        self.event({"type": "task_complete", "turn_id": self.turn_id, "last_agent_message": final},
-                   rng.uniform(1, 50))
+        self.event(
+            {"type": "task_complete", "turn_id": self.turn_id, "last_agent_message": final},
+            rng.uniform(1, 50),
+        )
 
 
 def _write_session(path: str | os.PathLike[str], spec: _Spec) -> tuple[int, int]:
@@ -815,8 +987,15 @@ def _write_session(path: str | os.PathLike[str], spec: _Spec) -> tuple[int, int]
 # Public API
 
 
-def generate_rollout(path: str | os.PathLike[str], size: int, *, seed: int, model: int = 0,
-                     repo: int | None = None, start_ms: int | None = None) -> int:
+def generate_rollout(
+    path: str | os.PathLike[str],
+    size: int,
+    *,
+    seed: int,
+    model: int = 0,
+    repo: int | None = None,
+    start_ms: int | None = None,
+) -> int:
     """Write one rollout of about ``size`` bytes to ``path``; returns the bytes written.
 
     ``model`` selects the (byte-identical) base instructions, ``repo`` the shared developer and
@@ -825,18 +1004,28 @@ def generate_rollout(path: str | os.PathLike[str], size: int, *, seed: int, mode
     timestamp of its last line. Files smaller than the fixed preamble (~15-40 KB) come out
     at the preamble size.
     """
-    written, _ = _write_session(path, _Spec(size=size, seed=seed, model=model, repo=repo,
-                                            start_ms=start_ms))
+    written, _ = _write_session(
+        path, _Spec(size=size, seed=seed, model=model, repo=repo, start_ms=start_ms)
+    )
     return written
 
 
 def _small_size(rng: random.Random) -> int:
-    return int(min(max(rng.lognormvariate(math.log(SMALL_MEDIAN), SMALL_SIGMA), SMALL_MIN), SMALL_MAX))
+    return int(
+        min(max(rng.lognormvariate(math.log(SMALL_MEDIAN), SMALL_SIGMA), SMALL_MIN), SMALL_MAX)
+    )
 
 
-def generate_store(root: str | os.PathLike[str], *, small: int, big_sizes: Sequence[int], seed: int,
-                   archived_fraction: float = 0.1, now: float | None = None,
-                   progress: Callable[[Path, int], None] | None = None) -> list[Path]:
+def generate_store(
+    root: str | os.PathLike[str],
+    *,
+    small: int,
+    big_sizes: Sequence[int],
+    seed: int,
+    archived_fraction: float = 0.1,
+    now: float | None = None,
+    progress: Callable[[Path, int], None] | None = None,
+) -> list[Path]:
     """Write a Codex store tree under ``root`` and return the paths written.
 
     ``small`` rollouts with lognormal sizes (median ~90 KB, clipped to 50 KB-2 MB) plus one
@@ -860,9 +1049,12 @@ def generate_store(root: str | os.PathLike[str], *, small: int, big_sizes: Seque
     starts: list[tuple[int, str]] = []
     for k in order:
         size = sizes[k]
-        spec = _Spec(size=size, seed=rng.getrandbits(63),
-                     model=rng.choices(range(len(model_weights)), weights=model_weights)[0],
-                     repo=min(int(rng.expovariate(0.6)), len(_REPOS) - 1))
+        spec = _Spec(
+            size=size,
+            seed=rng.getrandbits(63),
+            model=rng.choices(range(len(model_weights)), weights=model_weights)[0],
+            repo=min(int(rng.expovariate(0.6)), len(_REPOS) - 1),
+        )
         if starts and size <= SMALL_MAX and rng.random() < 0.1:
             parent_start, parent_id = rng.choice(starts)
             spec.parent_id = parent_id
@@ -875,7 +1067,12 @@ def generate_store(root: str | os.PathLike[str], *, small: int, big_sizes: Seque
         if rng.random() < archived_fraction:
             path = root / "archived_sessions" / name
         else:
-            path = root / "sessions" / time.strftime("%Y/%m/%d", time.gmtime(spec.start_ms // 1000)) / name
+            path = (
+                root
+                / "sessions"
+                / time.strftime("%Y/%m/%d", time.gmtime(spec.start_ms // 1000))
+                / name
+            )
         jobs.append((path, spec))
     out: list[Path] = []
     for path, spec in jobs:
@@ -891,11 +1088,14 @@ def generate_store(root: str | os.PathLike[str], *, small: int, big_sizes: Seque
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("out_dir", nargs="?", type=Path, help="store root to create (CODEX_HOME-like)")
     ap.add_argument("--small", type=int, default=0, help="number of small rollouts (50 KB-2 MB)")
-    ap.add_argument("--big", default="", help="comma-separated sizes of big rollouts, e.g. 30M,150M")
+    ap.add_argument(
+        "--big", default="", help="comma-separated sizes of big rollouts, e.g. 30M,150M"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--archived-fraction", type=float, default=0.1)
     ap.add_argument("--one", type=Path, metavar="FILE", help="write a single rollout to FILE")
@@ -922,12 +1122,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.quiet and n > 20 * MiB:
                 print(f"{path}: {n / 1e6:.1f} MB", file=sys.stderr)
 
-        count = len(generate_store(args.out_dir, small=args.small, big_sizes=big, seed=args.seed,
-                                   archived_fraction=args.archived_fraction, progress=progress))
+        count = len(
+            generate_store(
+                args.out_dir,
+                small=args.small,
+                big_sizes=big,
+                seed=args.seed,
+                archived_fraction=args.archived_fraction,
+                progress=progress,
+            )
+        )
     dt = time.perf_counter() - t0
     if not args.quiet:
-        print(f"{count} file(s), {total / 1e6:.1f} MB in {dt:.2f} s ({total / 1e6 / dt:.0f} MB/s)",
-              file=sys.stderr)
+        print(
+            f"{count} file(s), {total / 1e6:.1f} MB in {dt:.2f} s ({total / 1e6 / dt:.0f} MB/s)",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -1,0 +1,198 @@
+"""Shared fixtures: real zstfs mounts in temporary directories.
+
+A mount is the real `zstfs mount` command run as a subprocess (`--foreground`, so a test can also
+kill it), over its own source directory by default. Every mount is bounded in time: waiting for it
+to come up, and for it to go away, fails the test rather than hanging CI; teardown always
+lazy-unmounts whatever is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+STATUS_XATTR = "user.zstfs.status"
+MOUNT_TIMEOUT = 20.0
+
+
+def fuse_available() -> str | None:
+    """Why FUSE tests cannot run here, or None."""
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 not installed (apt-get install fuse3)"
+    return None
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
+               interval: float = 0.02) -> Any:
+    """Poll an observable condition with a deadline (the test fails, it never hangs)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def is_mounted(path: Path) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == real for line in f)
+
+
+class Mount:
+    """One zstfs daemon serving `source` on `mountpoint`."""
+
+    def __init__(self, source: Path, mountpoint: Path, args: list[str], log: Path) -> None:
+        self.source = source
+        self.mountpoint = mountpoint
+        self.args = args
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, env: dict[str, str] | None = None) -> Mount:
+        cmd = [sys.executable, "-m", "zstfs", "mount", "--foreground", *self.args,
+               str(self.source), str(self.mountpoint)]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env,
+                                         start_new_session=True)
+        wait_until(self._ready, MOUNT_TIMEOUT, f"the mount on {self.mountpoint}")
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"zstfs exited with {self.proc.returncode}:\n{self.log_text()}")
+        return self.status_or_none() is not None
+
+    def status_or_none(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(os.getxattr(self.mountpoint, STATUS_XATTR))
+        except OSError:
+            return None
+
+    def status(self) -> dict[str, Any]:
+        s = self.status_or_none()
+        assert s is not None, "the mount does not answer status"
+        return s
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        """Unmount with `zstfs umount` and check that the daemon exited cleanly."""
+        assert self.proc is not None
+        r = subprocess.run([sys.executable, "-m", "zstfs", "umount", str(self.mountpoint)],
+                           capture_output=True, text=True, timeout=MOUNT_TIMEOUT)
+        assert r.returncode == 0, r.stderr
+        rc = self.proc.wait(timeout=MOUNT_TIMEOUT)
+        assert rc == 0, f"daemon exited with {rc}:\n{self.log_text()}"
+        assert not is_mounted(self.mountpoint)
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL the daemon (a crash) and clear the dead mount."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=MOUNT_TIMEOUT)
+        self.proc = None
+        lazy_unmount(self.mountpoint)
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            lazy_unmount(self.mountpoint)
+            try:
+                self.proc.wait(timeout=MOUNT_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=MOUNT_TIMEOUT)
+        elif is_mounted(self.mountpoint):
+            lazy_unmount(self.mountpoint)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def errors(self) -> list[str]:
+        return [line for line in self.log_text().splitlines()
+                if " ERROR " in line or "Traceback" in line or " CRITICAL " in line]
+
+
+def lazy_unmount(path: Path) -> None:
+    for _ in range(50):
+        if not is_mounted(path):
+            return
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True,
+                       timeout=MOUNT_TIMEOUT)
+
+
+MountFactory = Callable[..., Mount]
+
+
+@pytest.fixture
+def mount_factory(tmp_path: Path) -> Iterator[MountFactory]:
+    """`mount_factory(source, *args, mountpoint=None)` → a started Mount (over source by default).
+
+    All mounts are cleaned up at teardown; one that logged errors fails the test unless the
+    test passed `expect_errors=True`.
+    """
+    mounts: list[tuple[Mount, bool]] = []
+
+    def factory(source: Path, *args: str, mountpoint: Path | None = None,
+                expect_errors: bool = False, start: bool = True) -> Mount:
+        m = Mount(source, mountpoint or source, list(args),
+                  tmp_path / f"zstfs-{len(mounts)}.log")
+        mounts.append((m, expect_errors))
+        return m.start() if start else m
+
+    yield factory
+    problems = []
+    for m, expect_errors in mounts:
+        m.cleanup()
+        if not expect_errors and m.errors():
+            problems.append(f"{m.log}:\n" + "\n".join(m.errors()[:20]))
+    if problems:
+        pytest.fail("the daemon logged errors:\n" + "\n".join(problems))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    """An empty store directory."""
+    d = tmp_path / "store"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def mounted(store: Path, mount_factory: MountFactory) -> Iterator[Mount]:
+    """A store mounted over itself with default options (no background compression)."""
+    m = mount_factory(store)
+    yield m
+    with contextlib.suppress(Exception):
+        if m.proc is not None:
+            m.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    reason = fuse_available()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=f"FUSE unavailable: {reason}")
+    for item in items:
+        if "mount_factory" in getattr(item, "fixturenames", ()):
+            item.add_marker(skip)
