@@ -31,6 +31,7 @@ class Node:
     """One logical file or directory, stable across changes of representation."""
 
     __slots__ = (
+        "_lock",
         "anon_fd",
         "claims",
         "compressed",
@@ -39,7 +40,6 @@ class Node:
         "is_dir",
         "key",
         "links",
-        "lock",
         "lookups",
         "opens",
         "seen",
@@ -57,13 +57,21 @@ class Node:
         self.claims = 0  # the compactor's references while it works on the file
         self.generation = 0  # bumped when the representation changes (promote or swap)
         self.writes = 0  # bumped on every change of content through the mount
-        self.lock = trio.Lock()  # held by open, promote, swap, and namespace changes
+        self._lock: trio.Lock | None = None
         self.seen: tuple[int, int] | None = None  # (size, mtime_ns) at the last open
         self.anon_fd: int | None = None  # content of an unlinked file promoted while open
 
     @property
+    def lock(self) -> trio.Lock:
+        """Held by open, promote, swap and namespace changes (created on first use: most nodes
+        never need one, and a tree walk creates hundreds of thousands of nodes)."""
+        if self._lock is None:
+            self._lock = trio.Lock()
+        return self._lock
+
+    @property
     def busy(self) -> bool:
-        return self.lock.locked()
+        return self._lock is not None and self._lock.locked()
 
 
 class FileTable:

@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 #: stays right; swaps (which change only st_blocks and ctime) invalidate the inode explicitly.
 CACHE_TIMEOUT = 60.0
 BLKSIZE = 128 * 1024
+#: Compressed files up to this logical size are decoded on the trio thread: a thread hop costs
+#: more than decoding 1 MiB (~1 ms), and `grep -r` over many small files is bound by per-request
+#: overhead.
+INLINE_DECODE_LIMIT = 1 << 20
 _OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | getattr(os, "O_DIRECT", 0)
 
 P = ParamSpec("P")
@@ -75,13 +79,15 @@ def translate_errors(
 class Handle:
     """One open file description: a plain backing fd, or a `.zst` fd with its reader."""
 
-    __slots__ = ("fd", "flags", "generation", "node", "reader", "wrote")
+    __slots__ = ("fd", "flags", "generation", "inline", "node", "reader", "wrote")
 
-    def __init__(self, node: Node, fd: int, flags: int, reader: codec.ZstReader | None) -> None:
+    def __init__(self, node: Node, fd: int, flags: int, reader: codec.ZstReader | None,
+                 inline: bool = False) -> None:
         self.node = node
         self.fd = fd
         self.flags = flags
         self.reader = reader
+        self.inline = inline  # small compressed file: decode without a thread hop
         self.generation = node.generation
         self.wrote = False
 
@@ -119,6 +125,7 @@ class Operations(pyfuse3.Operations):
         self.on_idle = on_idle
         self.read_limiter = trio.CapacityLimiter(read_threads)
         self._statfs: tuple[float, pyfuse3.StatvfsData] | None = None
+        self._status_cache: tuple[float, bytes] | None = None
         self.root_uid = os.geteuid() == 0
 
     # ------------------------------------------------------------------ helpers
@@ -354,7 +361,7 @@ class Operations(pyfuse3.Operations):
     async def opendir(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileHandleT:
         node = self._node(inode)
         path = self._dir_path(inode)
-        entries = await trio.to_thread.run_sync(self.store.listdir, path)
+        entries = self.store.listdir(path)  # one scandir: cheaper inline than a thread hop
         fh = self._new_fh()
         self.dirs[fh] = DirHandle(node, entries)
         return FileHandleT(fh)
@@ -642,7 +649,8 @@ class Operations(pyfuse3.Operations):
             fd = os.open(join(parent, entry.name), os.O_RDONLY | os.O_CLOEXEC,
                          dir_fd=self.store.root_fd)
             reader = codec.ZstReader(fd)
-            return Handle(node, fd, flags, reader)
+            size = self.store.known_size(entry.st)
+            return Handle(node, fd, flags, reader, size is not None and size <= INLINE_DECODE_LIMIT)
         fd = os.open(path, backing_flags | os.O_NOFOLLOW, dir_fd=self.store.root_fd)
         return Handle(node, fd, flags, None)
 
@@ -747,14 +755,16 @@ class Operations(pyfuse3.Operations):
         reader = h.reader
         if reader is None:
             return os.pread(h.fd, size, off)
-        data = reader.read_cached(off, size)
-        if data is None:
-            try:
+        try:
+            if h.inline:
+                return reader.read(off, size)
+            data = reader.read_cached(off, size)
+            if data is None:
                 data = await trio.to_thread.run_sync(reader.read, off, size,
                                                      limiter=self.read_limiter)
-            except codec.CorruptError as e:
-                e.zstfs_path = self._describe(h.node)  # type: ignore[attr-defined]
-                raise
+        except codec.CorruptError as e:
+            e.zstfs_path = self._describe(h.node)  # type: ignore[attr-defined]
+            raise
         return data
 
     def _describe(self, node: Node) -> str:
@@ -811,13 +821,23 @@ class Operations(pyfuse3.Operations):
     @translate_errors
     async def getxattr(self, inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if inode == ROOT_INODE and name == STATUS_XATTR and self._status is not None:
-            return json.dumps(await self._status(), sort_keys=True).encode()
+            return await self._status_json()
         try:
             return os.getxattr(self._xattr_path(self._node(inode)), name, follow_symlinks=False)
         except OSError as e:
             if e.errno == errno.ENODATA:
                 raise FUSEError(pyfuse3.ENOATTR) from None
             raise
+
+    async def _status_json(self) -> bytes:
+        """The status document, computed at most once a second: getxattr callers ask twice (for
+        the size, then the value) and the two answers must be the same bytes."""
+        now = time.monotonic()
+        if self._status_cache is None or now - self._status_cache[0] > 1.0:
+            assert self._status is not None
+            doc = json.dumps(await self._status(), sort_keys=True).encode()
+            self._status_cache = (time.monotonic(), doc)
+        return self._status_cache[1]
 
     @translate_errors
     async def setxattr(

@@ -71,6 +71,9 @@ def mount(opts: MountOptions) -> int:
             raise MountError(f"{path}: already mounted by zstfs")
     if not os.path.isdir(opts.mountpoint):
         raise MountError(f"{opts.mountpoint}: no such directory")
+    # Files are created with exactly the mode the caller asked for (the kernel and `fs.py`
+    # apply the caller's umask; the daemon's own must not apply a second time).
+    os.umask(0)
     rules = NameRules(opts.pattern)
     params = codec.CodecParams(level=opts.level)
     try:
