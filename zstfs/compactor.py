@@ -118,7 +118,7 @@ class Compactor:
         while self._heap and self._heap[0][0] <= now and len(self._in_flight) < self.jobs:
             due, path = heapq.heappop(self._heap)
             if self._due.get(path) != due or path in self._in_flight:
-                continue  # superseded by a later schedule
+                continue  # superseded by a later schedule, or requeued when its job ends
             del self._due[path]
             self._in_flight.add(path)
             nursery.start_soon(self._job, path)
@@ -152,6 +152,8 @@ class Compactor:
             await self._compact(path)
         finally:
             self._in_flight.discard(path)
+            if path in self._due:  # notified again while it was being compressed
+                heapq.heappush(self._heap, (self._due[path], path))
             self._wake.set()
             if not self._in_flight:
                 self._idle.set()

@@ -1,0 +1,118 @@
+"""Unit tests of the backing store: naming, atomic swaps and recovery (no FUSE)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from zstfs import codec
+from zstfs.names import NameRules
+from zstfs.store import Changed, Store, StoreLocked
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store.open(str(tmp_path), NameRules("*.jsonl"), codec.CodecParams(frame_size=1 << 16))
+    yield s
+    s.close()
+
+
+def lines(n: int, tag: str = "x") -> bytes:
+    return b"".join(b'{"n":%d,"tag":"%s","pad":"%s"}\n' % (i, tag.encode(), b"ab" * (i % 50))
+                    for i in range(n))
+
+
+def test_resolve_prefers_plain_and_hides_representations(store: Store, tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_bytes(b"plain\n")
+    (tmp_path / "a.jsonl.zst").write_bytes(b"leftover")
+    (tmp_path / "b.txt.zst").write_bytes(b"not a representation")
+    (tmp_path / ".zstfs-tmp.123.c.jsonl").write_bytes(b"temp")
+    entry = store.resolve(b".", b"a.jsonl")
+    assert entry is not None
+    assert not entry.compressed
+    listing = dict(store.listdir(b"."))
+    assert sorted(listing) == [b"a.jsonl", b"b.txt.zst"]
+
+
+def test_swap_then_promote_round_trip_keeps_metadata(store: Store, tmp_path: Path) -> None:
+    data = lines(20000)
+    f = tmp_path / "r.jsonl"
+    f.write_bytes(data)
+    os.chmod(f, 0o600)
+    os.utime(f, ns=(1_600_000_000_123_456_789, 1_500_000_000_987_654_321))
+    os.setxattr(f, "user.note", b"kept")
+    prepared = store.prepare_compressed(b"r.jsonl")
+    assert prepared.logical == len(data)
+    store.publish(prepared)
+    assert not f.exists()
+    z = tmp_path / "r.jsonl.zst"
+    st = z.stat()
+    assert (st.st_mode & 0o777, st.st_mtime_ns) == (0o600, 1_500_000_000_987_654_321)
+    assert os.getxattr(z, "user.note") == b"kept"
+    out = subprocess.run(["zstd", "-dc", str(z)], capture_output=True, check=True).stdout
+    assert out == data
+    store.promote(b".", b"r.jsonl")
+    assert f.read_bytes() == data
+    assert not z.exists()
+    assert f.stat().st_mtime_ns == 1_500_000_000_987_654_321
+    assert os.getxattr(f, "user.note") == b"kept"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".zstfs-tmp")]
+
+
+def test_install_refuses_a_file_that_changed(store: Store, tmp_path: Path) -> None:
+    f = tmp_path / "r.jsonl"
+    f.write_bytes(lines(1000))
+    prepared = store.prepare_compressed(b"r.jsonl")
+    with f.open("ab") as w:
+        w.write(b'{"late":1}\n')
+    with pytest.raises(Changed):
+        store.install(prepared)
+    assert f.read_bytes().endswith(b'{"late":1}\n')
+    assert sorted(os.listdir(tmp_path)) == ["r.jsonl"]
+
+
+def test_recover_removes_temps_and_superseded_leftovers(store: Store, tmp_path: Path) -> None:
+    data = lines(3000)
+    (tmp_path / "d").mkdir()
+    for name in ("same.jsonl", "grown.jsonl", "differs.jsonl"):
+        (tmp_path / "d" / name).write_bytes(data)
+        store.publish(store.prepare_compressed(b"d/" + name.encode()))
+    # Interrupted swaps: the plain file came back beside its .zst.
+    (tmp_path / "d" / "same.jsonl").write_bytes(data)
+    (tmp_path / "d" / "grown.jsonl").write_bytes(data + b'{"more":1}\n')
+    (tmp_path / "d" / "differs.jsonl").write_bytes(b"something else\n")
+    (tmp_path / "d" / ".zstfs-tmp.abc.x.jsonl").write_bytes(b"half written")
+    report = store.recover()
+    assert (report.temps_removed, report.leftovers_removed, report.leftovers_kept) == (1, 2, 1)
+    assert sorted(os.listdir(tmp_path / "d")) == [
+        "differs.jsonl", "differs.jsonl.zst", "grown.jsonl", "same.jsonl"]
+
+
+def test_store_lock_names_the_holder(tmp_path: Path) -> None:
+    a = Store.open(str(tmp_path), NameRules())
+    b = Store.open(str(tmp_path), NameRules())
+    try:
+        a.lock()
+        with pytest.raises(StoreLocked) as exc:
+            b.lock()
+        assert str(os.getpid()) in str(exc.value)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_census_counts_logical_and_stored_bytes(store: Store, tmp_path: Path) -> None:
+    data = lines(5000)
+    (tmp_path / "a.jsonl").write_bytes(data)
+    (tmp_path / "b.jsonl").write_bytes(data)
+    (tmp_path / "other.db").write_bytes(b"x" * 100)
+    store.publish(store.prepare_compressed(b"b.jsonl"))
+    c = store.census().as_dict()
+    assert (c["plain_files"], c["compressed_files"]) == (1, 1)
+    assert c["logical_bytes"] == 2 * len(data)
+    assert c["stored_bytes"] == len(data) + (tmp_path / "b.jsonl.zst").stat().st_size
+    assert c["ratio"] > 1.5
