@@ -1,24 +1,33 @@
 """End-to-end tests: the real Codex CLI (0.169.0) against a mock Responses API.
 
-Every test works on the ``codex_home`` fixture. Here it is a plain directory;
-a module that mounts zstfs overrides it (for example
-``def codex_home(mounted): return mounted``) and reuses these tests unchanged.
-Helpers live in tests/codex_harness.py; its docstring lists what codex really
-does to CODEX_HOME.
+Every test gets a CODEX_HOME from the ``home`` fixture, parametrized over ``plain`` (a plain
+directory: what codex does without zstfs) and ``zstfs`` (the same directory with zstfs mounted
+over it, ``--compress-after 0``: a rollout is compressed as soon as codex releases it). The
+tests marked ``ZSTFS_ONLY`` are issue 6: codex on a zstfs mount of CODEX_HOME itself. They look
+at the backing store through a descriptor of the directory opened before the mount covered it
+(``/proc/self/fd/N/...`` reaches the files under the mount), and at the daemon's status.
+``test_sessions_only_mount_cannot_archive`` documents why the README says to mount CODEX_HOME
+and not just ``sessions/``.
+
+Helpers live in tests/codex_harness.py; its docstring lists what codex really does to
+CODEX_HOME.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import codex_harness as h
 import pytest
+from conftest import Mount, MountFactory, fuse_available, wait_until
 
 CODEX = h.find_codex()
 if CODEX is None:
@@ -35,12 +44,61 @@ def mock_api():
         yield server
 
 
+@dataclass
+class Home:
+    """A CODEX_HOME: a plain directory, or one with zstfs mounted over it."""
+
+    path: Path
+    mount: Mount | None = None
+    fd: int | None = None  # the directory itself, opened before the mount covered it
+
+    @property
+    def backing(self) -> Path:
+        """The backing store under the mount (valid in this process only)."""
+        assert self.fd is not None, "not a zstfs home"
+        return Path(f"/proc/self/fd/{self.fd}")
+
+    def under(self, logical: Path) -> Path:
+        """Where a path seen through the mount lives in the backing store."""
+        return self.backing / Path(logical).relative_to(self.path)
+
+    def status(self) -> dict:
+        assert self.mount is not None, "not a zstfs home"
+        return self.mount.status()
+
+
+@pytest.fixture(params=["plain", "zstfs"])
+def home(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Home]:
+    path = tmp_path / "codex-home"
+    path.mkdir()
+    if request.param == "plain":
+        yield Home(path)
+        return
+    reason = fuse_available()
+    if reason is not None:
+        pytest.skip(f"FUSE unavailable: {reason}")
+    factory: MountFactory = request.getfixturevalue("mount_factory")
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        m = factory(path, "--compress-after", "0")
+        yield Home(path, m, fd)
+        if m.proc is not None:
+            m.stop()  # a clean unmount after codex is part of every zstfs test
+    finally:
+        os.close(fd)
+
+
 @pytest.fixture
-def codex_home(tmp_path: Path) -> Path:
-    """The CODEX_HOME under test. Override with a zstfs mount point to test zstfs."""
-    home = tmp_path / "codex-home"
-    home.mkdir()
-    return home
+def codex_home(home: Home) -> Path:
+    """The CODEX_HOME under test."""
+    return home.path
+
+
+#: Tests of zstfs itself (issue 6): only on the mount.
+ZSTFS_ONLY = pytest.mark.parametrize("home", ["zstfs"], indirect=True)
+#: Tests that put files into CODEX_HOME behind codex's back (a `.zst` cannot be created through
+#: the mount), or that mount something else themselves.
+PLAIN_ONLY = pytest.mark.parametrize("home", ["plain"], indirect=True)
 
 
 @dataclass
@@ -110,7 +168,7 @@ def _prompt_and_reply(tag: str) -> tuple[str, str]:
 # tests
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_exec_creates_one_rollout(codex: Codex) -> None:
     prompt, reply = _prompt_and_reply("alpha")
     proc = codex.exec(prompt)
@@ -130,7 +188,7 @@ def test_exec_creates_one_rollout(codex: Codex) -> None:
     assert prompt in req.text
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_resume_last_appends_to_same_rollout(codex: Codex) -> None:
     p1, r1 = _prompt_and_reply("first")
     p2, r2 = _prompt_and_reply("second")
@@ -157,7 +215,7 @@ def test_resume_last_appends_to_same_rollout(codex: Codex) -> None:
     assert p2 in second.text
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_archive_unarchive_roundtrip(codex: Codex) -> None:
     codex.exec(_prompt_and_reply("archive")[0])
     path = codex.only_rollout()
@@ -176,7 +234,8 @@ def test_archive_unarchive_roundtrip(codex: Codex) -> None:
     assert path.read_bytes() == content  # unarchive only bumps mtime
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
+@PLAIN_ONLY
 @pytest.mark.parametrize("state", ["plain", "compressed"])
 def test_delete_by_id(codex: Codex, state: str) -> None:
     codex.exec(_prompt_and_reply(f"delete-{state}")[0])
@@ -194,7 +253,8 @@ def test_delete_by_id(codex: Codex, state: str) -> None:
     assert not list(codex.home.rglob(f"*{sid}.jsonl*"))
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
+@PLAIN_ONLY
 @pytest.mark.parametrize("method", ["seekable", "zstd-cli"])
 def test_resume_from_compressed_rollout(codex: Codex, method: str) -> None:
     if method == "zstd-cli" and h.zstd_cli() is None:
@@ -258,7 +318,7 @@ _WAL_WRITER = textwrap.dedent(
 )
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_sqlite_wal_concurrent_writers(codex_home: Path) -> None:
     import sqlite3
 
@@ -322,3 +382,263 @@ def test_sqlite_wal_concurrent_writers(codex_home: Path) -> None:
             assert payload == f"w{w}-0-0|" * 20
     finally:
         con.close()
+
+
+# ---------------------------------------------------------------------------
+# issue 6: codex on a zstfs mount of CODEX_HOME itself
+
+
+def _rollout_files(root: Path) -> list[str]:
+    """Rollout files (either form) under a CODEX_HOME-shaped tree, as sorted relative paths."""
+    found = []
+    for d in ("sessions", "archived_sessions"):
+        if (root / d).is_dir():
+            found += [str(p.relative_to(root)) for p in (root / d).rglob("rollout-*")]
+    return sorted(found)
+
+
+def _rel(home: Home, logical: Path) -> str:
+    return str(logical.relative_to(home.path))
+
+
+def _wait_compressed(home: Home, logical: Path, swaps: int = 1) -> Path:
+    """Wait until the compactor has swapped `logical` (its `swaps`-th swap in all) and the
+    backing store holds only its `.zst`; return that `.zst` (a backing path)."""
+    plain = home.under(logical)
+    zst = plain.with_name(plain.name + ".zst")
+
+    def done() -> bool:
+        s = home.status()
+        return s["swaps_done"] >= swaps and s["compressed_files"] >= 1 and zst.exists() \
+            and not plain.exists()
+
+    wait_until(done, 20, f"{logical.name} compressed in the backing store")
+    return zst
+
+
+def _compressed_session(codex: Codex, home: Home, tag: str) -> tuple[Path, str, bytes]:
+    """One finished `codex exec` whose rollout zstfs has compressed: (logical path, id, bytes)."""
+    prompt, reply = _prompt_and_reply(tag)
+    assert reply in codex.exec(prompt).stdout
+    path = codex.only_rollout()
+    _wait_compressed(home, path)
+    assert _rollout_files(home.backing) == [_rel(home, path) + ".zst"]
+    return path, h.session_id_from_rollout(path), path.read_bytes()
+
+
+@pytest.mark.timeout(180)
+@ZSTFS_ONLY
+def test_zstfs_exec_rollout_compressed_when_idle(codex: Codex, home: Home) -> None:
+    """1. `codex exec` through the mount; the rollout is compressed once codex lets go of it,
+    the view still shows the plain `.jsonl`, and nothing else codex keeps is touched."""
+    prompt, reply = _prompt_and_reply("issue6-exec")
+    proc = codex.exec(prompt)
+    assert reply in proc.stdout
+    path = codex.only_rollout()
+    assert path.name.endswith(".jsonl")
+    assert path.parent.parent.parent.parent == home.path / "sessions"
+    sid = h.session_id_from_rollout(path)
+    assert f"session id: {sid}" in proc.stderr
+
+    zst = _wait_compressed(home, path)
+    status = home.status()
+    assert status["compressed_files"] >= 1
+    assert status["swaps_failed"] == 0
+    # Backing: only the .zst; view: only the plain name, with the logical size.
+    assert _rollout_files(home.backing) == [_rel(home, path) + ".zst"]
+    assert sorted(os.listdir(path.parent)) == [path.name]
+    shown = path.read_bytes()
+    assert h.decompress_zst(zst) == shown
+    assert path.stat().st_size == len(shown)
+    assert zst.stat().st_size < len(shown)
+    _assert_valid_rollout(path, sid)
+    texts = _texts(path)
+    assert prompt in texts
+    assert reply in texts
+    # grep through the mount finds the turn in the compressed rollout.
+    grep = subprocess.run(["grep", "-rl", reply, str(home.path / "sessions")],
+                          capture_output=True, text=True, timeout=30)
+    assert grep.stdout.split() == [str(path)]
+
+    # Everything that is not *.jsonl passed through untouched: codex's config, its SQLite
+    # databases (consistent after codex's WAL traffic through the mount) and the rest.
+    assert (home.backing / "config.toml").read_bytes() == (home.path / "config.toml").read_bytes()
+    backing_zst = list(home.backing.rglob("*.zst"))
+    assert [p.name for p in backing_zst] == [zst.name]
+    dbs = sorted(p.name for p in home.path.glob("*.sqlite"))
+    assert dbs, "codex keeps SQLite databases in CODEX_HOME"
+    assert dbs == sorted(p.name for p in home.backing.glob("*.sqlite"))
+    for name in dbs:
+        check = subprocess.run(["sqlite3", str(home.path / name), "PRAGMA integrity_check"],
+                               capture_output=True, text=True, timeout=30)
+        assert check.stdout.strip() == "ok", (name, check.stdout, check.stderr)
+
+
+@pytest.mark.timeout(180)
+@ZSTFS_ONLY
+def test_zstfs_resume_promotes_compressed_rollout(codex: Codex, home: Home) -> None:
+    """2. `resume --last` continues a compressed session: the same rollout, both turns, promoted
+    to plain by codex's append; once released, it is compressed again."""
+    p1, r1 = _prompt_and_reply("issue6-first")
+    p2, r2 = _prompt_and_reply("issue6-second")
+    path, sid, before = _compressed_session(codex, home, "issue6-first")
+    promotions = home.status()["promotions"]
+
+    # A reader holding the rollout open (like `tail -f`) keeps the compactor off it after codex
+    # exits, so the promoted plain file can be seen in the backing store.
+    with open(path, "rb") as viewer:
+        proc = codex.resume_last(p2)
+        assert r2 in proc.stdout
+        assert f"session id: {sid}" in proc.stderr
+        assert codex.only_rollout() == path
+        assert _rollout_files(home.backing) == [_rel(home, path)]
+        wait_until(lambda: home.status()["promotions"] >= promotions + 1, 5, "the promotion count")
+        after = path.read_bytes()
+        assert home.under(path).read_bytes() == after
+        assert after.startswith(before), "resume must only append"
+        assert len(after) > len(before)
+        assert viewer.read() == after  # the reader's handle follows the promotion
+    _assert_valid_rollout(path, sid)
+    texts = _texts(path)
+    for t in (p1, r1, p2, r2):
+        assert t in texts
+    second = codex.api.response_requests()[-1]
+    assert p1 in second.text  # codex read the compressed history
+    assert r1 in second.text
+
+    zst = _wait_compressed(home, path, swaps=2)
+    assert _rollout_files(home.backing) == [_rel(home, path) + ".zst"]
+    assert h.decompress_zst(zst) == after
+    assert path.read_bytes() == after
+
+
+@pytest.mark.timeout(180)
+@ZSTFS_ONLY
+def test_zstfs_archive_unarchive_compressed(codex: Codex, home: Home) -> None:
+    """3. archive and unarchive move the `.zst` itself (no promotion) and keep every byte;
+    unarchive's O_APPEND open without a write and its mtime update do not promote either."""
+    path, sid, content = _compressed_session(codex, home, "issue6-archive")
+    promotions = home.status()["promotions"]
+    archived = home.path / "archived_sessions" / path.name
+
+    codex.run("archive", sid)
+    assert codex.rollouts() == [archived]
+    assert not path.exists()
+    assert archived.read_bytes() == content
+    assert _rollout_files(home.backing) == [_rel(home, archived) + ".zst"]
+    assert h.decompress_zst(home.under(archived).with_name(archived.name + ".zst")) == content
+    archived_mtime = archived.stat().st_mtime_ns
+
+    codex.run("unarchive", sid)
+    assert codex.rollouts() == [path]
+    assert not archived.exists()
+    assert path.read_bytes() == content
+    zst_rel = _rel(home, path) + ".zst"
+    assert _rollout_files(home.backing) == [zst_rel]
+    assert h.decompress_zst(home.backing / zst_rel) == content
+    # unarchive bumps the mtime, and it lands on the .zst.
+    st = path.stat()
+    assert st.st_mtime_ns > archived_mtime
+    assert (home.backing / zst_rel).stat().st_mtime_ns == st.st_mtime_ns
+    assert st.st_size == len(content)
+    assert home.status()["promotions"] == promotions
+
+
+@pytest.mark.timeout(180)
+@ZSTFS_ONLY
+def test_zstfs_delete_compressed(codex: Codex, home: Home) -> None:
+    """4. `codex delete --force` of a compressed rollout leaves neither form behind."""
+    path, sid, _ = _compressed_session(codex, home, "issue6-delete")
+    codex.run("delete", "--force", sid)
+    assert codex.rollouts() == []
+    assert not path.exists()
+    assert _rollout_files(home.backing) == []
+    assert not [p for p in home.backing.rglob(f"*{sid}*") if p.is_file()]
+    wait_until(lambda: home.status()["compressed_files"] == 0, 5, "the census to drop the file")
+
+
+@pytest.mark.timeout(180)
+@ZSTFS_ONLY
+def test_zstfs_backing_store_usable_without_zstfs(
+    codex: Codex, home: Home, mount_factory: MountFactory
+) -> None:
+    """5. After unmount the `.zst` decodes with `zstd -d` to what the mount showed, and codex
+    resumes from it by itself; mounted again, zstfs compresses what codex wrote meanwhile."""
+    p1, r1 = _prompt_and_reply("issue6-cold")
+    p2, r2 = _prompt_and_reply("issue6-offline")
+    path, sid, shown = _compressed_session(codex, home, "issue6-cold")
+    assert home.mount is not None
+    home.mount.stop()
+
+    zst = path.with_name(path.name + ".zst")
+    assert _rollout_files(home.path) == [_rel(home, zst)]
+    decoded = subprocess.run(["zstd", "-q", "-d", "-c", str(zst)], capture_output=True,
+                             check=True, timeout=30).stdout
+    assert decoded == shown
+
+    proc = codex.resume_last(p2)  # no mount: codex decodes the .zst itself
+    assert r2 in proc.stdout
+    assert f"session id: {sid}" in proc.stderr
+    assert _rollout_files(home.path) == [_rel(home, path)]
+    assert not zst.exists()
+    after = path.read_bytes()
+    assert after.startswith(shown)
+    assert path.stat().st_nlink == 1  # codex's hard-linked temp is gone
+    _assert_valid_rollout(path, sid)
+    texts = _texts(path)
+    for t in (p1, r1, p2, r2):
+        assert t in texts
+
+    again = mount_factory(home.path, "--compress-after", "0")
+    home.mount = again
+    _wait_compressed(home, path)  # found by the initial scan
+    assert path.read_bytes() == after
+    again.stop()
+
+
+@pytest.mark.timeout(180)
+@PLAIN_ONLY
+def test_sessions_only_mount_cannot_archive(
+    codex: Codex, home: Home, mount_factory: MountFactory
+) -> None:
+    """With only CODEX_HOME/sessions mounted, exec, resume and delete work, but archive and
+    unarchive fail: their rename crosses two filesystems (EXDEV) and codex has no fallback.
+    This is why the README says to mount CODEX_HOME itself."""
+    reason = fuse_available()
+    if reason is not None:
+        pytest.skip(f"FUSE unavailable: {reason}")
+    sessions = home.path / "sessions"
+    sessions.mkdir()
+    m = mount_factory(sessions, "--compress-after", "0")
+    p1, _ = _prompt_and_reply("sessions-only-1")
+    p2, r2 = _prompt_and_reply("sessions-only-2")
+    codex.exec(p1)
+    path = codex.only_rollout()
+    sid = h.session_id_from_rollout(path)
+    wait_until(lambda: m.status()["compressed_files"] >= 1, 20, "the rollout compressed")
+    assert r2 in codex.resume_last(p2).stdout
+    content = path.read_bytes()
+
+    proc = codex.run("archive", sid, check=False)
+    assert proc.returncode != 0
+    assert "failed to archive session" in proc.stderr
+    assert codex.rollouts() == [path]  # nothing moved, nothing lost
+    assert path.read_bytes() == content
+    archived = home.path / "archived_sessions" / path.name
+    assert not archived.exists()
+    archived.parent.mkdir(exist_ok=True)
+    with pytest.raises(OSError, match="cross-device") as e:
+        os.rename(path, archived)  # what codex does
+    assert e.value.errno == errno.EXDEV
+
+    # An archived rollout (moved by hand: `mv` copies across filesystems) cannot come back.
+    subprocess.run(["mv", str(path), str(archived)], check=True, timeout=30)
+    proc = codex.run("unarchive", sid, check=False)
+    assert proc.returncode != 0
+    assert "failed to unarchive session" in proc.stderr
+    assert codex.rollouts() == [archived]
+    assert archived.read_bytes() == content
+
+    codex.run("delete", "--force", sid)
+    assert codex.rollouts() == []
+    m.stop()

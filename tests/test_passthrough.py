@@ -26,7 +26,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import Mount, wait_until
 
 NOBODY = 65534
@@ -119,6 +118,25 @@ def spawn(code: str, *args: str | Path) -> subprocess.Popen[bytes]:
     """A Python child driven line by line over stdin/stdout."""
     return subprocess.Popen([sys.executable, "-u", "-c", textwrap.dedent(code),
                              *map(str, args)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+
+def tell(proc: subprocess.Popen[bytes], line: str) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(line.encode() + b"\n")
+    proc.stdin.flush()
+
+
+def reap(*procs: subprocess.Popen[bytes] | None) -> None:
+    """Kill what is still running and close its pipes (teardown of a test's children)."""
+    for proc in procs:
+        if proc is None:
+            continue
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 @pytest.fixture
@@ -214,7 +232,7 @@ def test_grep_find_stat_du(mounted: Mount) -> None:
     assert sorted(r.stdout.split()) == sorted(
         f"./{d}/f{f}.{'log' if f % 3 else 'txt'}" for d in ("d0", "d1", "d2", "d3", "d4")
         for f in range(0, 12, 4))
-    r = run("stat", "-c", "%s %Y %a", root / "d1/f4.txt" if False else root / "d1/f4.log")
+    r = run("stat", "-c", "%s %Y %a", root / "d1/f4.log")
     st = os.stat(root / "d1/f4.log")
     assert r.stdout.split() == [str(st.st_size), str(int(st.st_mtime)), "644"]
     assert int(r.stdout.split()[1]) == int(old)
@@ -239,9 +257,7 @@ def test_tail_n_and_tail_f_follow_appends_from_another_process(mounted: Mount) -
                                                                                   199999)]
     log = mounted.mountpoint / "follow.log"
     log.write_text("before\n")
-    tail = subprocess.Popen(["tail", "-n0", "-f", "---disable-inotify", str(log)]
-                            if False else ["tail", "-n0", "-f", str(log)],
-                            stdout=subprocess.PIPE)
+    tail = subprocess.Popen(["tail", "-n0", "-f", str(log)], stdout=subprocess.PIPE)
     try:
         out = Reader(tail)
         # tail has opened and positioned at EOF once /proc shows the file among its fds.
@@ -262,8 +278,7 @@ def test_tail_n_and_tail_f_follow_appends_from_another_process(mounted: Mount) -
                       f"tail -f to show batch {batch}")
             assert out.buf == want
     finally:
-        tail.kill()
-        tail.wait()
+        reap(tail)
     assert b"before" not in out.buf
 
 
@@ -610,9 +625,7 @@ def test_open_file_in_another_process_survives_rename(mounted: Mount) -> None:
 
         def say(cmd: str, want: str) -> None:
             n = out.buf.count(b"\n")
-            assert child.stdin is not None
-            child.stdin.write(cmd.encode() + b"\n")
-            child.stdin.flush()
+            tell(child, cmd)
             out.until(lambda b: b.count(b"\n") > n, 10, f"the child to answer {cmd}")
             assert out.buf.splitlines()[-1].decode() == f"read {want}"
 
@@ -625,12 +638,10 @@ def test_open_file_in_another_process_survives_rename(mounted: Mount) -> None:
         assert (m / "c" / "g.txt").read_bytes() == b"start\none\ntwo\nthree\n"
         os.unlink(m / "c" / "g.txt")
         say("four", "start|one|two|three|four|")
-        child.stdin.write(b"quit\n")
-        child.stdin.flush()
+        tell(child, "quit")
         assert child.wait(timeout=10) == 0
     finally:
-        child.kill()
-        child.wait()
+        reap(child)
     assert os.listdir(m / "c") == []
 
 
@@ -751,23 +762,16 @@ def test_locks_exclude_across_processes(mounted: Mount, kind: str) -> None:
         wout = Reader(waiter)
         with pytest.raises(AssertionError, match="timed out"):
             wout.until(lambda b: b"locked" in b, 1.0, "the waiter (must stay blocked)")
-        assert holder.stdin is not None
-        holder.stdin.write(b"go\n")
-        holder.stdin.flush()
+        tell(holder, "go")
         assert holder.wait(timeout=10) == 0
         wout.until(lambda b: b"locked" in b, 10, "the waiter to get the lock")
-        assert waiter.stdin is not None
-        waiter.stdin.write(b"go\n")
-        waiter.stdin.flush()
+        tell(waiter, "go")
         assert waiter.wait(timeout=10) == 0
         fd = os.open(p, os.O_RDWR)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
         os.close(fd)
     finally:
-        for proc in (holder, waiter):
-            if proc is not None:
-                proc.kill()
-                proc.wait()
+        reap(holder, waiter)
 
 
 # ------------------------------------------------------ 9. mounted over its own source
@@ -798,11 +802,15 @@ def test_mount_over_source_shows_and_keeps_files(store: Path, mount_factory) -> 
 MMAP_WRITER = """
 import mmap, os, sys
 fd = os.open(sys.argv[1], os.O_RDWR)
-with mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mm:
-    for off in (0, 4096 * 3 + 17, len(mm) - 5):
-        mm[off:off + 5] = b"MMAP!"
-    mm.flush()
-os.close(fd)
+mm = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+os.close(fd)  # the mapping keeps the open file
+print("mapped", flush=True)
+sys.stdin.readline()
+for off in (0, 4096 * 3 + 17, len(mm) - 5):
+    mm[off:off + 5] = b"MMAP!"
+mm.flush()  # msync
+mm.close()
+print("synced", flush=True)
 """
 
 
@@ -811,21 +819,27 @@ os.close(fd)
 def test_shared_mmap_write_is_seen_by_another_process(mounted: Mount,
                                                       appender_open: bool) -> None:
     """A shared writable mapping's pages reach the file at their offsets, even while another
-    process holds the file open with O_APPEND (the kernel may write pages back through any
-    writable handle of the inode)."""
+    process opened the file with O_APPEND after the mapping was made (the kernel writes pages
+    back through whichever writable handle of the inode it picks)."""
     p = mounted.mountpoint / "mapped.bin"
     original = bytearray(os.urandom(64 * 1024))
     p.write_bytes(original)
-    holder = spawn("""
-        import os, sys
-        fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND)
-        print("open", flush=True)
-        sys.stdin.readline()
-        """, p) if appender_open else None
+    writer = spawn(MMAP_WRITER, p)
+    holder = None
     try:
-        if holder is not None:
+        wout = Reader(writer)
+        wout.until(lambda b: b"mapped" in b, 10, "the writer to map the file")
+        if appender_open:
+            holder = spawn("""
+                import os, sys
+                fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND)
+                print("open", flush=True)
+                sys.stdin.readline()
+                """, p)
             Reader(holder).until(lambda b: b"open" in b, 10, "the O_APPEND holder")
-        python(MMAP_WRITER, p)
+        tell(writer, "go")
+        wout.until(lambda b: b"synced" in b, 10, "the writer to msync")
+        assert writer.wait(timeout=10) == 0
         for off in (0, 4096 * 3 + 17, len(original) - 5):
             original[off:off + 5] = b"MMAP!"
         r = python("""
@@ -835,9 +849,7 @@ def test_shared_mmap_write_is_seen_by_another_process(mounted: Mount,
             """, p)
         assert r.stdout.split() == [str(len(original)), hashlib.sha256(original).hexdigest()]
     finally:
-        if holder is not None:
-            holder.kill()
-            holder.wait()
+        reap(writer, holder)
     assert p.read_bytes() == bytes(original)
     mounted.stop()
     assert p.read_bytes() == bytes(original)

@@ -60,6 +60,7 @@ class Compactor:
         self._heap: list[tuple[float, bytes]] = []
         self._due: dict[bytes, float] = {}
         self._failures: dict[bytes, int] = {}
+        self._retry_at: dict[bytes, float] = {}  # a failed file waits out its backoff
         self._incompressible: set[tuple[bytes, int, int, int]] = set()
         self._in_flight: set[bytes] = set()
         self._wake = trio.Event()
@@ -84,7 +85,9 @@ class Compactor:
             st = self.store.lstat(path)
         except OSError:
             return
-        self._schedule(path, st.st_mtime + (self.compress_after or 0.0))
+        # A reader closing a file that just failed (ENOSPC, EIO) must not cut its backoff short.
+        due = max(st.st_mtime + (self.compress_after or 0.0), self._retry_at.get(path, 0.0))
+        self._schedule(path, due)
 
     def _schedule(self, path: bytes, due: float) -> None:
         if self._due.get(path) == due:
@@ -220,6 +223,7 @@ class Compactor:
         self.ops.table.rekey(node, zst_st, True)
         self.ops.invalidate_attrs(node)
         self._failures.pop(path, None)
+        self._retry_at.pop(path, None)
         self.stats.swaps_done += 1
         self.stats.bytes_compressed += prepared.logical
         log.debug("compressed %s: %d -> %d bytes", os.fsdecode(path), prepared.logical,
@@ -240,8 +244,9 @@ class Compactor:
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             what = "no space left on device"
         self.stats.error(os.fsdecode(path), f"compression failed ({what}); retry in {delay:.0f}s")
+        self._retry_at[path] = self.clock() + delay
         if not self._stopping:
-            self._schedule(path, self.clock() + delay)
+            self._schedule(path, self._retry_at[path])
 
     # ------------------------------------------------------------------ status
     async def status(self) -> dict[str, Any]:

@@ -673,6 +673,10 @@ class Operations(pyfuse3.Operations):
     async def _make_plain(self, node: Node, *, empty: bool = False) -> None:
         if not node.compressed:
             return
+        if node.lock.statistics().owner is trio.lowlevel.current_task():
+            # A rename already holds the node's lock (trio locks are not reentrant).
+            await self._promote_locked(node, empty=empty)
+            return
         node.claims += 1
         try:
             async with node.lock:

@@ -8,6 +8,7 @@ unmounted one would silently show the raw backing files to a running codex).
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import signal
@@ -21,7 +22,7 @@ from zstfs import __version__, codec, daemon
 from zstfs.compactor import Compactor
 from zstfs.fs import Operations
 from zstfs.log import default_log_file, setup_logging
-from zstfs.names import NameRules
+from zstfs.names import STATUS_XATTR, NameRules
 from zstfs.options import MountOptions
 from zstfs.stats import Stats
 from zstfs.store import Store, StoreError
@@ -48,6 +49,16 @@ def is_mountpoint(path: str) -> str | None:
     return None
 
 
+def _mount_owner(path: str) -> str:
+    """` (pid N)` of the daemon serving the zstfs mount at `path` (from its status), or "": the
+    user needs to know which process holds the store."""
+    try:
+        pid = json.loads(os.getxattr(path, STATUS_XATTR))["pid"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return f" (pid {pid})"
+
+
 def fuse_options(opts: MountOptions) -> set[str]:
     options = {"default_permissions", f"fsname={opts.fsname or os.path.abspath(opts.source)}",
                "subtype=zstfs"}
@@ -68,7 +79,7 @@ def mount(opts: MountOptions) -> int:
         raise MountError("/dev/fuse: no such device (is the fuse kernel module loaded?)")
     for path in {opts.source, opts.mountpoint}:
         if is_mountpoint(path) == "fuse.zstfs":
-            raise MountError(f"{path}: already mounted by zstfs")
+            raise MountError(f"{path}: already mounted by zstfs{_mount_owner(path)}")
     if not os.path.isdir(opts.mountpoint):
         raise MountError(f"{opts.mountpoint}: no such directory")
     # Files are created with exactly the mode the caller asked for (the kernel and `fs.py`

@@ -1,0 +1,393 @@
+"""The life of a mount as a user drives it: `zstfs mount` (detached), `zstfs umount`, signals,
+the fstab form, refusals, an ordinary user's own mount, and the daemon's log.
+
+Commands run as real subprocesses (`sys.executable -m zstfs`), detached exactly as a user would
+run them; teardown lazy-unmounts and reaps whatever a failing test left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Mount, is_mounted, lazy_unmount, wait_until
+
+STATUS_XATTR = "user.zstfs.status"
+NOBODY = 65534
+
+
+def zstfs(*args: str | Path, timeout: float = 30, user: int | None = None,
+          env: dict[str, str] | None = None, cwd: Path | None = None,
+          ) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "zstfs", *map(str, args)]
+    if user is not None:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",
+               "env", f"HOME={(env or {}).get('HOME', '/nonexistent')}", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+def status(mountpoint: Path) -> dict | None:
+    try:
+        return json.loads(os.getxattr(mountpoint, STATUS_XATTR))
+    except OSError:
+        return None
+
+
+def gone(pid: int) -> bool:
+    """The process no longer exists (a zombie waiting for an absent reaper counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.fixture
+def detached() -> Iterator[list[Path]]:
+    """Mountpoints of detached daemons started by a test; cleared at teardown whatever happens."""
+    mounts: list[Path] = []
+    yield mounts
+    for mp in mounts:
+        info = status(mp)
+        if is_mounted(mp):
+            lazy_unmount(mp)
+        if info is not None:
+            with contextlib.suppress(AssertionError):
+                wait_until(lambda info=info: gone(info["pid"]), 20, "the daemon to exit")
+            if not gone(info["pid"]):
+                os.kill(info["pid"], signal.SIGKILL)
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    d = tmp_path / "src"
+    d.mkdir()
+    (d / "hello.txt").write_text("hello\n")
+    return d
+
+
+def one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line of error, got:\n{stderr}"
+    return lines[0]
+
+
+# ------------------------------------------------------------------ mount / umount
+@pytest.mark.timeout(60)
+def test_detached_mount_is_live_when_it_returns_and_umount_waits_for_the_daemon(
+        src: Path, tmp_path: Path, detached: list[Path]) -> None:
+    detached.append(src)
+    log = tmp_path / "daemon.log"
+    r = zstfs("mount", src, "--log", log)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == r.stderr == ""
+    # No waiting: the command returned, so the mount answers now.
+    assert (src / "hello.txt").read_text() == "hello\n"
+    info = status(src)
+    assert info is not None
+    assert info["source"] == str(src)
+    assert info["mountpoint"] == str(src)
+    pid = info["pid"]
+    assert not gone(pid)
+    assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:3] == [b"-m", b"zstfs"]
+    (src / "written.txt").write_text("through the mount\n")
+    r = zstfs("status", src)
+    assert r.returncode == 0 and f"pid {pid}" in r.stdout, r.stdout + r.stderr
+    r = zstfs("umount", src)
+    assert r.returncode == 0, r.stderr
+    assert gone(pid), "zstfs umount returned before the daemon exited"
+    assert not os.path.exists(f"/proc/{pid}") or gone(pid)
+    assert not is_mounted(src)
+    assert (src / "written.txt").read_text() == "through the mount\n"
+    assert (src / ".zstfs.lock").exists()  # the backing directory is visible again
+    assert f"mounted {src} on {src}" in log.read_text()
+    assert f"unmounted {src}" in log.read_text()
+
+
+@pytest.mark.timeout(60)
+def test_mount_on_another_mountpoint_and_status_json(src: Path, tmp_path: Path,
+                                                     detached: list[Path]) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    detached.append(mnt)
+    r = zstfs("mount", src, mnt, "--log", tmp_path / "log", "--compress-after", "12h")
+    assert r.returncode == 0, r.stderr
+    assert (mnt / "hello.txt").read_text() == "hello\n"
+    info = json.loads(zstfs("status", "--json", mnt).stdout)
+    assert (info["source"], info["mountpoint"], info["compress_after"]) == (
+        str(src), str(mnt), 12 * 3600)
+    assert zstfs("umount", mnt).returncode == 0
+    assert not is_mounted(mnt)
+    assert list(mnt.iterdir()) == []
+
+
+# ------------------------------------------------------------------------ refusals
+@pytest.mark.parametrize(("case", "needle"), [
+    ("missing", "no such directory"),
+    ("file", "not a directory"),
+    ("unknown-option", "unknown mount option 'frobnicate'"),
+    ("bad-o-duration", "invalid duration 'soon'"),
+    ("missing-mountpoint", "no such directory"),
+])
+def test_refusals_are_one_line_and_leave_nothing_mounted(
+        tmp_path: Path, src: Path, case: str, needle: str, detached: list[Path]) -> None:
+    detached.append(src)
+    named = src
+    args: list[str | Path] = ["mount", src, "--log", tmp_path / "log"]
+    if case == "missing":
+        named = tmp_path / "nope"
+        args = ["mount", named]
+    elif case == "file":
+        named = src / "hello.txt"
+        args = ["mount", named]
+    elif case == "unknown-option":
+        args += ["-o", "compress_after=1h,frobnicate"]
+        named = Path("frobnicate")
+    elif case == "bad-o-duration":
+        args += ["-o", "compress_after=soon"]
+        named = Path("compress_after=soon")
+    elif case == "missing-mountpoint":
+        named = tmp_path / "no-mnt"
+        args = ["mount", src, named, "--log", tmp_path / "log"]
+    r = zstfs(*args)
+    assert r.returncode != 0
+    line = one_line(r.stderr)
+    assert line.startswith("zstfs: ")
+    assert str(named) in line
+    assert needle in line
+    assert not is_mounted(src)
+    assert status(src) is None
+
+
+def test_bad_compress_after_is_a_usage_error(src: Path) -> None:
+    r = zstfs("mount", src, "--compress-after", "soon")
+    assert r.returncode == 2
+    assert "argument --compress-after: invalid duration 'soon'" in r.stderr.splitlines()[-1]
+    assert not is_mounted(src)
+
+
+@pytest.mark.timeout(60)
+def test_second_mount_of_the_same_source_is_refused(src: Path, tmp_path: Path,
+                                                    detached: list[Path]) -> None:
+    detached.append(src)
+    assert zstfs("mount", src, "--log", tmp_path / "log").returncode == 0
+    pid = status(src)["pid"]  # type: ignore[index]
+    # Again over itself.
+    r = zstfs("mount", src, "--log", tmp_path / "log2")
+    assert r.returncode == 1
+    line = one_line(r.stderr)
+    assert str(src) in line and "already mounted" in line
+    # The same store onto another mountpoint: the store lock refuses it.
+    other = tmp_path / "other"
+    other.mkdir()
+    detached.append(other)
+    r = zstfs("mount", src, other, "--log", tmp_path / "log3")
+    assert r.returncode == 1
+    line = one_line(r.stderr)
+    assert str(src) in line and ("in use" in line or "already mounted" in line), line
+    assert not is_mounted(other)
+    assert status(src)["pid"] == pid  # type: ignore[index]
+    assert (src / "hello.txt").read_text() == "hello\n"
+    assert zstfs("umount", src).returncode == 0
+
+
+def test_umount_of_something_else_fails_clearly(tmp_path: Path) -> None:
+    r = zstfs("umount", tmp_path)
+    assert r.returncode == 1
+    assert str(tmp_path) in one_line(r.stderr)
+    assert "not a zstfs mount" in r.stderr
+
+
+# --------------------------------------------------------------------------- busy
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("holder", ["cwd", "open-file"])
+def test_umount_of_a_busy_mount_fails_and_keeps_it(src: Path, tmp_path: Path, holder: str,
+                                                   detached: list[Path]) -> None:
+    detached.append(src)
+    assert zstfs("mount", src, "--log", tmp_path / "log").returncode == 0
+    pid = status(src)["pid"]  # type: ignore[index]
+    if holder == "cwd":
+        proc = subprocess.Popen(["sleep", "60"], cwd=src)
+    else:
+        proc = subprocess.Popen(["sh", "-c", f"exec 3<'{src}/hello.txt'; exec sleep 60"],
+                                cwd=tmp_path)
+    try:
+        wait_until(lambda: any(os.path.realpath(f"/proc/{proc.pid}/{link}").startswith(str(src))
+                               for link in ("cwd", "fd/3") if os.path.lexists(
+                                   f"/proc/{proc.pid}/{link}")), 10, "the holder to get in")
+        r = zstfs("umount", src)
+        assert r.returncode == 1
+        line = one_line(r.stderr)
+        assert str(src) in line and "busy" in line
+        assert str(proc.pid) in line  # fuser names the holder
+        assert is_mounted(src)
+        assert status(src)["pid"] == pid  # type: ignore[index]
+        assert (src / "hello.txt").read_text() == "hello\n"
+    finally:
+        proc.kill()
+        proc.wait()
+    r = zstfs("umount", src)
+    assert r.returncode == 0, r.stderr
+    assert gone(pid)
+    assert not is_mounted(src)
+
+
+# ------------------------------------------------------------------------- signals
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_unmounts_cleanly(store: Path, mount_factory, sig: signal.Signals) -> None:
+    m: Mount = mount_factory(store)
+    (store / "data.jsonl").write_text('{"kept": true}\n')
+    assert m.proc is not None
+    m.proc.send_signal(sig)
+    assert m.proc.wait(timeout=20) == 0
+    m.proc = None
+    assert not is_mounted(store)
+    assert (store / "data.jsonl").read_text() == '{"kept": true}\n'
+    assert (store / ".zstfs.lock").exists()  # the backing store, not the mount
+    assert f"signal {int(sig)}: unmounting" in m.log_text()
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_to_a_detached_daemon(src: Path, tmp_path: Path, detached: list[Path]) -> None:
+    detached.append(src)
+    assert zstfs("mount", src, "--log", tmp_path / "log").returncode == 0
+    pid = status(src)["pid"]  # type: ignore[index]
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: gone(pid), 20, "the daemon to exit on SIGTERM")
+    assert not is_mounted(src)
+    assert "unmounted" in (tmp_path / "log").read_text()
+
+
+# ---------------------------------------------------------------------------- fstab
+@pytest.mark.timeout(60)
+def test_fstab_form_mounts_with_options(src: Path, tmp_path: Path,
+                                        detached: list[Path]) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    detached.append(mnt)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home)}
+    env.pop("XDG_STATE_HOME", None)
+    r = zstfs(src, mnt, "-o", "compress_after=1h,noauto,user,rw,pattern=*.jsonl,level=5", env=env)
+    assert r.returncode == 0, r.stderr
+    info = status(mnt)
+    assert info is not None
+    assert (info["compress_after"], info["level"], info["pattern"]) == (3600, 5, "*.jsonl")
+    assert (mnt / "hello.txt").read_text() == "hello\n"
+    # A detached daemon without --log logs under $HOME/.local/state/zstfs/.
+    logs = list((home / ".local" / "state" / "zstfs").iterdir())
+    assert len(logs) == 1 and "mounted" in logs[0].read_text()
+    assert zstfs("umount", mnt).returncode == 0
+    assert not is_mounted(mnt)
+
+
+# ----------------------------------------------------------------------- a user's own
+@pytest.fixture
+def user_dir() -> Iterator[Path]:
+    base = Path(tempfile.mkdtemp(prefix="zstfs-user-", dir="/tmp"))
+    base.chmod(0o755)
+    d = base / "codex"
+    d.mkdir()
+    os.chown(d, NOBODY, NOBODY)
+    (d / "before.txt").write_text("from before\n")
+    os.chown(d / "before.txt", NOBODY, NOBODY)
+    yield d
+    if is_mounted(d):
+        lazy_unmount(d)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def why_user_cannot_mount() -> str | None:
+    if shutil.which("setpriv") is None:
+        return "setpriv not installed"
+    fm = shutil.which("fusermount3")
+    if fm is None or not os.stat(fm).st_mode & 0o4000 or os.stat(fm).st_uid != 0:
+        return "fusermount3 is not setuid root"
+    r = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                        sys.executable, "-c", "import zstfs, pyfuse3, trio"],
+                       capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        return f"user {NOBODY} cannot import zstfs from {sys.executable}: {r.stderr.strip()}"
+    return None
+
+
+@pytest.mark.timeout(90)
+def test_ordinary_user_mounts_reads_writes_and_unmounts_their_own_dir(
+        user_dir: Path, detached: list[Path]) -> None:
+    why = why_user_cannot_mount()
+    if why is not None:
+        pytest.skip(why)
+    detached.append(user_dir)
+    env = {"HOME": str(user_dir.parent), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    r = zstfs("mount", user_dir, "--log", user_dir.parent / "user.log", user=NOBODY, env=env)
+    assert r.returncode == 0, r.stderr
+    info = status(user_dir)
+    # root may not see the mount's contents (no allow_root), but the kernel lists it.
+    assert is_mounted(user_dir)
+    r = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                        sys.executable, "-c", """
+import json, os, sys
+d = sys.argv[1]
+print(open(os.path.join(d, "before.txt")).read(), end="")
+with open(os.path.join(d, "mine.jsonl"), "w") as f:
+    f.write('{"user": "nobody"}\\n')
+print(open(os.path.join(d, "mine.jsonl")).read(), end="")
+st = os.stat(os.path.join(d, "mine.jsonl"))
+print(st.st_uid, json.loads(os.getxattr(d, "user.zstfs.status"))["pid"])
+""", str(user_dir)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[:2] == ["from before", '{"user": "nobody"}']
+    uid, pid = map(int, lines[2].split())
+    assert uid == NOBODY
+    assert Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0] == str(NOBODY)
+    del info
+    r = zstfs("umount", user_dir, user=NOBODY, env=env)
+    assert r.returncode == 0, r.stderr
+    assert gone(pid)
+    assert not is_mounted(user_dir)
+    assert (user_dir / "mine.jsonl").read_text() == '{"user": "nobody"}\n'
+    assert os.stat(user_dir / "mine.jsonl").st_uid == NOBODY
+
+
+# ----------------------------------------------------------------------------- logs
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("debug", [False, True], ids=["info", "debug"])
+def test_log_file_and_debug(src: Path, tmp_path: Path, detached: list[Path],
+                            debug: bool) -> None:
+    detached.append(src)
+    log = tmp_path / "zstfs.log"
+    (src / "old.jsonl").write_text('{"line": "compress me"}\n' * 5000)
+    old = time.time() - 3600
+    os.utime(src / "old.jsonl", (old, old))
+    r = zstfs("mount", src, "--log", log, "--compress-after", "1m",
+              *(["--debug"] if debug else []))
+    assert r.returncode == 0, r.stderr
+    wait_until(lambda: status(src)["swaps_done"] >= 1, 30, "the compactor's swap")  # type: ignore[index]
+    with open(src / "old.jsonl", "a") as f:  # the first write promotes it back to plain
+        f.write('{"line": "appended"}\n')
+    pid = status(src)["pid"]  # type: ignore[index]
+    assert zstfs("umount", src).returncode == 0
+    text = log.read_text()
+    levels = {line.split()[3] for line in text.splitlines() if line[:2] == "20"}
+    assert f"{pid} INFO zstfs.mount: mounted {src} on {src}" in text
+    assert f"{pid} INFO zstfs.mount: unmounted {src}" in text
+    if debug:
+        assert "DEBUG" in levels
+        assert "compressed old.jsonl" in text
+        assert "promoted old.jsonl" in text
+    else:
+        assert "DEBUG" not in levels
+    assert "ERROR" not in levels, text
