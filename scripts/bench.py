@@ -125,10 +125,14 @@ def secs(t: float) -> str:
     return f"{t:.3f} s" if t >= 0.01 else f"{t * 1000:.2f} ms"
 
 
-def ratio_row(res: Results, what: str, t_zstfs: float, t_base: float, base_label: str,
+def ratio_row(res: Results, what: str, zstfs: list[float], base: list[float], base_label: str,
               limit: float | None, *, higher_is_better: bool = False,
               fmt: Callable[[float], str] = secs) -> None:
-    """A row comparing two medians; the ratio is zstfs / baseline (times) or the inverse."""
+    """A row comparing the medians of two lists of run times; the ratio is zstfs / baseline
+    (times) or its inverse (throughputs)."""
+    print(f"    runs (s): zstfs {[round(x, 4) for x in zstfs]}, "
+          f"{base_label} {[round(x, 4) for x in base]}", flush=True)
+    t_zstfs, t_base = median(zstfs), median(base)
     if higher_is_better:  # throughput: baseline time / zstfs time
         ratio = t_base / t_zstfs
         target = f">= {limit}x" if limit is not None else "-"
@@ -400,12 +404,12 @@ def bench_grep_tail(res: Results, cfg: Config, work: Path, plain: Path, comp: Pa
             if len(set(totals.values())) != 1 or outputs["tm"] != outputs["tz"]:
                 raise RuntimeError(f"outputs differ: grep totals {totals}, tail "
                                    f"{outputs['tm'][-200:]!r} vs {outputs['tz'][-200:]!r}")
-            gm, gz, gp = median(t["gm"]), median(t["gz"]), median(t["gp"])
+            gm, gz, gp = t["gm"], t["gz"], t["gp"]
             ratio_row(res, f"`grep -rc` through mount, {mode} ({totals['gm']} hits)", gm, gz,
                       "`zstdgrep -c`", 0.5)
             ratio_row(res, f"`grep -rc` through mount, {mode}", gm, gp, "plain `grep -rc`", 3)
-            ratio_row(res, f"`tail -n 5` 150 MB compressed, {mode}", median(t["tm"]),
-                      median(t["tz"]), "`zstdcat | tail`", 0.25)
+            ratio_row(res, f"`tail -n 5` 150 MB compressed, {mode}", t["tm"], t["tz"],
+                      "`zstdcat | tail`", 0.25)
         d.record_hwm()
 
 
@@ -443,7 +447,7 @@ def bench_appends(res: Results, cfg: Config, work: Path, plain: Path, comp: Path
         d.record_hwm()
     shutil.rmtree(disk_dir)
     ratio_row(res, f"append {len(lines)} lines of 0.2-40 KB, O_APPEND ({total / MB:.0f} MB)",
-              median(tm), median(td), "disk", 0.5, higher_is_better=True,
+              tm, td, "disk", 0.5, higher_is_better=True,
               fmt=lambda s: f"{total / MB / s:.0f} MB/s")
 
 
@@ -472,7 +476,7 @@ def bench_cat(res: Results, cfg: Config, work: Path, plain: Path, manifest: dict
                     acc.append(dt)
             ratio_row(res, f"`cat` 200 MB plain, {mode}" + (" (first read)" if mode == "cold"
                                                              else ""),
-                      median(tm), median(td), "disk", 0.7 if mode == "cold" else None,
+                      tm, td, "disk", 0.7 if mode == "cold" else None,
                       higher_is_better=True, fmt=lambda s: f"{size / MB / s:.0f} MB/s")
         d.record_hwm()
 
@@ -514,8 +518,7 @@ def bench_walk(res: Results, cfg: Config, work: Path, comp: Path, cold_ok: bool)
                         if int(out) < cfg.tree_files:
                             raise RuntimeError(f"{cmd}: {out!r} lines")
                         acc.append(dt)
-                ratio_row(res, f"`{tool}` {cfg.tree_files} files, {mode}", median(tm),
-                          median(td), "disk", 3)
+                ratio_row(res, f"`{tool}` {cfg.tree_files} files, {mode}", tm, td, "disk", 3)
         d.record_hwm()
     shutil.rmtree(tree)
 
@@ -567,7 +570,7 @@ def bench_promotion(res: Results, cfg: Config, work: Path) -> None:
         d.record_hwm()
     shutil.rmtree(store)
     ratio_row(res, f"promotion: first append to a {logical / MB:.0f} MB compressed file",
-              median(tm), median(tz), "`zstd -d`", 1.5)
+              tm, tz, "`zstd -d`", 1.5)
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -31,8 +32,9 @@ def zstfs(*args: str | Path, timeout: float = 30, user: int | None = None,
           ) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "zstfs", *map(str, args)]
     if user is not None:
-        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",
-               "env", f"HOME={(env or {}).get('HOME', '/nonexistent')}", *cmd]
+        # No `env` in between: the environment passes through setpriv as it is. (Here the venv's
+        # interpreter is a symlink into root's 0700 home; only setpriv's own exec reaches it.)
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
 
 
@@ -102,7 +104,8 @@ def test_detached_mount_is_live_when_it_returns_and_umount_waits_for_the_daemon(
     assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:3] == [b"-m", b"zstfs"]
     (src / "written.txt").write_text("through the mount\n")
     r = zstfs("status", src)
-    assert r.returncode == 0 and f"pid {pid}" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0, r.stderr
+    assert f"pid {pid}" in r.stdout
     r = zstfs("umount", src)
     assert r.returncode == 0, r.stderr
     assert gone(pid), "zstfs umount returned before the daemon exited"
@@ -138,6 +141,7 @@ def test_mount_on_another_mountpoint_and_status_json(src: Path, tmp_path: Path,
     ("unknown-option", "unknown mount option 'frobnicate'"),
     ("bad-o-duration", "invalid duration 'soon'"),
     ("missing-mountpoint", "no such directory"),
+    ("unwritable-log", "cannot open the log file"),
 ])
 def test_refusals_are_one_line_and_leave_nothing_mounted(
         tmp_path: Path, src: Path, case: str, needle: str, detached: list[Path]) -> None:
@@ -156,6 +160,9 @@ def test_refusals_are_one_line_and_leave_nothing_mounted(
     elif case == "bad-o-duration":
         args += ["-o", "compress_after=soon"]
         named = Path("compress_after=soon")
+    elif case == "unwritable-log":
+        named = tmp_path / "no-dir" / "zstfs.log"
+        args = ["mount", src, "--log", named]
     elif case == "missing-mountpoint":
         named = tmp_path / "no-mnt"
         args = ["mount", src, named, "--log", tmp_path / "log"]
@@ -186,7 +193,8 @@ def test_second_mount_of_the_same_source_is_refused(src: Path, tmp_path: Path,
     r = zstfs("mount", src, "--log", tmp_path / "log2")
     assert r.returncode == 1
     line = one_line(r.stderr)
-    assert str(src) in line and "already mounted" in line
+    assert str(src) in line
+    assert "already mounted" in line
     # The same store onto another mountpoint: the store lock refuses it.
     other = tmp_path / "other"
     other.mkdir()
@@ -194,7 +202,8 @@ def test_second_mount_of_the_same_source_is_refused(src: Path, tmp_path: Path,
     r = zstfs("mount", src, other, "--log", tmp_path / "log3")
     assert r.returncode == 1
     line = one_line(r.stderr)
-    assert str(src) in line and ("in use" in line or "already mounted" in line), line
+    assert str(src) in line
+    assert "in use" in line or "already mounted" in line, line
     assert not is_mounted(other)
     assert status(src)["pid"] == pid  # type: ignore[index]
     assert (src / "hello.txt").read_text() == "hello\n"
@@ -228,7 +237,8 @@ def test_umount_of_a_busy_mount_fails_and_keeps_it(src: Path, tmp_path: Path, ho
         r = zstfs("umount", src)
         assert r.returncode == 1
         line = one_line(r.stderr)
-        assert str(src) in line and "busy" in line
+        assert str(src) in line
+        assert "busy" in line
         assert str(proc.pid) in line  # fuser names the holder
         assert is_mounted(src)
         assert status(src)["pid"] == pid  # type: ignore[index]
@@ -288,7 +298,8 @@ def test_fstab_form_mounts_with_options(src: Path, tmp_path: Path,
     assert (mnt / "hello.txt").read_text() == "hello\n"
     # A detached daemon without --log logs under $HOME/.local/state/zstfs/.
     logs = list((home / ".local" / "state" / "zstfs").iterdir())
-    assert len(logs) == 1 and "mounted" in logs[0].read_text()
+    assert len(logs) == 1
+    assert "mounted" in logs[0].read_text()
     assert zstfs("umount", mnt).returncode == 0
     assert not is_mounted(mnt)
 
@@ -315,6 +326,13 @@ def why_user_cannot_mount() -> str | None:
     fm = shutil.which("fusermount3")
     if fm is None or not os.stat(fm).st_mode & 0o4000 or os.stat(fm).st_uid != 0:
         return "fusermount3 is not setuid root"
+    mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+    if mode & 0o006 != 0o006:
+        return (f"/dev/fuse is mode {mode:04o} here (distributions ship 0666): libfuse3's "
+                "fuse_kern_mount() opens /dev/fuse itself and falls back to the setuid "
+                "fusermount3 only when mount(2) fails with EPERM, not when that open() fails "
+                "with EACCES, so a non-root mount fails with 'fuse: failed to open /dev/fuse: "
+                "Permission denied'")
     r = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
                         sys.executable, "-c", "import zstfs, pyfuse3, trio"],
                        capture_output=True, text=True, timeout=30)
@@ -330,8 +348,11 @@ def test_ordinary_user_mounts_reads_writes_and_unmounts_their_own_dir(
     if why is not None:
         pytest.skip(why)
     detached.append(user_dir)
-    env = {"HOME": str(user_dir.parent), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    r = zstfs("mount", user_dir, "--log", user_dir.parent / "user.log", user=NOBODY, env=env)
+    env = {"HOME": str(user_dir), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    log = user_dir.parent / "user.log"
+    log.touch()
+    os.chown(log, NOBODY, NOBODY)
+    r = zstfs("mount", user_dir, "--log", log, user=NOBODY, env=env)
     assert r.returncode == 0, r.stderr
     info = status(user_dir)
     # root may not see the mount's contents (no allow_root), but the kernel lists it.

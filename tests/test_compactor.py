@@ -580,6 +580,9 @@ def test_enospc_during_a_swap_keeps_the_plain_file(small_fs: Path,
         assert sha(zstd_decode(b.read("big.jsonl.zst"))) == digest
         assert sha((small_fs / "big.jsonl").read_bytes()) == digest
         assert b.temps() == []
+        s = m.status()
+        assert s["swaps_failed"] == 1, "reads of a failed file cut its backoff short"
+        assert s["swaps_done"] == 1, s
         m.stop()
 
 

@@ -72,9 +72,14 @@ def fuse_options(opts: MountOptions) -> set[str]:
 def mount(opts: MountOptions) -> int:
     """Run `zstfs mount`. Returns the exit status; raises MountError for a clean refusal."""
     log_file = opts.log_file
-    if log_file is None and not opts.foreground:
-        log_file = default_log_file(opts.source)
-    setup_logging(debug=opts.debug, log_file=log_file, to_stderr=opts.foreground)
+    try:
+        if log_file is None and not opts.foreground:
+            log_file = default_log_file(opts.source)
+        setup_logging(debug=opts.debug, log_file=log_file, to_stderr=opts.foreground)
+    except OSError as e:
+        # An unwritable --log (or $HOME) is a refusal like any other, not a traceback.
+        raise MountError(f"{e.filename or log_file}: cannot open the log file: "
+                         f"{e.strerror or e}") from None
     if not os.path.exists("/dev/fuse"):
         raise MountError("/dev/fuse: no such device (is the fuse kernel module loaded?)")
     for path in {opts.source, opts.mountpoint}:
