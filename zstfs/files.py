@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections import OrderedDict
 from collections.abc import Iterator
 
 import trio
@@ -19,6 +20,12 @@ import trio
 from zstfs.store import join
 
 ROOT_INODE = 1
+#: Numbers for files whose natural number is taken by another live file start here (far above
+#: any inode number a real filesystem hands out).
+FALLBACK_INODE_BASE = 1 << 62
+#: How many representation changes (swap, promotion) are remembered after the kernel forgot the
+#: file, so that its inode number stays the same when it is looked up again.
+ALIAS_LIMIT = 200_000
 
 Key = tuple[int, int]  # (st_dev, st_ino) of the backing file
 
@@ -81,7 +88,30 @@ class FileTable:
         self.nodes: dict[int, Node] = {ROOT_INODE: root}
         self.by_key: dict[Key, Node] = {key_of(root_st): root}
         self.by_link: dict[tuple[int, bytes], Node] = {}
-        self._next_ino = ROOT_INODE + 1
+        self._next_fallback = FALLBACK_INODE_BASE
+        self._aliases: OrderedDict[Key, int] = OrderedDict()
+
+    def _number_for(self, st: os.stat_result) -> int:
+        """The inode number a backing file shows under.
+
+        Normally the backing file's own st_ino, so numbers survive the kernel forgetting a file
+        (and even a remount) at no memory cost. A file whose backing inode changed with its
+        representation keeps its first number through a bounded alias table. A number already
+        used by another live file (a reused backing inode, another device) gets a fallback.
+        """
+        key = key_of(st)
+        number = self._aliases.get(key, st.st_ino)
+        holder = self.nodes.get(number)
+        if holder is not None and holder.key != key:
+            number = self._next_fallback
+            self._next_fallback += 1
+        return number
+
+    def _new_node(self, st: os.stat_result, compressed: bool) -> Node:
+        node = Node(self._number_for(st), st, compressed)
+        self.nodes[node.ino] = node
+        self.by_key[key_of(st)] = node
+        return node
 
     def __iter__(self) -> Iterator[Node]:
         return iter(self.nodes.values())
@@ -117,10 +147,7 @@ class FileTable:
         """The node for (parent, name) backed by `st`, created if new; the link is recorded."""
         node = self.find(parent, name, st)
         if node is None:
-            node = Node(self._next_ino, st, compressed)
-            self._next_ino += 1
-            self.nodes[node.ino] = node
-            self.by_key[key_of(st)] = node
+            node = self._new_node(st, compressed)
         elif not node.busy and node.key != key_of(st):
             self.rekey(node, st, compressed)
         if (parent, name) not in self.by_link:
@@ -132,10 +159,7 @@ class FileTable:
         """The node for a backing file found by the compactor, held until `unclaim`."""
         node = self.by_key.get(key_of(st))
         if node is None:
-            node = Node(self._next_ino, st, False)
-            self._next_ino += 1
-            self.nodes[node.ino] = node
-            self.by_key[key_of(st)] = node
+            node = self._new_node(st, False)
         node.claims += 1
         return node
 
@@ -151,6 +175,11 @@ class FileTable:
         node.compressed = compressed
         node.generation += 1
         self.by_key[node.key] = node
+        if node.ino != st.st_ino:
+            self._aliases[node.key] = node.ino
+            self._aliases.move_to_end(node.key)
+            if len(self._aliases) > ALIAS_LIMIT:
+                self._aliases.popitem(last=False)
 
     def unlink(self, parent: int, name: bytes) -> Node | None:
         node = self.by_link.pop((parent, name), None)

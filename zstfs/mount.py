@@ -122,6 +122,7 @@ def mount(opts: MountOptions) -> int:
             "level": opts.level,
             "jobs": opts.jobs,
             "open_files": sum(1 for n in ops.table if n.opens > 0),
+            "known_inodes": len(ops.table.nodes),
             "recovery": {"temps_removed": recovery.temps_removed,
                          "leftovers_removed": recovery.leftovers_removed,
                          "leftovers_kept": recovery.leftovers_kept},
