@@ -486,8 +486,10 @@ def test_kill_during_compaction_loses_nothing(store: Path, mount_factory: MountF
               f"{sum(TEMP_PREFIX in n for n in names)} temps, "
               f"{sum(n + '.zst' in names for n in names)} both forms")
 
+    # The clean mount: recovery, then compaction resumes (at least one swap completes).
     m = mount_factory(store, "--compress-after", "0", "--jobs", "2", "--level", "15")
     rec = m.status()["recovery"]
+    wait_until(lambda: m.status()["swaps_done"] >= 1, 60, "a swap after the crashes")
     m.stop()
     with backing(store) as b:
         assert b.temps() == []

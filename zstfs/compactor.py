@@ -146,6 +146,7 @@ class Compactor:
         return (
             stat.S_ISREG(st.st_mode)
             and st.st_nlink == 1
+            and len(name) + len(b".zst") <= 255  # NAME.zst must still be a valid name
             and self.store.rules.compressible(name)
         )
 

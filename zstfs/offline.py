@@ -15,7 +15,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
-import shutil
 import stat
 import sys
 import threading
@@ -113,7 +112,7 @@ class Progress:
         fraction = self.bytes / self.total_bytes if self.total_bytes else (
             self.files / self.total_files if self.total_files else 1.0)
         fraction = min(max(fraction, 0.0), 1.0)
-        width = 24
+        width = 16
         filled = int(fraction * width)
         rate = self.bytes / elapsed
         left = self.total_bytes - self.bytes
@@ -122,8 +121,8 @@ class Progress:
             eta = human_eta(0)
         return (
             f"{self.label} {fraction * 100:3.0f}% [{'#' * filled}{'.' * (width - filled)}] "
-            f"{human_bytes(self.bytes)}/{human_bytes(self.total_bytes)}  "
-            f"{self.files}/{self.total_files} files  {human_bytes(rate)}/s  ETA {eta}"
+            f"{human_bytes(self.bytes)}/{human_bytes(self.total_bytes)} "
+            f"{self.files}/{self.total_files} files {human_bytes(rate)}/s ETA {eta}"
         )
 
     def _maybe_draw(self) -> None:
@@ -131,9 +130,13 @@ class Progress:
             self._draw()
 
     def _draw(self) -> None:
-        # A line longer than the terminal wraps, and `\r` would then redraw only its tail.
-        width = shutil.get_terminal_size((100, 24)).columns - 1
-        self.stream.write("\r" + self.render()[:width] + "\x1b[K")
+        line = self.render()
+        try:
+            # A line longer than the terminal wraps, and `\r` would then redraw only its tail.
+            line = line[: os.get_terminal_size(self.stream.fileno()).columns - 1]
+        except (OSError, ValueError, AttributeError):
+            pass  # not a terminal (--progress into a pipe or a file): nothing wraps
+        self.stream.write("\r" + line + "\x1b[K")
         self.stream.flush()
         self._drawn = self.clock()
 
@@ -307,7 +310,8 @@ def _compress_one(
     except Changed as e:
         # Only something bypassing the lock (writing to the backing directory) gets here.
         _fail(bar, tally, source, path, f"changed while being compressed, left plain ({e})")
-    except (OSError, codec.CorruptError) as e:
+    except (OSError, ValueError, codec.CorruptError) as e:
+        # (ValueError: the codec's limits, e.g. a frame that does not fit the seek table.)
         if isinstance(e, FileExistsError):
             why = f"{os.fsdecode(zst_name(split(path)[1]))} already exists; left plain"
         else:
