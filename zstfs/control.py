@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from zstfs.names import STATUS_XATTR, NameRules
+from zstfs.stats import human_bytes
 
 
 def read_status(mountpoint: str) -> dict[str, Any] | None:
@@ -114,14 +115,6 @@ def offline_status(source: str, pattern: str = "*.jsonl") -> dict[str, Any]:
     finally:
         store.close()
     return {"schema": 1, "mounted": False, "source": source, **census}
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 def human_duration(s: float) -> str:

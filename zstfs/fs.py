@@ -343,14 +343,18 @@ class Operations(pyfuse3.Operations):
         if fd is not None:
             by_fd(fd)
             return
+        by_path(self._backing_path(node))
+
+    def _backing_path(self, node: Node) -> bytes:
+        """The path of whichever representation of the node exists now (plain or `.zst`)."""
         path = self._path(node)
-        if node.ino != ROOT_INODE:
-            parent, name = split(path)
-            entry = self.store.resolve(parent, name)
-            if entry is None:
-                raise FUSEError(errno.ENOENT)
-            path = join(parent, entry.name)
-        by_path(path)
+        if node.ino == ROOT_INODE:
+            return path
+        parent, name = split(path)
+        entry = self.store.resolve(parent, name)
+        if entry is None:
+            raise FUSEError(errno.ENOENT)
+        return join(parent, entry.name)
 
     @translate_errors
     async def readlink(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> bytes:
@@ -813,14 +817,7 @@ class Operations(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ xattrs
     def _xattr_path(self, node: Node) -> bytes:
-        path = self._path(node)
-        if node.ino != ROOT_INODE:
-            parent, name = split(path)
-            entry = self.store.resolve(parent, name)
-            if entry is None:
-                raise FUSEError(errno.ENOENT)
-            path = join(parent, entry.name)
-        return self.store.xattr_path(path)
+        return self.store.xattr_path(self._backing_path(node))
 
     @translate_errors
     async def getxattr(self, inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:

@@ -26,6 +26,7 @@ from typing import TextIO
 from zstfs import codec
 from zstfs.compactor import MIN_SAVING
 from zstfs.names import NameRules, is_reserved, zst_name
+from zstfs.stats import human_bytes
 from zstfs.store import Changed, Store, StoreError, StoreLocked, join, split
 
 #: Redraw the bar at most this often: a terminal repaints slower than files complete.
@@ -33,14 +34,6 @@ REDRAW_INTERVAL = 0.1
 
 
 # ---------------------------------------------------------------------- formatting
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
-
-
 def human_eta(seconds: float) -> str:
     seconds = int(seconds + 0.5)
     hours, rest = divmod(seconds, 3600)

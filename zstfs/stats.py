@@ -16,6 +16,15 @@ SCHEMA = 1
 log = logging.getLogger(__name__)
 
 
+def human_bytes(n: float) -> str:
+    """1536 → "1.5 KiB": for status and progress output."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
 @dataclass
 class Stats:
     swaps_done: int = 0
