@@ -76,7 +76,7 @@ class Config:
 
 
 FULL = Config(small=2000, big=["30M", "150M", "200M"], promo="100M", append_mb=64,
-              tree_files=10_000, reps=3)
+              tree_files=10_000, reps=5)
 QUICK = Config(small=300, big=["30M", "150M", "200M"], promo="100M", append_mb=16,
                tree_files=10_000, reps=2)
 
