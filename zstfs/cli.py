@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="what a mount or store holds and what the daemon does")
     s.add_argument("path", metavar="PATH", help="a zstfs mountpoint or an unmounted store")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--pattern", default=DEFAULT_PATTERN,
+                   help="for an unmounted store: which names count as compressible "
+                        f"(default {DEFAULT_PATTERN}; a mount reports its own)")
 
     c = sub.add_parser("compress", help="compress eligible files of an unmounted store now")
     c.add_argument("source", metavar="SOURCE")
@@ -183,7 +186,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "status":
         from zstfs import control
 
-        return control.status(args.path, as_json=args.json)
+        return control.status(args.path, as_json=args.json, pattern=args.pattern)
     from zstfs import offline
 
     progress = sys.stderr.isatty() if args.progress is None else args.progress

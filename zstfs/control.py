@@ -91,14 +91,14 @@ def _users_of(mountpoint: str) -> str:
 
 
 # ---------------------------------------------------------------------- status
-def status(path: str, *, as_json: bool) -> int:
+def status(path: str, *, as_json: bool, pattern: str = "*.jsonl") -> int:
     path = os.path.abspath(os.path.expanduser(path))
     info = read_status(path)
     if info is None:
         if not os.path.isdir(path):
             print(f"zstfs: {path}: no such directory", file=sys.stderr)
             return 1
-        info = offline_status(path)
+        info = offline_status(path, pattern)
     if as_json:
         print(json.dumps(info, indent=2, sort_keys=True))
     else:
