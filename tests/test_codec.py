@@ -127,6 +127,30 @@ def test_roundtrip_sizes(files: Files, n: int) -> None:
     assert ZstReader(files.open(zst)).seekable
 
 
+def seek_table_sizes(zst: Path) -> list[int]:
+    """The decompressed sizes listed in a seekable file's seek table."""
+    raw = zst.read_bytes()
+    count, descriptor = struct.unpack_from("<IB", raw, len(raw) - 9)
+    entry = 12 if descriptor & 0x80 else 8
+    start = len(raw) - 9 - count * entry
+    return [struct.unpack_from("<II", raw, start + i * entry)[1] for i in range(count)]
+
+
+@pytest.mark.parametrize(("n", "expected"), [
+    (4096, [4096]),  # one frame: no split, small files keep a single frame's ratio
+    (2 * 4096, [4096, 3584, 512]),  # ends on a frame boundary: the last frame is still small
+    (2 * 4096 + 100, [4096, 4096, 100]),
+    (2 * 4096 + 2000, [4096, 4096, 1488, 512]),
+])
+def test_multi_frame_files_end_with_a_small_frame(files: Files, n: int,
+                                                  expected: list[int]) -> None:
+    """Reading the end of a file (tail, less +G, codex's reverse scan) decodes a small frame."""
+    data = text_data(n, seed=n)
+    zst = files.compress(data)
+    assert seek_table_sizes(zst) == expected
+    check_roundtrip(files, zst, data)
+
+
 @HYPO
 @given(data=st.binary(max_size=30_000), frame_size=st.integers(1, 5000))
 def test_roundtrip_hypothesis(files: Files, data: bytes, frame_size: int) -> None:

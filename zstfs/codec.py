@@ -215,8 +215,9 @@ def compress_file(
     # os.pread allocates its full request up front; asking for 16 MiB to read a 50 KB file costs
     # more than compressing it, so ask for what fstat says is left (at least 1 byte to see EOF).
     expected = os.fstat(src_fd).st_size
+    plan = _frame_plan(expected, params.frame_size)
     while True:
-        want = min(params.frame_size, max(expected - consumed, 1))
+        want = plan.pop(0) if plan else min(params.frame_size, max(expected - consumed, 1))
         data = _pread_full(src_fd, want, consumed)
         if not data:
             break
@@ -234,6 +235,31 @@ def compress_file(
     table = _seek_table(entries)
     _write_all(dst_fd, table)
     return consumed, stored + len(table)
+
+
+#: A multi-frame file ends with a frame of at most this much input: `tail`, `less +G` and codex's
+#: reverse scan read the end of a rollout, and this makes that cost one small decode instead of
+#: up to a whole frame, for well under 1 % of the stored size.
+TAIL_FRAME = 2**20
+
+
+def _frame_plan(size: int, frame_size: int) -> list[int]:
+    """Uncompressed sizes of the frames for a file of `size` bytes: full frames, then the rest
+    with its last `TAIL_FRAME` bytes split off (only for files that need several frames anyway,
+    so small files keep the ratio of a single frame)."""
+    tail = min(TAIL_FRAME, frame_size // 8)
+    if size <= frame_size or tail == 0:
+        return []
+    full, rest = divmod(size, frame_size)
+    plan = [frame_size] * full
+    if rest == 0:
+        plan[-1] -= tail
+        plan.append(tail)
+    elif rest > tail:
+        plan += [rest - tail, tail]
+    else:
+        plan.append(rest)
+    return plan
 
 
 # --------------------------------------------------------------------------------------------
@@ -559,9 +585,10 @@ Identity = tuple[int, int, int, int]
 
 INDEX_CACHE_ENTRIES = 4096
 VERIFIED_ENTRIES = 4096
-# Four default (32 MiB) frames: the quarter rule below keeps zstfs's own frames cacheable, so
-# readers of one file share decoded frames and a sequential read decodes each frame once.
-DEFAULT_CACHE_LIMIT = 128 * 2**20
+# Two default (32 MiB) frames: the half rule below keeps zstfs's own frames cacheable, so readers
+# of one file share decoded frames and a sequential read decodes each frame once, while the
+# daemon stays within its memory budget (decodes in flight come on top of this).
+DEFAULT_CACHE_LIMIT = 64 * 2**20
 
 _lock = threading.Lock()
 _index_cache: OrderedDict[Identity, _Index] = OrderedDict()
@@ -602,8 +629,8 @@ def _evict_locked() -> None:
 
 
 def _cacheable(frame: _Frame) -> bool:
-    """Frames above a quarter of the cache are streamed, so one file cannot flush everyone else."""
-    return frame.log_size <= _cache_limit // 4
+    """Frames above half the cache are streamed, so one file cannot flush everyone else."""
+    return frame.log_size <= _cache_limit // 2
 
 
 def _cache_get(key: tuple[Identity, int]) -> bytes | None:
@@ -617,7 +644,7 @@ def _cache_get(key: tuple[Identity, int]) -> bytes | None:
 def _cache_put(key: tuple[Identity, int], data: bytes) -> None:
     global _frame_cache_bytes
     with _lock:
-        if key in _frame_cache or len(data) > _cache_limit // 4:
+        if key in _frame_cache or len(data) > _cache_limit // 2:
             return
         _frame_cache[key] = data
         _frame_cache_bytes += len(data)

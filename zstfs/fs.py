@@ -111,7 +111,7 @@ class Operations(pyfuse3.Operations):
         *,
         status: Callable[[], Awaitable[dict[str, Any]]] | None = None,
         on_idle: Callable[[bytes], None] | None = None,
-        read_threads: int = 4,
+        read_threads: int = 2,
     ) -> None:
         super().__init__()
         self.store = store
@@ -374,6 +374,13 @@ class Operations(pyfuse3.Operations):
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         d = self.dirs[fh]
         parent = self._path(d.node)
+        unknown = [join(parent, e.name) for _, e in d.entries[start_id:]
+                   if e.compressed and self.store.known_size(e.st) is None]
+        if unknown:
+            # One thread hop for the whole directory rather than one per compressed file: a
+            # cold `find` or `grep -r` reads every seek table once.
+            await trio.to_thread.run_sync(self.store.learn_sizes, unknown,
+                                          limiter=self.read_limiter)
         for i in range(start_id, len(d.entries)):
             name, entry = d.entries[i]
             size = entry.st.st_size

@@ -222,6 +222,15 @@ class Store:
         self.remember_size(st, size)
         return size
 
+    def learn_sizes(self, paths: list[bytes]) -> None:
+        """Read the logical sizes of several `.zst` files into the cache (damaged ones are left
+        for the caller, which reports them when it asks for that file)."""
+        for path in paths:
+            try:
+                self.logical_size(path, self.lstat(path))
+            except (OSError, codec.CorruptError):
+                continue
+
     def remember_size(self, st: os.stat_result, size: int) -> None:
         with self._sizes_lock:
             if len(self._sizes) > 200_000:
