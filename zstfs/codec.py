@@ -669,6 +669,7 @@ def _decode_shared(fd: int, key: tuple[Identity, int], frame: _Frame) -> bytes:
         if data is not None:
             return data
     try:
+        _make_room(frame.log_size)
         data = _decode_whole(fd, frame)
         _cache_put(key, data)
         return data
@@ -676,6 +677,16 @@ def _decode_shared(fd: int, key: tuple[Identity, int], frame: _Frame) -> bytes:
         with _lock:
             del _inflight[key]
         done.set()
+
+
+def _make_room(nbytes: int) -> None:
+    """Evict before decoding, not after: the daemon's peak memory is the cache bound plus the
+    decodes in flight, not the bound plus one more frame."""
+    global _frame_cache_bytes
+    with _lock:
+        while _frame_cache and _frame_cache_bytes + nbytes > _cache_limit:
+            _key, old = _frame_cache.popitem(last=False)
+            _frame_cache_bytes -= len(old)
 
 
 def _mark_verified(identity: Identity, comp_start: int) -> None:
