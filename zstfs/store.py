@@ -46,26 +46,6 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _renameat2 = _libc.renameat2
 _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 _renameat2.restype = ctypes.c_int
-_sync_file_range = getattr(_libc, "sync_file_range", None)
-if _sync_file_range is not None:
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    _sync_file_range.restype = ctypes.c_int
-SYNC_FILE_RANGE_WRITE: Final = 2
-WRITEBACK_STEP = 8 << 20
-
-
-def start_writeback(fd: int) -> Callable[[int], None]:
-    """A progress callback that starts writeback of what has been written so far every 8 MiB,
-    so the final fsync of a big decoded file waits for little instead of for everything."""
-    started = 0
-
-    def progress(done: int) -> None:
-        nonlocal started
-        if _sync_file_range is not None and done - started >= WRITEBACK_STEP:
-            _sync_file_range(fd, started, done - started, SYNC_FILE_RANGE_WRITE)
-            started = done
-
-    return progress
 
 
 class StoreError(Exception):
@@ -293,7 +273,7 @@ class Store:
             st = os.fstat(src)
             with self._temp_beside(parent, name) as (tmp_path, tmp):
                 if not empty:
-                    codec.decompress_file(src, tmp, progress=start_writeback(tmp))
+                    codec.decompress_file(src, tmp)
                 copy_metadata(src, tmp, st)
                 os.fsync(tmp)
                 self.rename(tmp_path, join(parent, name), RENAME_NOREPLACE)
