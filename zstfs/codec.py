@@ -30,6 +30,7 @@ threads.  Only ``os.pread`` is used on file descriptors, never the shared file o
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import struct
 import threading
@@ -838,10 +839,21 @@ class ZstReader:
         if data is None:
             if not decode:
                 return None
+            self._read_ahead(frame_no + 1)
             data = _decode_shared(self._fd, key, frame)
         if lo == 0 and hi == len(data):
             return data
         return data[lo:hi]
+
+    def _read_ahead(self, frame_no: int) -> None:
+        """Ask the kernel to fetch the next frame's compressed bytes while this one decodes:
+        a sequential reader then rarely waits for the disk."""
+        frames = self._index().frames
+        if frame_no < len(frames):
+            nxt = frames[frame_no]
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self._fd, nxt.comp_start, nxt.comp_end - nxt.comp_start,
+                                 os.POSIX_FADV_WILLNEED)
 
     def _stream_slice(self, frame_no: int, frame: _Frame, lo: int, hi: int) -> bytes:
         """Serve a big frame by streaming; restart from the frame start only when seeking back.

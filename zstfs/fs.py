@@ -664,8 +664,7 @@ class Operations(pyfuse3.Operations):
         if entry is None:
             raise FUSEError(errno.ENOENT)
         if entry.compressed:
-            fd = os.open(join(parent, entry.name), os.O_RDONLY | os.O_CLOEXEC,
-                         dir_fd=self.store.root_fd)
+            fd = self.store.open_compressed(join(parent, entry.name), entry.st)
             reader = codec.ZstReader(fd)
             size = self.store.known_size(entry.st)
             return Handle(node, fd, flags, reader, size is not None and size <= INLINE_DECODE_LIMIT)

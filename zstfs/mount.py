@@ -59,6 +59,29 @@ def _mount_owner(path: str) -> str:
     return f" (pid {pid})"
 
 
+def tune_readahead(real_mountpoint: str, kib: int = 1024) -> None:
+    """Let the kernel read ahead 1 MiB at a time on this mount instead of 128 KiB: a quarter
+    of the read requests for sequential readers (`cat`, `grep`). pyfuse3 cannot set max_read;
+    the mount's backing-device setting can be changed by root only, so this is best effort.
+
+    `real_mountpoint` must be resolved before mounting: once the mount exists, any path lookup
+    through it from this process waits for a request only this process can answer."""
+    real = real_mountpoint
+    device = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                sep = parts.index("-")
+                if parts[4] == real and parts[sep + 1] == "fuse.zstfs":
+                    device = parts[2]  # the last one listed is the topmost mount
+        if device is not None:
+            with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
+                f.write(f"{kib}\n")
+    except OSError as e:
+        log.debug("read-ahead left at the default: %s", e)
+
+
 def fuse_options(opts: MountOptions) -> set[str]:
     options = {"default_permissions", f"fsname={opts.fsname or os.path.abspath(opts.source)}",
                "subtype=zstfs"}
@@ -132,6 +155,7 @@ def mount(opts: MountOptions) -> int:
         return snap
 
     ops._status = status
+    real_mountpoint = os.path.realpath(opts.mountpoint)
     try:
         pyfuse3.init(ops, opts.mountpoint, fuse_options(opts))
     except RuntimeError as e:
@@ -144,7 +168,7 @@ def mount(opts: MountOptions) -> int:
     log.info("mounted %s on %s (pid %d)", opts.source, opts.mountpoint, os.getpid())
     clean = False
     try:
-        trio.run(_serve, ops, compactor, notify)
+        trio.run(_serve, ops, compactor, notify, real_mountpoint)
         clean = True
     except BaseException as e:
         log.exception("the daemon failed: %s", e)
@@ -159,9 +183,11 @@ def mount(opts: MountOptions) -> int:
     return 0
 
 
-async def _serve(ops: Operations, compactor: Compactor, notify: daemon.Notify) -> None:
+async def _serve(ops: Operations, compactor: Compactor, notify: daemon.Notify,
+                 real_mountpoint: str) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_signals, nursery.cancel_scope)
+        nursery.start_soon(_tune_after_init, real_mountpoint)
         await nursery.start(compactor.run)
         notify(None)
         daemon.sd_notify("READY=1")
@@ -169,6 +195,13 @@ async def _serve(ops: Operations, compactor: Compactor, notify: daemon.Notify) -
         daemon.sd_notify("STOPPING=1")
         await compactor.stop()
         nursery.cancel_scope.cancel()
+
+
+async def _tune_after_init(real_mountpoint: str) -> None:
+    """The kernel resets the mount's read-ahead when it processes the daemon's INIT reply, the
+    first request `pyfuse3.main()` answers; tune it once that has surely happened."""
+    await trio.sleep(1.0)
+    await trio.to_thread.run_sync(tune_readahead, real_mountpoint)
 
 
 async def _signals(scope: trio.CancelScope) -> None:
