@@ -121,7 +121,7 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self.dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
-        self._status = status
+        self.status_provider = status  # set by the mount once it can describe itself
         self.on_idle = on_idle
         self.read_limiter = trio.CapacityLimiter(read_threads)
         self._statfs: tuple[float, pyfuse3.StatvfsData] | None = None
@@ -836,7 +836,7 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def getxattr(self, inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if inode == ROOT_INODE and name == STATUS_XATTR and self._status is not None:
+        if inode == ROOT_INODE and name == STATUS_XATTR and self.status_provider is not None:
             return await self._status_json()
         try:
             return os.getxattr(self._xattr_path(self._node(inode)), name, follow_symlinks=False)
@@ -850,8 +850,8 @@ class Operations(pyfuse3.Operations):
         the size, then the value) and the two answers must be the same bytes."""
         now = time.monotonic()
         if self._status_cache is None or now - self._status_cache[0] > 1.0:
-            assert self._status is not None
-            doc = json.dumps(await self._status(), sort_keys=True).encode()
+            assert self.status_provider is not None
+            doc = json.dumps(await self.status_provider(), sort_keys=True).encode()
             self._status_cache = (time.monotonic(), doc)
         return self._status_cache[1]
 

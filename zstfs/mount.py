@@ -7,7 +7,6 @@ unmounted one would silently show the raw backing files to a running codex).
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -154,7 +153,7 @@ def mount(opts: MountOptions) -> int:
         snap.update(await compactor.status())
         return snap
 
-    ops._status = status
+    ops.status_provider = status
     real_mountpoint = os.path.realpath(opts.mountpoint)
     try:
         pyfuse3.init(ops, opts.mountpoint, fuse_options(opts))
@@ -209,7 +208,3 @@ async def _signals(scope: trio.CancelScope) -> None:
         async for sig in signals:
             log.info("signal %d: unmounting", sig)
             pyfuse3.terminate()
-
-
-def errno_name(err: int) -> str:
-    return errno.errorcode.get(err, str(err))
