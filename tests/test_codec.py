@@ -511,3 +511,21 @@ def test_verify_equal_differences(files: Files) -> None:
         codec.verify_equal(zfd, files.open(files.write(data[:-1])))
     with pytest.raises(CorruptError):
         codec.verify_equal(files.open(files.compress(b"")), files.open(files.write(b"x")))
+
+
+def test_parallel_decode_equals_sequential_and_catches_damage(files: Files) -> None:
+    """decompress_file(threads=2) (used by promotion) writes the same bytes, and a damaged
+    frame still raises CorruptError."""
+    data = text_data(20 * 4096 + 777, seed=5)
+    zst = files.compress(data)
+    out = files.path(".out")
+    n = codec.decompress_file(files.open(zst), files.open(out, os.O_WRONLY | os.O_CREAT),
+                              threads=2)
+    assert n == len(data)
+    assert out.read_bytes() == data
+    raw = bytearray(zst.read_bytes())
+    raw[len(raw) // 3] ^= 0xFF  # inside some frame's compressed bytes
+    bad = files.write(bytes(raw), ".zst")
+    with pytest.raises(CorruptError):
+        codec.decompress_file(files.open(bad), files.open(files.path(".o"),
+                              os.O_WRONLY | os.O_CREAT), threads=2)

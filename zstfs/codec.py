@@ -30,6 +30,8 @@ threads.  Only ``os.pread`` is used on file descriptors, never the shared file o
 from __future__ import annotations
 
 import bisect
+import collections
+import concurrent.futures
 import contextlib
 import os
 import struct
@@ -937,13 +939,56 @@ def _decode_all(fd: int, sink: Callable[[bytes], None], progress: ProgressFn | N
     return total
 
 
-def decompress_file(src_fd: int, dst_fd: int, *, progress: ProgressFn | None = None) -> int:
+def decompress_file(
+    src_fd: int, dst_fd: int, *, progress: ProgressFn | None = None, threads: int = 1
+) -> int:
     """Stream-decode any valid ``.zst`` into ``dst_fd`` with bounded memory; returns bytes written.
 
     Checks everything :func:`verify_file` checks.  On CorruptError part of the output may already
-    be written; the caller writes to a temp file and discards it.
+    be written; the caller writes to a temp file and discards it.  With ``threads`` > 1, a file
+    with a seek table (frames of known size, independent by construction) has that many frames
+    decoded at once, each written at its own offset: promotion of a big file is then bound by
+    the disk, not one core.  Memory: ``threads`` frames.
     """
+    if threads > 1:
+        index = _get_index(src_fd, _identity(src_fd))
+        if index.seekable and len(index.frames) > 1:
+            return _decode_parallel(src_fd, dst_fd, index, threads, progress)
     return _decode_all(src_fd, lambda chunk: _write_all(dst_fd, chunk), progress)
+
+
+def _decode_parallel(
+    src_fd: int, dst_fd: int, index: _Index, threads: int, progress: ProgressFn | None
+) -> int:
+    """Decode the frames of a seekable file `threads` at a time, in order, verified each."""
+    written = 0
+    frames = list(index.frames)
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        pending: collections.deque[tuple[_Frame, concurrent.futures.Future[bytes]]] = (
+            collections.deque()
+        )
+        for frame in frames:
+            pending.append((frame, pool.submit(_decode_whole, src_fd, frame)))
+            if len(pending) < threads:
+                continue
+            written += _write_frame(dst_fd, *pending.popleft())
+            if progress is not None:
+                progress(written)
+        while pending:
+            written += _write_frame(dst_fd, *pending.popleft())
+            if progress is not None:
+                progress(written)
+    if written != index.size:
+        raise CorruptError(f"decoded {written} bytes, the seek table says {index.size}")
+    return written
+
+
+def _write_frame(dst_fd: int, frame: _Frame, future: concurrent.futures.Future[bytes]) -> int:
+    data = memoryview(future.result())
+    pos = 0
+    while pos < len(data):
+        pos += os.pwrite(dst_fd, data[pos : pos + WRITE_CHUNK], frame.log_start + pos)
+    return len(data)
 
 
 def verify_file(src_fd: int) -> int:

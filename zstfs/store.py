@@ -48,6 +48,8 @@ _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_cha
 _renameat2.restype = ctypes.c_int
 
 
+#: Frames decoded at once when a big file is promoted (the writer waits for it).
+PROMOTE_THREADS = 2
 #: Compressed files up to this size are read ahead whole when opened.
 READAHEAD_LIMIT = 4 << 20
 
@@ -286,7 +288,7 @@ class Store:
             st = os.fstat(src)
             with self._temp_beside(parent, name) as (tmp_path, tmp):
                 if not empty:
-                    codec.decompress_file(src, tmp)
+                    codec.decompress_file(src, tmp, threads=PROMOTE_THREADS)
                 copy_metadata(src, tmp, st)
                 os.fsync(tmp)
                 self.rename(tmp_path, join(parent, name), RENAME_NOREPLACE)
