@@ -486,10 +486,11 @@ def test_kill_during_compaction_loses_nothing(store: Path, mount_factory: MountF
               f"{sum(TEMP_PREFIX in n for n in names)} temps, "
               f"{sum(n + '.zst' in names for n in names)} both forms")
 
-    # The clean mount: recovery, then compaction resumes (at least one swap completes).
+    # The clean mount: recovery, then compaction resumes and finishes the store (when the
+    # crashed rounds already compressed everything, there is simply nothing left to swap).
     m = mount_factory(store, "--compress-after", "0", "--jobs", "2", "--level", "15")
     rec = m.status()["recovery"]
-    wait_until(lambda: m.status()["swaps_done"] >= 1, 60, "a swap after the crashes")
+    wait_until(lambda: m.status()["plain_files"] == 0, 120, "the compactor to finish the store")
     m.stop()
     with backing(store) as b:
         assert b.temps() == []
