@@ -19,7 +19,6 @@ import errno
 import heapq
 import logging
 import os
-import stat
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -138,17 +137,9 @@ class Compactor:
         found = []
         for d, entries in self.store.walk():
             for name, st in entries:
-                if self._candidate(name, st):
+                if self.store.eligible(name, st):
                     found.append((d + b"/" + name if d != b"." else name, st.st_mtime))
         return found
-
-    def _candidate(self, name: bytes, st: os.stat_result) -> bool:
-        return (
-            stat.S_ISREG(st.st_mode)
-            and st.st_nlink == 1
-            and len(name) + len(b".zst") <= 255  # NAME.zst must still be a valid name
-            and self.store.rules.compressible(name)
-        )
 
     # ------------------------------------------------------------------ one file
     async def _job(self, path: bytes) -> None:
@@ -170,7 +161,7 @@ class Compactor:
             st = self.store.lstat(path)
         except FileNotFoundError:
             return
-        if not self._candidate(split(path)[1], st):
+        if not self.store.eligible(split(path)[1], st):
             return
         due = st.st_mtime + self.compress_after
         if due > self.clock():

@@ -25,7 +25,7 @@ from typing import TextIO
 
 from zstfs import codec
 from zstfs.compactor import MIN_SAVING
-from zstfs.names import NameRules, is_reserved, zst_name
+from zstfs.names import NameRules, zst_name
 from zstfs.stats import human_bytes
 from zstfs.store import Changed, Store, StoreError, StoreLocked, join, split
 
@@ -268,14 +268,7 @@ def _compress_candidates(store: Store, cutoff: float) -> list[tuple[bytes, int]]
     found = []
     for d, entries in store.walk():
         for name, st in entries:
-            if (
-                stat.S_ISREG(st.st_mode)
-                and st.st_nlink == 1
-                and store.rules.compressible(name)
-                and not store.rules.is_representation(name)
-                and not is_reserved(name)
-                and st.st_mtime <= cutoff
-            ):
+            if store.eligible(name, st) and st.st_mtime <= cutoff:
                 found.append((join(d, name), st.st_size))
     return found
 

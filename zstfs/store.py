@@ -237,6 +237,18 @@ class Store:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         return fd
 
+    def eligible(self, name: bytes, st: os.stat_result) -> bool:
+        """May this backing entry be compressed (by the compactor or `zstfs compress`)? A plain
+        regular file with one link (a swap would split a hard link), whose name matches the
+        pattern and can still carry the `.zst` suffix. Age and open handles are the caller's."""
+        return (
+            stat.S_ISREG(st.st_mode)
+            and st.st_nlink == 1
+            and len(name) + len(b".zst") <= 255
+            and self.rules.compressible(name)
+            and not self.rules.is_representation(name)
+        )
+
     def learn_sizes(self, paths: list[bytes]) -> None:
         """Read the logical sizes of several `.zst` files into the cache (damaged ones are left
         for the caller, which reports them when it asks for that file)."""
