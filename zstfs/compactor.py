@@ -27,7 +27,7 @@ import trio
 
 from zstfs import codec
 from zstfs.files import key_of
-from zstfs.stats import Stats
+from zstfs.stats import Census, Stats
 from zstfs.store import Changed, Prepared, Store, split
 
 if TYPE_CHECKING:
@@ -66,6 +66,7 @@ class Compactor:
         self._stopping = False
         self._idle = trio.Event()
         self._scanned = False
+        self._census = CensusCache()
         self.ops: Operations | None = None
 
     def attach(self, ops: Operations) -> None:
@@ -242,11 +243,15 @@ class Compactor:
 
     # ------------------------------------------------------------------ status
     async def status(self) -> dict[str, Any]:
-        census = await trio.to_thread.run_sync(self.store.census)
+        """The compactor's part of `zstfs status`: live counters, and the census of the store
+        (a walk, cached: see `CensusCache`)."""
+        census = await self._census.get(self.store.census, (self.stats.swaps_done,
+                                                            self.stats.promotions))
         now = self.clock()
         next_due = min(self._due.values(), default=None)
         return {
             **census.as_dict(),
+            "census_age": round(self._census.age(), 3),
             "compress_after": self.compress_after,
             "scan_done": self._scanned,
             "waiting_files": len(self._due),
@@ -254,3 +259,38 @@ class Compactor:
             "next_eligible_in": None if next_due is None else max(0.0, next_due - now),
             "in_flight": len(self._in_flight),
         }
+
+
+class CensusCache:
+    """The census of the store (a walk of the whole backing tree) for `zstfs status`, which
+    polls: one walk at a time, shared by concurrent callers; retaken when it is older than
+    `max_age`, or older than `min_age` and the daemon's own swaps or promotions changed the store
+    since (`key`). Changes made by programs through the mount show within `max_age`."""
+
+    def __init__(self, *, min_age: float = 1.0, max_age: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.min_age = min_age
+        self.max_age = max_age
+        self.clock = clock
+        self._census: Census | None = None
+        self._key: object = None
+        self._taken = 0.0
+        self._lock = trio.Lock()
+
+    def age(self) -> float:
+        return self.clock() - self._taken if self._census is not None else 0.0
+
+    def _fresh(self, key: object) -> bool:
+        if self._census is None:
+            return False
+        age = self.age()
+        return age < self.min_age or (age < self.max_age and key == self._key)
+
+    async def get(self, walk: Callable[[], Census], key: object) -> Census:
+        async with self._lock:  # a caller that waited finds the walk it waited for fresh
+            if not self._fresh(key):
+                taken = self.clock()
+                self._census = await trio.to_thread.run_sync(walk)
+                self._key, self._taken = key, taken
+            assert self._census is not None
+            return self._census

@@ -16,9 +16,10 @@ from collections.abc import Callable
 Notify = Callable[[str | None], None]
 
 
-def detach(stderr_path: str | None) -> Notify:
+def detach(stderr_fd: int | None) -> Notify:
     """Fork into the background; in the child, return a function to call once with None when
-    ready, or with an error message. The parent never returns."""
+    ready, or with an error message. The parent never returns. The child's stderr becomes
+    `stderr_fd` (the log, opened before the mount: a path inside the mount would hang here)."""
     sys.stdout.flush()
     sys.stderr.flush()
     r, w = os.pipe()
@@ -29,7 +30,7 @@ def detach(stderr_path: str | None) -> Notify:
     os.setsid()
     if os.fork() > 0:
         os._exit(0)  # the session leader goes; the daemon can never reacquire a terminal
-    _redirect_stdio(stderr_path)
+    _redirect_stdio(stderr_fd)
     sent = False
 
     def notify(error: str | None) -> None:
@@ -56,17 +57,12 @@ def _parent_wait(r: int) -> None:
     os._exit(1)
 
 
-def _redirect_stdio(stderr_path: str | None) -> None:
+def _redirect_stdio(stderr_fd: int | None) -> None:
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)
-    if stderr_path is not None:
-        # Tracebacks and faulthandler dumps of a detached daemon land in its log, not nowhere.
-        err = os.open(stderr_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        os.dup2(err, 2)
-        os.close(err)
-    else:
-        os.dup2(null, 2)
+    # Tracebacks and faulthandler dumps of a detached daemon land in its log, not nowhere.
+    os.dup2(null if stderr_fd is None else stderr_fd, 2)
     os.close(null)
 
 

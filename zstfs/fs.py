@@ -41,6 +41,10 @@ BLKSIZE = 128 * 1024
 #: more than decoding 1 MiB (~1 ms), and `grep -r` over many small files is bound by per-request
 #: overhead.
 INLINE_DECODE_LIMIT = 1 << 20
+#: Extended attributes on the mount root under this prefix are zstfs's own (`user.zstfs.status`).
+RESERVED_XATTR_PREFIX = b"user.zstfs."
+#: How long the status document given to a thread bounds the length of its next one.
+STATUS_PAIR_SECONDS = 1.0
 _OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | getattr(os, "O_DIRECT", 0)
 
 P = ParamSpec("P")
@@ -125,7 +129,7 @@ class Operations(pyfuse3.Operations):
         self.on_idle = on_idle
         self.read_limiter = trio.CapacityLimiter(read_threads)
         self._statfs: tuple[float, pyfuse3.StatvfsData] | None = None
-        self._status_cache: tuple[float, bytes] | None = None
+        self._status_given: dict[int, tuple[float, bytes]] = {}  # see _status_json
         self.root_uid = os.geteuid() == 0
 
     # ------------------------------------------------------------------ helpers
@@ -831,47 +835,76 @@ class Operations(pyfuse3.Operations):
         self.table.maybe_drop(node)
 
     # ------------------------------------------------------------------ xattrs
-    def _xattr_path(self, node: Node) -> bytes:
-        return self.store.xattr_path(self._backing_path(node))
+    def _xattr_call(self, node: Node, call: Callable[..., Any], *args: Any) -> Any:
+        """Run an `os.*xattr` call on the node's backing file, never through the mount.
+
+        The root is the store's own descriptor: its `/proc/self/fd/N` magic link, not followed,
+        is the link itself (no user xattrs, EPERM on set). Other nodes are named below that link
+        with their last component not followed (a symlink's own xattrs)."""
+        if node.ino == ROOT_INODE:
+            return call(self.store.root_fd, *args)
+        return call(self.store.xattr_path(self._backing_path(node)), *args,
+                    follow_symlinks=False)
+
+    @staticmethod
+    def _reserved_xattr(inode: int, name: bytes) -> bool:
+        """`user.zstfs.*` on the mount root is zstfs's own (the virtual status)."""
+        return inode == ROOT_INODE and name.startswith(RESERVED_XATTR_PREFIX)
 
     @translate_errors
     async def getxattr(self, inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if inode == ROOT_INODE and name == STATUS_XATTR and self.status_provider is not None:
-            return await self._status_json()
+        if self._reserved_xattr(inode, name):
+            if name == STATUS_XATTR and self.status_provider is not None:
+                return await self._status_json(ctx.pid)
+            raise FUSEError(pyfuse3.ENOATTR)
         try:
-            return os.getxattr(self._xattr_path(self._node(inode)), name, follow_symlinks=False)
+            return cast(bytes, self._xattr_call(self._node(inode), os.getxattr, name))
         except OSError as e:
             if e.errno == errno.ENODATA:
                 raise FUSEError(pyfuse3.ENOATTR) from None
             raise
 
-    async def _status_json(self) -> bytes:
-        """The status document, computed at most once a second: getxattr callers ask twice (for
-        the size, then the value) and the two answers must be the same bytes."""
+    async def _status_json(self, caller: int) -> bytes:
+        """The status document, computed afresh for every request.
+
+        A getxattr caller asks twice, for the size and then the value (`getfattr`: size 0, then
+        exactly that size; Python: 128 bytes, then 64 KiB), and the second answer must not be
+        longer than the first. So the document given to a thread is remembered for a second: the
+        thread's next request gets a fresh one padded with spaces (still JSON) to the same length,
+        or, if the fresh one is longer, the remembered one itself."""
+        assert self.status_provider is not None
+        doc = json.dumps(await self.status_provider(), sort_keys=True).encode()
         now = time.monotonic()
-        if self._status_cache is None or now - self._status_cache[0] > 1.0:
-            assert self.status_provider is not None
-            doc = json.dumps(await self.status_provider(), sort_keys=True).encode()
-            self._status_cache = (time.monotonic(), doc)
-        return self._status_cache[1]
+        self._status_given = {pid: given for pid, given in self._status_given.items()
+                              if now - given[0] < STATUS_PAIR_SECONDS}
+        first = self._status_given.pop(caller, None)
+        if first is None:
+            self._status_given[caller] = (now, doc)
+            return doc
+        return doc.ljust(len(first[1])) if len(doc) <= len(first[1]) else first[1]
 
     @translate_errors
     async def setxattr(
         self, inode: InodeT, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        if inode == ROOT_INODE and name.startswith(b"user.zstfs."):
+        if self._reserved_xattr(inode, name):
             raise FUSEError(errno.EPERM)
-        os.setxattr(self._xattr_path(self._node(inode)), name, value, follow_symlinks=False)
+        self._xattr_call(self._node(inode), os.setxattr, name, value)
 
     @translate_errors
     async def listxattr(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        names = os.listxattr(self._xattr_path(self._node(inode)), follow_symlinks=False)
-        return [os.fsencode(n) for n in names]
+        names = [os.fsencode(n) for n in self._xattr_call(self._node(inode), os.listxattr)]
+        names = [n for n in names if not self._reserved_xattr(inode, n)]
+        if inode == ROOT_INODE and self.status_provider is not None:
+            names.append(STATUS_XATTR)
+        return names
 
     @translate_errors
     async def removexattr(self, inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if self._reserved_xattr(inode, name):
+            raise FUSEError(errno.EPERM)
         try:
-            os.removexattr(self._xattr_path(self._node(inode)), name, follow_symlinks=False)
+            self._xattr_call(self._node(inode), os.removexattr, name)
         except OSError as e:
             if e.errno == errno.ENODATA:
                 raise FUSEError(pyfuse3.ENOATTR) from None

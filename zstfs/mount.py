@@ -10,23 +10,32 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
+import subprocess
 import time
 from typing import Any
 
 import pyfuse3
 import trio
 
-from zstfs import __version__, codec, daemon
+from zstfs import __version__, codec, control, daemon
 from zstfs.compactor import Compactor
 from zstfs.fs import Operations
-from zstfs.log import default_log_file, setup_logging
+from zstfs.log import below_mount, default_log_file, setup_logging
 from zstfs.names import STATUS_XATTR, NameRules
 from zstfs.options import MountOptions
 from zstfs.stats import Stats
 from zstfs.store import Store, StoreError
 
 log = logging.getLogger(__name__)
+
+
+#: On a signal: how long an unmount may take before it counts as failed, and how often a
+#: busy mount is tried (a moment apart) before the daemon gives up and keeps serving.
+UNMOUNT_TIMEOUT = 60.0
+UNMOUNT_ATTEMPTS = 5
+UNMOUNT_RETRY_DELAY = 0.2
 
 
 class MountError(Exception):
@@ -97,7 +106,10 @@ def mount(opts: MountOptions) -> int:
     try:
         if log_file is None and not opts.foreground:
             log_file = default_log_file(opts.source)
-        setup_logging(debug=opts.debug, log_file=log_file, to_stderr=opts.foreground)
+        if log_file is not None:
+            log_file = below_mount(log_file, opts.source, opts.mountpoint)
+        log_handler = setup_logging(debug=opts.debug, log_file=log_file,
+                                    to_stderr=opts.foreground)
     except OSError as e:
         # An unwritable --log (or $HOME) is a refusal like any other, not a traceback.
         raise MountError(f"{e.filename or log_file}: cannot open the log file: "
@@ -162,35 +174,41 @@ def mount(opts: MountOptions) -> int:
         raise MountError(f"{opts.mountpoint}: mount failed: {e} (see the message above)") from None
     notify: daemon.Notify = lambda error: None  # noqa: E731
     if not opts.foreground:
-        notify = daemon.detach(log_file)
+        notify = daemon.detach(None if log_handler is None else log_handler.fd)
+        if log_handler is not None:
+            log_handler.mirror_stderr = True  # fd 2 follows the log through rotations
         store.record_lock_owner()
     log.info("mounted %s on %s (pid %d)", opts.source, opts.mountpoint, os.getpid())
-    clean = False
     try:
         trio.run(_serve, ops, compactor, notify, real_mountpoint)
-        clean = True
     except BaseException as e:
         log.exception("the daemon failed: %s", e)
         notify(f"zstfs: {opts.mountpoint}: the daemon failed: {e}")
         raise
     finally:
-        # After a crash, leave the mount dead (ENOTCONN) rather than silently showing the
-        # backing files; `zstfs umount` or `fusermount3 -u` clears it.
-        pyfuse3.close(unmount=clean)
+        # Never unmount here: pyfuse3 would detach lazily, and processes still in the mount
+        # would see the raw backing files. `main()` returns once the kernel ended the session
+        # (an unmount: ours on a signal, `zstfs umount`, `fusermount3 -u`); after a crash the
+        # mount stays dead (ENOTCONN) until `fusermount3 -uz` clears it.
+        pyfuse3.close(unmount=False)
         store.close()
-        log.info("unmounted %s", opts.mountpoint)
+        if is_mountpoint(real_mountpoint) == "fuse.zstfs":
+            log.error("%s is left mounted but dead (ENOTCONN); clear it with "
+                      "fusermount3 -uz", opts.mountpoint)
+        else:
+            log.info("unmounted %s", opts.mountpoint)
     return 0
 
 
 async def _serve(ops: Operations, compactor: Compactor, notify: daemon.Notify,
                  real_mountpoint: str) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_signals, nursery.cancel_scope)
+        nursery.start_soon(_signals, compactor, real_mountpoint)
         nursery.start_soon(_tune_after_init, real_mountpoint)
         await nursery.start(compactor.run)
         notify(None)
         daemon.sd_notify("READY=1")
-        await pyfuse3.main()
+        await pyfuse3.main()  # until the kernel ends the session: the mount is gone
         daemon.sd_notify("STOPPING=1")
         await compactor.stop()
         nursery.cancel_scope.cancel()
@@ -203,8 +221,49 @@ async def _tune_after_init(real_mountpoint: str) -> None:
     await trio.to_thread.run_sync(tune_readahead, real_mountpoint)
 
 
-async def _signals(scope: trio.CancelScope) -> None:
+async def _signals(compactor: Compactor, real_mountpoint: str) -> None:
+    """SIGTERM, SIGINT, SIGHUP: stop the compactor while the mount keeps being served, then
+    unmount (not lazily: a busy mount stays mounted and served, and the log says who uses it)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for sig in signals:
-            log.info("signal %d: unmounting", sig)
-            pyfuse3.terminate()
+            log.info("signal %d: unmounting %s (background compression stops first)",
+                     sig, real_mountpoint)
+            daemon.sd_notify("STOPPING=1")
+            await compactor.stop()
+            log.info("signal %d: background compression stopped", sig)
+            why = await unmount(real_mountpoint)
+            if why is not None:
+                log.warning("signal %d: %s; still serving, background compression stopped "
+                            "(signal again to retry)", sig, why)
+
+
+async def unmount(mountpoint: str) -> str | None:
+    """Unmount now, never lazily (a lazy unmount leaves the processes inside with the mount
+    while everyone else sees the backing files). A mount busy for a moment (a `grep` finishing)
+    is tried again a few times. Returns why it failed, or None.
+
+    The unmount and `fuser` run off the trio thread: they make requests that this thread
+    answers."""
+    for attempt in range(UNMOUNT_ATTEMPTS):
+        if attempt:
+            await trio.sleep(UNMOUNT_RETRY_DELAY)
+        busy, why = await trio.to_thread.run_sync(_unmount_once, mountpoint)
+        if not busy:
+            return why
+    users = await trio.to_thread.run_sync(control._users_of, mountpoint)
+    return f"{mountpoint} is busy, not unmounted (in use by {users or 'unknown processes'})"
+
+
+def _unmount_once(mountpoint: str) -> tuple[bool, str | None]:
+    """(busy, why it failed or None)."""
+    cmd = [control._fusermount(), "-u", mountpoint]
+    if os.geteuid() == 0 and shutil.which("umount"):
+        cmd = ["umount", mountpoint]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=UNMOUNT_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return False, f"cannot unmount {mountpoint}: {e}"
+    if r.returncode == 0:
+        return False, None
+    msg = " ".join((r.stderr or r.stdout).split())
+    return "busy" in msg.lower(), f"cannot unmount {mountpoint}: {msg}"
