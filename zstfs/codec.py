@@ -53,10 +53,13 @@ __all__ = [
     "compress_file",
     "decompress_file",
     "default_decoders",
+    "is_native",
     "logical_size",
+    "reencode",
     "set_cache_limit",
     "verify_equal",
     "verify_file",
+    "verify_reencoded",
 ]
 
 ZSTD_MAGIC = 0xFD2FB528
@@ -226,16 +229,40 @@ def compress_file(
     XXH64 is needed.  An empty source gives a file with zero frames and only the seek table, which
     ``zstd -d`` accepts as empty.  Returns ``(logical_bytes, stored_bytes)``.
     """
+    consumed = 0
+
+    def read(n: int) -> bytes:
+        nonlocal consumed
+        data = _pread_full(src_fd, n, consumed)
+        consumed += len(data)
+        return data
+
+    # The source may still grow (the caller re-checks it before swapping): read on past the
+    # planned size until EOF.
+    return _compress_stream(read, os.fstat(src_fd).st_size, dst_fd, params, progress,
+                            exact=False)
+
+
+def _compress_stream(
+    read: Callable[[int], bytes],
+    expected: int,
+    dst_fd: int,
+    params: CodecParams,
+    progress: ProgressFn | None,
+    *,
+    exact: bool,
+) -> tuple[int, int]:
+    """The writer behind :func:`compress_file` and :func:`reencode`: frames of the input that
+    ``read(n)`` returns (n bytes, fewer only at EOF), planned for ``expected`` bytes."""
     cctx = _compressor(params)
     entries: list[tuple[int, int, int]] = []
     consumed = stored = 0
     # os.pread allocates its full request up front; asking for 16 MiB to read a 50 KB file costs
-    # more than compressing it, so ask for what fstat says is left (at least 1 byte to see EOF).
-    expected = os.fstat(src_fd).st_size
+    # more than compressing it, so ask for what is left (at least 1 byte to see EOF).
     plan = _frame_plan(expected, params.frame_size)
     while True:
         want = plan.pop(0) if plan else min(params.frame_size, max(expected - consumed, 1))
-        data = _pread_full(src_fd, want, consumed)
+        data = read(want)
         if not data:
             break
         frame = cctx.compress(data)
@@ -247,7 +274,7 @@ def compress_file(
         stored += len(frame)
         if progress is not None:
             progress(consumed)
-        if len(data) < want:
+        if len(data) < want or (exact and consumed >= expected):
             break
     table = _seek_table(entries)
     _write_all(dst_fd, table)
@@ -258,17 +285,22 @@ def compress_file(
 #: reverse scan read the end of a rollout, and this makes that cost one small decode instead of
 #: up to a whole frame, for well under 1 % of the stored size.
 TAIL_FRAME = 2**20
+#: ... and starts with one: codex and its session picker read the first line (`session_meta`),
+#: `head` and `file` read the start.
+HEAD_FRAME = 2**20
 
 
 def _frame_plan(size: int, frame_size: int) -> list[int]:
-    """Uncompressed sizes of the frames for a file of `size` bytes: full frames, then the rest
-    with its last `TAIL_FRAME` bytes split off (only for files that need several frames anyway,
-    so small files keep the ratio of a single frame)."""
+    """Uncompressed sizes of the frames for a file of `size` bytes: a small head frame
+    (`HEAD_FRAME`), full frames, then the rest with its last `TAIL_FRAME` bytes split off (only
+    for files that need several frames anyway, so small files keep the ratio of a single frame)."""
     tail = min(TAIL_FRAME, frame_size // 8)
+    head = min(HEAD_FRAME, frame_size // 8)
     if size <= frame_size or tail == 0:
         return []
-    full, rest = divmod(size, frame_size)
-    plan = [frame_size] * full
+    plan = [head]
+    full, rest = divmod(size - head, frame_size)
+    plan += [frame_size] * full
     if rest == 0:
         plan[-1] -= tail
         plan.append(tail)
@@ -1433,3 +1465,138 @@ def verify_equal(zst_fd: int, plain_fd: int) -> None:
     _decode_all(zst_fd, compare, None)
     if os.pread(plain_fd, 1, pos):
         raise CorruptError(f"plain file is longer than the decoded {pos} bytes")
+
+
+# --------------------------------------------------------------------------------------------
+# Adoption of foreign .zst files
+
+
+def is_native(fd: int, params: CodecParams = CodecParams()) -> bool:
+    """True iff the file is already in zstfs's own format, as :func:`compress_file` writes it.
+
+    That is: a seek table with checksums, every frame stating its content size (equal to the
+    table's) and carrying a checksum (equal to the table's), windows zstd decodes without
+    ``--long``, and no frame bigger than ``params.frame_size``, so any read decodes at most one
+    frame.  Reads the table and the frame headers only (nothing is decoded), so it does not vouch
+    for the frames' content; a file damaged in its structure is not native (False).  Files that
+    are not native (codex's single frames, ``zstd`` CLI output, other seekable writers) are what
+    :func:`reencode` is for.
+    """
+    try:
+        fsize = os.fstat(fd).st_size
+        table = _read_seek_table(fd, fsize)
+        if table is None:
+            return False
+        entries, _table_len = table
+        if any(entry.checksum is None for entry in entries):
+            return False
+        for entry in entries:
+            header = _read_header(fd, entry.start, entry.end)
+            if (header.content_size != entry.size or not header.has_checksum
+                    or header.window > ZSTD_DEFAULT_WINDOW or entry.size > params.frame_size):
+                return False
+            trailer = _pread_exact(fd, 4, entry.end - 4, "frame checksum")
+            if int.from_bytes(trailer, "little") != entry.checksum:
+                return False
+        return True
+    except CorruptError:
+        return False
+
+
+class _DecodedSource:
+    """``read(n)`` over the decoded content of a whole ``.zst`` (every check of
+    :func:`verify_file`), n bytes at a time in bounded memory: the source of :func:`reencode`."""
+
+    def __init__(self, fd: int, max_window: int) -> None:
+        self._chunks = _decoded_chunks(fd, max_window)
+        self._buf = bytearray()
+        self._eof = False
+
+    def read(self, n: int) -> bytes:
+        while len(self._buf) < n and not self._eof:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                self._eof = True
+            else:
+                self._buf += chunk
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+
+def _decoded_chunks(fd: int, max_window: int) -> Iterator[bytes]:
+    for raw, expected in _checked_frames(fd):
+        size = raw.content_size if raw.content_size is not None else expected
+        need = raw.window if size is None else min(raw.window, size)
+        if need > max_window:
+            bits = max(need - 1, 1).bit_length()
+            raise DecodeLimitError(
+                f"frame at offset {raw.start} needs a {_gib(need)} decoding window "
+                f"(`zstd -d --long={bits}`), more than the {_gib(max_window)} allowed"
+            )
+        yield from _iter_decoded(fd, raw.start, raw.end, expected)
+
+
+def _content_size(fd: int, max_window: int) -> int:
+    """The decoded size of a whole ``.zst``: from headers and table, or by decoding it once."""
+    total = 0
+    for raw, expected in _checked_frames(fd):
+        size = raw.content_size if raw.content_size is not None else expected
+        if size is None:
+            return sum(len(chunk) for chunk in _decoded_chunks(fd, max_window))
+        total += size
+    return total
+
+
+def reencode(
+    src_fd: int,
+    dst_fd: int,
+    params: CodecParams = CodecParams(),
+    *,
+    progress: ProgressFn | None = None,
+    max_window: int = MAX_READ_WINDOW,
+) -> tuple[int, int]:
+    """Re-encode any valid ``.zst`` (``src_fd``) into zstfs's format in the fresh ``dst_fd``.
+
+    Streams decode -> encode in bounded memory (about two frames of ``params.frame_size`` plus the
+    source's decoding window; a window above ``max_window`` raises :class:`DecodeLimitError`).
+    The source is fully checked while it is decoded (structure, checksums, sizes, seek table):
+    a damaged source raises :class:`CorruptError` and ``dst_fd`` must be discarded.  A source
+    whose frames do not state their sizes is decoded twice (once to learn the size, which the
+    frame plan needs).  Returns ``(logical_bytes, stored_bytes)``; check the result with
+    :func:`verify_reencoded` before replacing the source.
+    """
+    expected = _content_size(src_fd, max_window)
+    source = _DecodedSource(src_fd, max_window)
+    logical, stored = _compress_stream(source.read, expected, dst_fd, params, progress,
+                                       exact=True)
+    if logical != expected or source.read(1):
+        raise CorruptError(f"source decoded to a different length than its {expected} bytes")
+    return logical, stored
+
+
+def verify_reencoded(new_fd: int, src_fd: int, *, max_window: int = MAX_READ_WINDOW) -> int:
+    """Check that the ``.zst`` ``new_fd`` decodes to exactly what the ``.zst`` ``src_fd``
+    decodes to (both fully checked, streaming, bounded memory); returns the logical size.
+
+    Any difference, including length, raises :class:`CorruptError` with the first differing
+    offset.
+    """
+    source = _DecodedSource(src_fd, max_window)
+    pos = 0
+
+    def compare(chunk: bytes) -> None:
+        nonlocal pos
+        theirs = source.read(len(chunk))
+        if theirs != chunk:
+            at = pos + next(
+                (i for i, (a, b) in enumerate(zip(theirs, chunk, strict=False)) if a != b),
+                min(len(theirs), len(chunk)),
+            )
+            raise CorruptError(f"content differs from the source .zst at offset {at}")
+        pos += len(chunk)
+
+    _decode_all(new_fd, compare, None)
+    if source.read(1):
+        raise CorruptError(f"the source .zst is longer than the re-encoded {pos} bytes")
+    return pos
