@@ -848,6 +848,8 @@ class Decoders:
         self._cond = threading.Condition(threading.Lock())
         self._used = 0  # cached frames + reservations (decodes in flight, streams)
         self.peak = 0  # highest _used seen (tests, benchmarks)
+        self.streams_started = 0  # streaming decoders started at a frame start
+        self.streamed_bytes = 0  # bytes decoded by streaming decoders (skipped ones included)
         self._index_cache: OrderedDict[Identity, _Index] = OrderedDict()
         self._frames: OrderedDict[tuple[Identity, int], bytes] = OrderedDict()
         self._frame_bytes = 0
@@ -867,7 +869,7 @@ class Decoders:
         with self._cond:
             return sum(len(v) for v in self._streams.values())
 
-    def reserve(self, nbytes: int, what: str) -> None:
+    def reserve(self, nbytes: int, what: str, *, never_wait: bool = False) -> None:
         """Take ``nbytes`` of the budget, evicting or waiting as needed (see the class doc)."""
         if nbytes > self.memory:
             raise DecodeLimitError(f"{what} needs {_gib(nbytes)} of decoder memory, more than "
@@ -877,7 +879,7 @@ class Decoders:
             while self._used + nbytes > self.memory:
                 if self._evict_one_locked():
                     continue
-                if nbytes <= SMALL_RESERVATION:
+                if never_wait and nbytes <= SMALL_RESERVATION:
                     break  # never block a small decode (it may run on the event loop)
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -1005,14 +1007,14 @@ class Decoders:
             # output reaches becomes resident: charge the budget as the output grows.
             what = f"frame at offset {raw.start}"
             window = raw.window or self.max_frame
-            charged = _stream_cost(window, GROW_STEP)
+            charged = min(_stream_cost(window, GROW_STEP), self.memory)
             self.reserve(charged, what)
 
             def grow(total: int) -> None:
                 nonlocal charged
-                need = _stream_cost(window, total + GROW_STEP)
+                self._check_window(window, raw.start, total)
+                need = min(_stream_cost(window, total + GROW_STEP), self.memory)
                 if need > charged:
-                    self._check_window(window, raw.start, total + 1)
                     self.reserve(need - charged, what)
                     charged = need
 
@@ -1038,7 +1040,7 @@ class Decoders:
         need = window if size is None else min(window, size)
         hint = ""
         if window > ZSTD_DEFAULT_WINDOW:
-            bits = max(need - 1, 1).bit_length()
+            bits = (window - 1).bit_length()
             hint = f" (written with a long window: `zstd -d --long={bits}`)"
         raise DecodeLimitError(
             f"frame at offset {at} needs a {_gib(need)} decoding window{hint}, more than the "
@@ -1075,7 +1077,8 @@ class Decoders:
                 break
         try:
             comp = frame.comp_end - frame.comp_start
-            self.reserve(frame.log_size + comp, f"frame at offset {frame.comp_start}")
+            self.reserve(frame.log_size + comp, f"frame at offset {frame.comp_start}",
+                         never_wait=True)
             try:
                 data = _decode_whole(fd, frame)
             except BaseException:
@@ -1123,11 +1126,13 @@ class Decoders:
         """Bytes ``[lo, hi)`` of a big (verified) frame from the best resumable decoder."""
         stream = self._checkout(fd, (identity, frame_no), frame, lo)
         ok = False
+        before = stream.pos
         try:
             data = stream.read(lo, hi)
             ok = True
             return data
         finally:
+            self.streamed_bytes += stream.pos - before  # statistics: races only blur them
             self._checkin(stream, keep=ok)
 
     def _checkout(self, fd: int, key: tuple[Identity, int], frame: _Frame, lo: int) -> _Stream:
@@ -1169,6 +1174,7 @@ class Decoders:
             raise
         with self._cond:
             self._streams.setdefault(key, []).append(stream)
+            self.streams_started += 1
         return stream
 
     def _checkin(self, stream: _Stream, *, keep: bool) -> None:
@@ -1257,11 +1263,15 @@ class ZstReader:
         if index is None:
             return None
         end = min(offset + length, index.size)
+        # Frames whose length is only the table's claim must have been checked before any byte
+        # after their start is served, and all of them before EOF is (or the table may hide
+        # bytes: short data).
+        if index.unsized and length and not self._sizes_checked(
+                index, end if offset + length <= index.size else MAX_CONTENT_SIZE, decode):
+            return None
         if offset >= end:
             return b""
         frame_no = index.frame_at(offset)
-        if index.unsized and not self._sizes_checked(index, end, decode):
-            return None
         parts: list[bytes] = []
         pos = offset
         while pos < end:
@@ -1302,10 +1312,10 @@ class ZstReader:
         self, frame_no: int, frame: _Frame, lo: int, hi: int, *, decode: bool
     ) -> bytes | None:
         """Bytes ``[lo, hi)`` of one frame: from the shared cache, or a resumable stream."""
+        self._check_size(frame)
         if not self._dec.cacheable(frame):
             if not decode:
                 return None
-            self._check_size(frame)
             self._dec.verify(self._fd, self._identity, frame)
             return self._dec.stream_read(self._fd, self._identity, frame_no, frame, lo, hi)
         key = (self._identity, frame_no)
