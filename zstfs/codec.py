@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import zstandard
 
 __all__ = [
+    "BudgetBusyError",
     "CodecParams",
     "CorruptError",
     "DecodeLimitError",
@@ -549,7 +550,7 @@ def _count_frame(fd: int, start: int, end: int, expected: int | None, limit: int
     """Decode a frame to nowhere (into one reused buffer) and return its length, verifying it:
     the decoder checks structure, checksum and stated size; we check ``expected``.  Decoding stops
     with :class:`DecodeLimitError` past ``limit`` bytes, so a "zeros bomb" cannot burn a core."""
-    reader = _decompressor().stream_reader(
+    reader: zstandard.ZstdDecompressionReader | None = _decompressor().stream_reader(
         _PreadSource(fd, start, end), read_size=STREAM_READ, read_across_frames=False,
         closefd=False,
     )
@@ -557,6 +558,7 @@ def _count_frame(fd: int, start: int, end: int, expected: int | None, limit: int
     total = 0
     try:
         while True:
+            assert reader is not None
             n = reader.readinto(buf)
             if not n:
                 break
@@ -572,6 +574,10 @@ def _count_frame(fd: int, start: int, end: int, expected: int | None, limit: int
                 )
     except zstandard.ZstdError as exc:
         raise CorruptError(f"frame at offset {start}: {exc}") from exc
+    finally:
+        # An exception's traceback keeps this frame alive (the FUSE layer chains it): drop the
+        # decoder and its window now, not when the traceback goes.
+        reader = None
     if expected is not None and total != expected:
         raise CorruptError(f"frame at offset {start} decodes to {total} bytes, expected {expected}")
     return total
@@ -724,6 +730,10 @@ class DecodeLimitError(CorruptError):
     or it is too big to decode for one read.  A CorruptError, so callers answer EIO."""
 
 
+class BudgetBusyError(DecodeLimitError):
+    """The decoder budget stayed pinned by work in progress: a transient refusal, not damage."""
+
+
 def _stream_cost(window: int, size: int | None) -> int:
     """Memory of a streaming decoder: zstd allocates min(window, content size) plus a block."""
     need = window if size is None else min(window, size)
@@ -746,7 +756,7 @@ class _Stream:
         self.busy = True
         self.last_used = time.monotonic()
         self._fd = os.dup(fd)
-        self._reader = _decompressor().stream_reader(
+        self._reader: zstandard.ZstdDecompressionReader | None = _decompressor().stream_reader(
             _PreadSource(self._fd, frame.comp_start, frame.comp_end),
             read_size=STREAM_READ,
             read_across_frames=False,
@@ -764,6 +774,7 @@ class _Stream:
         return max(0, lo - self.pos)
 
     def close(self) -> None:
+        self._reader = None  # the decoder and its window go now, even if a traceback holds us
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -771,6 +782,8 @@ class _Stream:
     def _pull(self, n: int, keep: bool) -> list[bytes]:
         parts: list[bytes] = []
         while n > 0:
+            if self._reader is None:
+                raise CorruptError(f"frame at offset {self.frame.comp_start}: decoder released")
             try:
                 data = self._reader.read(min(IO_CHUNK, n))
             except zstandard.ZstdError as exc:
@@ -851,6 +864,7 @@ class Decoders:
         self.streams_started = 0  # streaming decoders started at a frame start
         self.streamed_bytes = 0  # bytes decoded by streaming decoders (skipped ones included)
         self._index_cache: OrderedDict[Identity, _Index] = OrderedDict()
+        self._failed: OrderedDict[Identity, tuple[type[CorruptError], str]] = OrderedDict()
         self._frames: OrderedDict[tuple[Identity, int], bytes] = OrderedDict()
         self._frame_bytes = 0
         self._verified: OrderedDict[tuple[Identity, int], None] = OrderedDict()
@@ -883,7 +897,7 @@ class Decoders:
                     break  # never block a small decode (it may run on the event loop)
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise DecodeLimitError(f"{what}: the decoder budget stayed busy for "
+                    raise BudgetBusyError(f"{what}: the decoder budget stayed busy for "
                                            f"{RESERVE_TIMEOUT:.0f} s")
                 self._cond.wait(min(left, 1.0))
             self._used += nbytes
@@ -930,6 +944,7 @@ class Decoders:
         """Forget every cached index, decoded frame, verification mark and parked decoder."""
         with self._cond:
             self._index_cache.clear()
+            self._failed.clear()
             self._used -= self._frame_bytes
             self._frames.clear()
             self._frame_bytes = 0
@@ -1001,6 +1016,10 @@ class Decoders:
         index = self.cached_index(identity)
         if index is not None:
             return index
+        with self._cond:
+            failed = self._failed.get(identity)
+        if failed is not None:  # the same file again: the same answer, without the work
+            raise failed[0](failed[1])
 
         def count(raw: _RawFrame) -> int:
             # Without a content size zstd allocates the whole window, but only the part the
@@ -1025,7 +1044,15 @@ class Decoders:
             self._mark_verified(identity, raw.start)
             return n
 
-        index = _build_index(fd, count)
+        try:
+            index = _build_index(fd, count)
+        except CorruptError as e:
+            if not isinstance(e, BudgetBusyError):
+                with self._cond:
+                    self._failed[identity] = (type(e), str(e))
+                    while len(self._failed) > INDEX_CACHE_ENTRIES:
+                        self._failed.popitem(last=False)
+            raise
         with self._cond:
             self._index_cache[identity] = index
             while len(self._index_cache) > INDEX_CACHE_ENTRIES:
@@ -1162,7 +1189,7 @@ class Decoders:
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise DecodeLimitError(f"frame at offset {frame.comp_start}: its decoders "
+                    raise BudgetBusyError(f"frame at offset {frame.comp_start}: its decoders "
                                            f"stayed busy for {RESERVE_TIMEOUT:.0f} s")
                 self._cond.wait(min(left, 1.0))  # a busy decoder ahead of us: wait for it
         cost = _stream_cost(frame.window, frame.log_size)

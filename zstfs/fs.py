@@ -41,10 +41,17 @@ BLKSIZE = 128 * 1024
 #: more than decoding 1 MiB (~1 ms), and `grep -r` over many small files is bound by per-request
 #: overhead.
 INLINE_DECODE_LIMIT = 1 << 20
+#: Longest name component the backing filesystems take (statfs f_namemax of ext4, xfs, btrfs...).
+NAME_MAX = 255
 _OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | getattr(os, "O_DIRECT", 0)
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+def codec_problem(e: codec.CorruptError) -> str:
+    what = "cannot decode .zst" if isinstance(e, codec.DecodeLimitError) else "damaged .zst"
+    return f"{what}: {e}"
 
 
 def translate_errors(
@@ -67,7 +74,7 @@ def translate_errors(
         except codec.CorruptError as e:
             ops = cast(Operations, args[0])
             ops.stats.corrupt_reads += 1
-            ops.stats.error(getattr(e, "zstfs_path", "?"), f"damaged .zst: {e}")
+            ops.stats.error(getattr(e, "zstfs_path", "?"), codec_problem(e))
             raise FUSEError(errno.EIO) from None
         except Exception:
             log.exception("internal error in %s", fn.__name__)
@@ -166,7 +173,9 @@ class Operations(pyfuse3.Operations):
                 )
             except codec.CorruptError as e:
                 # A damaged file still lists (with its stored size); reading it gives EIO.
-                self.stats.error(os.fsdecode(path), f"damaged .zst: {e}")
+                parent, name = split(path)  # named like reads name it: one line per file
+                self.stats.error(os.fsdecode(join(parent, self.rules.logical(name))),
+                                 codec_problem(e))
                 self.store.remember_size(st, st.st_size)
                 size = st.st_size
         return size
@@ -248,6 +257,8 @@ class Operations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if len(name) > NAME_MAX:
+            raise FUSEError(errno.ENAMETOOLONG)
         if not self.rules.visible(name):
             raise FUSEError(errno.ENOENT)
         node, attrs = await self._entry(parent_inode, name)
@@ -785,6 +796,8 @@ class Operations(pyfuse3.Operations):
                                                      limiter=self.read_limiter)
         except codec.CorruptError as e:
             e.zstfs_path = self._describe(h.node)  # type: ignore[attr-defined]
+            if not isinstance(e, codec.BudgetBusyError):
+                self.store.note_damaged(os.fstat(h.fd), e)
             raise
         return data
 
@@ -888,7 +901,7 @@ class Operations(pyfuse3.Operations):
         for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
                       "f_ffree", "f_favail"):
             setattr(data, field, getattr(sv, field))
-        data.f_namemax = sv.f_namemax - len(b".zst")
+        data.f_namemax = sv.f_namemax  # names whose `.zst` would not fit just stay plain
         self._statfs = (now, data)
         return data
 

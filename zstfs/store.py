@@ -118,6 +118,9 @@ class Store:
         self._lock_fd: int | None = None
         self._sizes: dict[tuple[int, int, int, int], int] = {}
         self._sizes_lock = threading.Lock()
+        # `.zst` files found damaged (by identity): counted from the first time seen, even after
+        # the view remembers their stored size as their size.
+        self._damaged: dict[tuple[int, int, int, int], codec.CorruptError] = {}
 
     # ----------------------------------------------------------------- lifecycle
     @classmethod
@@ -183,6 +186,10 @@ class Store:
             st = self.lstat(join(parent, zname))
         except FileNotFoundError:
             return None
+        except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:  # a name that fits, whose `.zst` would not
+                return None
+            raise
         if not stat.S_ISREG(st.st_mode):
             return None
         return Entry(zname, st, True)
@@ -217,21 +224,42 @@ class Store:
         """Decoded size of the `.zst` at `path` (reads its seek table or frame headers, cached)."""
         key = identity(st)
         with self._sizes_lock:
+            why = self._damaged.get(key)
             size = self._sizes.get(key)
+        if why is not None:
+            raise type(why)(*why.args)
         if size is not None:
             return size
         fd = self.open_compressed(path, st)
         try:
             size = codec.ZstReader(fd).size
+        except codec.CorruptError as e:
+            if not isinstance(e, codec.BudgetBusyError):
+                self.note_damaged(st, e)
+            raise
         finally:
             os.close(fd)
         self.remember_size(st, size)
         return size
 
+    def note_damaged(self, st: os.stat_result, why: codec.CorruptError) -> None:
+        """Remember a damaged `.zst` (any stat of it) so that the census counts it from now on."""
+        with self._sizes_lock:
+            if len(self._damaged) > 100_000:
+                self._damaged.clear()
+            self._damaged.setdefault(identity(st), type(why)(*why.args))
+
     def open_compressed(self, path: bytes, st: os.stat_result) -> int:
         """Open a `.zst` for reading. A small one is read ahead whole, in the background: its
         seek table, header and frames would otherwise be several small reads waiting on the disk
         one after another, on the thread that serves every request."""
+        if st.st_size == 0:
+            # zstd calls an empty file damaged; the kernel would never ask us to read a file whose
+            # size is 0, so say it here.
+            error = codec.CorruptError("not zstd: empty file")
+            self.note_damaged(st, error)
+            error.zstfs_path = os.fsdecode(path)  # type: ignore[attr-defined]
+            raise error
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.root_fd)
         if st.st_size <= READAHEAD_LIMIT:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
@@ -495,9 +523,11 @@ class Store:
                     return False
                 pos += n
             return True
-        except codec.CorruptError:
-            # A damaged .zst beside a plain file holds nothing the plain file needs.
-            return True
+        except codec.CorruptError as e:
+            # What cannot be verified is kept (hidden; the plain file is shown) and reported.
+            log.warning("%s: damaged .zst beside its plain file (%s); keeping both",
+                        os.fsdecode(zpath), e)
+            return False
         finally:
             os.close(pfd)
             os.close(zfd)
