@@ -717,7 +717,7 @@ GROW_STEP = 8 << 20
 #: Input read size of a streaming decoder.
 STREAM_READ = 1 << 18
 #: Decoder context, block buffers and bookkeeping on top of the window (zstd's DCtx is ~160 KiB).
-STREAM_OVERHEAD = STREAM_READ + STREAM_HISTORY + MAX_BLOCK_SIZE + (256 << 10)
+STREAM_OVERHEAD = STREAM_READ + 2 * STREAM_HISTORY + MAX_BLOCK_SIZE + (256 << 10)
 #: Reservations this small never wait: the FUSE layer decodes small files on its event loop.
 SMALL_RESERVATION = 4 << 20
 #: A reservation that cannot be met for this long (the budget is pinned by work in progress)
@@ -752,7 +752,9 @@ class _Stream:
         self.frame = frame
         self.cost = cost
         self.pos = 0
-        self.history = b""  # the decoded bytes [pos - len(history), pos)
+        # The last decoded bytes, [pos - _history, pos), as the pieces the decoder returned.
+        self._pieces: collections.deque[bytes] = collections.deque()
+        self._history = 0
         self.busy = True
         self.last_used = time.monotonic()
         self._fd = os.dup(fd)
@@ -765,7 +767,7 @@ class _Stream:
 
     @property
     def history_start(self) -> int:
-        return self.pos - len(self.history)
+        return self.pos - self._history
 
     def work(self, lo: int) -> int:
         """Bytes to decode before this stream can serve offset ``lo`` (-1: it cannot)."""
@@ -800,20 +802,29 @@ class _Stream:
         return parts
 
     def _remember(self, parts: list[bytes]) -> None:
-        tail = b"".join(parts[-2:]) if parts else b""
-        if len(tail) >= STREAM_HISTORY:
-            self.history = tail[-STREAM_HISTORY:]
-        else:
-            self.history = (self.history + tail)[-STREAM_HISTORY:]
+        for part in parts:
+            self._pieces.append(part)
+            self._history += len(part)
+        while self._pieces and self._history - len(self._pieces[0]) >= STREAM_HISTORY:
+            self._history -= len(self._pieces.popleft())
+
+    def _recall(self, lo: int, hi: int) -> list[bytes]:
+        """Slices of the remembered bytes covering ``[lo, min(hi, pos))``."""
+        out: list[bytes] = []
+        at = self.history_start
+        for piece in self._pieces:
+            end = at + len(piece)
+            if end > lo and at < hi:
+                out.append(piece[max(lo, at) - at : min(hi, end) - at])
+            at = end
+        return out
 
     def read(self, lo: int, hi: int) -> bytes:
         """Bytes ``[lo, hi)`` of the frame (``lo`` at or after ``history_start``)."""
         out: list[bytes] = []
         if lo < self.pos:
-            start = self.history_start
-            piece = self.history[lo - start : min(hi, self.pos) - start]
-            out.append(piece)
-            lo += len(piece)
+            out = self._recall(lo, hi)
+            lo = min(hi, self.pos)
         if lo < hi:
             if lo > self.pos:
                 self._remember(self._pull(lo - self.pos, keep=False))
