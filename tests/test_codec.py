@@ -459,7 +459,8 @@ def test_big_frame_streaming(files: Files) -> None:
         pos, chunk = 0, 8192
         while pos < len(data):
             assert reader.read(pos, chunk) == data[pos : pos + chunk]
-            assert reader.read_cached(pos, chunk) is None  # big frames are never cached whole
+            # Big frames are never cached whole, but a decoder may still hold the bytes just read.
+            assert reader.read_cached(pos, chunk) in (None, data[pos : pos + chunk])
             pos += chunk
         for pos in range(len(data) - chunk, -1, -37_000):  # backwards
             assert reader.read(pos, chunk) == data[pos : pos + chunk]

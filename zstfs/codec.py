@@ -711,13 +711,18 @@ IDLE_SECONDS = 30.0
 STREAMS_PER_FRAME = 4
 #: Decoded bytes a stream keeps behind its position, so reads that arrive slightly out of order
 #: (the kernel's parallel readahead) are served without restarting the frame.
-STREAM_HISTORY = 1 << 20
+STREAM_HISTORY = 4 << 20
 #: Granularity of the budget charged by a decoder whose output size is not known in advance.
 GROW_STEP = 8 << 20
+#: Decoded bytes a sequential stream keeps ready ahead of its reader, decoded by a prefetch
+#: thread on another core while the FUSE layer ships the previous ones.
+STREAM_AHEAD = 4 << 20
+PREFETCH_CHUNK = 256 << 10
 #: Input read size of a streaming decoder.
 STREAM_READ = 1 << 18
 #: Decoder context, block buffers and bookkeeping on top of the window (zstd's DCtx is ~160 KiB).
-STREAM_OVERHEAD = STREAM_READ + 2 * STREAM_HISTORY + MAX_BLOCK_SIZE + (256 << 10)
+STREAM_OVERHEAD = (STREAM_READ + STREAM_HISTORY + STREAM_AHEAD + 2 * IO_CHUNK + MAX_BLOCK_SIZE
+                   + (256 << 10))
 #: Reservations this small never wait: the FUSE layer decodes small files on its event loop.
 SMALL_RESERVATION = 4 << 20
 #: A reservation that cannot be met for this long (the budget is pinned by work in progress)
@@ -744,15 +749,23 @@ class _Stream:
     """A decoder positioned inside one big frame, so sequential reads continue where they ended.
 
     It reads its own duplicate of the file descriptor, so it stays valid after the handle that
-    created it is closed, and can be resumed by any reader of the same file.
+    created it is closed, and can be resumed by any reader of the same file.  It remembers the
+    bytes it decoded last, from ``STREAM_HISTORY`` behind the end of the last read served to up
+    to ``STREAM_AHEAD`` decoded ahead of it by the prefetcher.  Only the thread that holds the
+    stream (``busy``) decodes; the remembered pieces change under ``lock`` only, so other threads
+    may serve from them (:meth:`peek`).
     """
 
-    def __init__(self, fd: int, key: tuple[Identity, int], frame: _Frame, cost: int) -> None:
+    def __init__(self, fd: int, key: tuple[Identity, int], frame: _Frame, cost: int,
+                 lock: threading.Condition) -> None:
         self.key = key
         self.frame = frame
         self.cost = cost
         self.pos = 0
-        # The last decoded bytes, [pos - _history, pos), as the pieces the decoder returned.
+        self.served = 0  # end of the furthest read served
+        self.queued = False  # waiting for the prefetcher
+        self.lock = lock
+        # The decoded bytes [pos - _history, pos), as the pieces the decoder returned.
         self._pieces: collections.deque[bytes] = collections.deque()
         self._history = 0
         self.busy = True
@@ -795,20 +808,31 @@ class _Stream:
                     f"frame at offset {self.frame.comp_start} ends at {self.pos} bytes, "
                     f"expected {self.frame.log_size}"
                 )
-            self.pos += len(data)
             n -= len(data)
             if keep or n < STREAM_HISTORY:
                 parts.append(data)
+            else:
+                with self.lock:
+                    self.pos += len(data)
+                    self._pieces.clear()
+                    self._history = 0
+                continue
+            self._remember(data)
         return parts
 
-    def _remember(self, parts: list[bytes]) -> None:
-        for part in parts:
-            self._pieces.append(part)
-            self._history += len(part)
-        while self._pieces and self._history - len(self._pieces[0]) >= STREAM_HISTORY:
+    def _remember(self, data: bytes) -> None:
+        with self.lock:
+            self._pieces.append(data)
+            self._history += len(data)
+            self.pos += len(data)
+            self._trim_locked()
+
+    def _trim_locked(self) -> None:
+        keep_from = self.served - STREAM_HISTORY
+        while self._pieces and self.history_start + len(self._pieces[0]) <= keep_from:
             self._history -= len(self._pieces.popleft())
 
-    def _recall(self, lo: int, hi: int) -> list[bytes]:
+    def _recall_locked(self, lo: int, hi: int) -> list[bytes]:
         """Slices of the remembered bytes covering ``[lo, min(hi, pos))``."""
         out: list[bytes] = []
         at = self.history_start
@@ -819,19 +843,39 @@ class _Stream:
             at = end
         return out
 
+    def peek(self, lo: int, hi: int) -> bytes | None:
+        """Bytes ``[lo, hi)`` if already decoded and remembered (any thread, under ``lock``)."""
+        if lo < self.history_start or hi > self.pos:
+            return None
+        out = self._recall_locked(lo, hi)
+        self.served = max(self.served, hi)
+        self._trim_locked()
+        return out[0] if len(out) == 1 else b"".join(out)
+
     def read(self, lo: int, hi: int) -> bytes:
-        """Bytes ``[lo, hi)`` of the frame (``lo`` at or after ``history_start``)."""
+        """Bytes ``[lo, hi)`` of the frame (``lo`` at or after ``history_start``); the caller
+        holds the stream."""
         out: list[bytes] = []
         if lo < self.pos:
-            out = self._recall(lo, hi)
+            with self.lock:
+                out = self._recall_locked(lo, hi)
             lo = min(hi, self.pos)
         if lo < hi:
             if lo > self.pos:
-                self._remember(self._pull(lo - self.pos, keep=False))
-            taken = self._pull(hi - lo, keep=True)
-            self._remember(taken)
-            out.extend(taken)
+                self._pull(lo - self.pos, keep=False)
+            out.extend(self._pull(hi - lo, keep=True))
+        with self.lock:
+            self.served = max(self.served, hi)
+            self._trim_locked()
         return out[0] if len(out) == 1 else b"".join(out)
+
+    def prefetch(self) -> bool:
+        """Decode one chunk ahead of the last read served; True if more would be useful."""
+        want = min(self.served + STREAM_AHEAD, self.frame.log_size) - self.pos
+        if want <= 0:
+            return False
+        self._pull(min(want, PREFETCH_CHUNK), keep=True)
+        return self.pos < min(self.served + STREAM_AHEAD, self.frame.log_size)
 
 
 class Decoders:
@@ -883,6 +927,8 @@ class Decoders:
         self._streams: dict[tuple[Identity, int], list[_Stream]] = {}
         self._idle: OrderedDict[_Stream, None] = OrderedDict()  # parked streams, LRU first
         self._janitor: threading.Thread | None = None
+        self._prefetch_queue: collections.deque[_Stream] = collections.deque()
+        self._prefetcher: threading.Thread | None = None
 
     # ---------------------------------------------------------------- accounting
     @property
@@ -1162,16 +1208,80 @@ class Decoders:
     def stream_read(self, fd: int, identity: Identity, frame_no: int, frame: _Frame,
                     lo: int, hi: int) -> bytes:
         """Bytes ``[lo, hi)`` of a big (verified) frame from the best resumable decoder."""
+        data = self.peek(identity, frame_no, lo, hi)
+        if data is not None:
+            return data
         stream = self._checkout(fd, (identity, frame_no), frame, lo)
         ok = False
         before = stream.pos
+        sequential = lo == stream.served and lo > 0
         try:
             data = stream.read(lo, hi)
             ok = True
             return data
         finally:
             self.streamed_bytes += stream.pos - before  # statistics: races only blur them
-            self._checkin(stream, keep=ok)
+            self._checkin(stream, keep=ok, prefetch=sequential)
+
+    def peek(self, identity: Identity, frame_no: int, lo: int, hi: int) -> bytes | None:
+        """Bytes ``[lo, hi)`` of a streamed frame if a decoder already has them (decoded ahead
+        by the prefetcher, or just behind); never decodes, never waits for a decoder."""
+        with self._cond:
+            for stream in self._streams.get((identity, frame_no), ()):
+                data = stream.peek(lo, hi)
+                if data is not None:
+                    stream.last_used = time.monotonic()
+                    self._prefetch_locked(stream)
+                    return data
+        return None
+
+    def _prefetch_locked(self, stream: _Stream) -> None:
+        """Queue a sequentially read stream for decoding ahead (see :meth:`_prefetch_loop`)."""
+        if stream.queued or stream.pos >= min(stream.served + STREAM_AHEAD,
+                                              stream.frame.log_size):
+            return
+        stream.queued = True
+        self._prefetch_queue.append(stream)
+        self._cond.notify_all()
+        if self._prefetcher is None:
+            self._prefetcher = threading.Thread(target=self._prefetch_loop, daemon=True,
+                                                name="zstfs-decoder-prefetch")
+            self._prefetcher.start()
+
+    def _prefetch_loop(self) -> None:
+        """Decode ahead of sequential readers, one chunk per turn, on its own thread (the decoder
+        releases the GIL): `cat` then decodes on one core while the FUSE layer ships on the
+        other, and a reader that wants the stream waits at most one chunk."""
+        while True:
+            with self._cond:
+                idle_since = time.monotonic()
+                while not self._prefetch_queue:
+                    if time.monotonic() - idle_since > 5.0:
+                        self._prefetcher = None
+                        return
+                    self._cond.wait(1.0)
+                stream = self._prefetch_queue.popleft()
+                stream.queued = False
+                if stream.busy or stream not in self._streams.get(stream.key, ()):
+                    continue
+                stream.busy = True
+                self._idle.pop(stream, None)
+            more = drop = False
+            before = stream.pos
+            try:
+                more = stream.prefetch()
+            except CorruptError:
+                drop = True
+            self.streamed_bytes += stream.pos - before
+            with self._cond:
+                stream.busy = False
+                if drop:
+                    self._drop_stream_locked(stream)
+                    continue
+                self._idle[stream] = None
+                if more:
+                    self._prefetch_locked(stream)
+                self._cond.notify_all()
 
     def _checkout(self, fd: int, key: tuple[Identity, int], frame: _Frame, lo: int) -> _Stream:
         deadline = time.monotonic() + RESERVE_TIMEOUT
@@ -1206,7 +1316,7 @@ class Decoders:
         cost = _stream_cost(frame.window, frame.log_size)
         self.reserve(cost, f"frame at offset {frame.comp_start}")
         try:
-            stream = _Stream(fd, key, frame, cost)
+            stream = _Stream(fd, key, frame, cost, self._cond)
         except BaseException:
             self.release(cost)
             raise
@@ -1215,7 +1325,7 @@ class Decoders:
             self.streams_started += 1
         return stream
 
-    def _checkin(self, stream: _Stream, *, keep: bool) -> None:
+    def _checkin(self, stream: _Stream, *, keep: bool, prefetch: bool = False) -> None:
         with self._cond:
             stream.busy = False
             stream.last_used = time.monotonic()
@@ -1223,6 +1333,8 @@ class Decoders:
                 self._drop_stream_locked(stream)
                 return
             self._idle[stream] = None
+            if prefetch:
+                self._prefetch_locked(stream)
             self._cond.notify_all()
             if self._janitor is None and self.idle_seconds > 0:
                 self._janitor = threading.Thread(target=self._janitor_loop, daemon=True,
@@ -1353,7 +1465,9 @@ class ZstReader:
         self._check_size(frame)
         if not self._dec.cacheable(frame):
             if not decode:
-                return None
+                if not self._dec.is_verified(self._identity, frame.comp_start):
+                    return None
+                return self._dec.peek(self._identity, frame_no, lo, hi)
             self._dec.verify(self._fd, self._identity, frame)
             return self._dec.stream_read(self._fd, self._identity, frame_no, frame, lo, hi)
         key = (self._identity, frame_no)
