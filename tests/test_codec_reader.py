@@ -356,7 +356,7 @@ def test_many_readers_stay_within_the_budget(tmp_path: Path, fds: list[int]) -> 
     for i, blob in enumerate(blobs):
         (tmp_path / f"{i}.zst").write_bytes(blob)
         paths.append(tmp_path / f"{i}.zst")
-    dec = Decoders(memory=12 << 20, cache=2 << 20)
+    dec = Decoders(memory=30 << 20, cache=2 << 20)  # room for two streams at a time
     errors: list[BaseException] = []
 
     def work(seed: int) -> None:
@@ -379,7 +379,7 @@ def test_many_readers_stay_within_the_budget(tmp_path: Path, fds: list[int]) -> 
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads)
     assert not errors, errors[0]
-    assert dec.peak <= 12 << 20
+    assert dec.peak <= 30 << 20
     dec.clear()
     assert dec.used == 0
 
