@@ -1454,7 +1454,12 @@ class ZstReader:
             if not decode:
                 return False
             self._check_size(frame)
-            self._dec.verify(self._fd, self._identity, frame)
+            if frame.log_size and self._dec.cacheable(frame):
+                # Decoded whole with its exact length checked, and cached for the read itself.
+                frame_no = index.frame_at(frame.log_start)
+                self._dec.frame_bytes(self._fd, self._identity, frame_no, index.frames[frame_no])
+            else:
+                self._dec.verify(self._fd, self._identity, frame)
         return True
 
     def _check_size(self, frame: _Frame) -> None:
