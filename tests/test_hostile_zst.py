@@ -11,13 +11,14 @@ import hashlib
 import os
 import random
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import MountFactory
-from test_codec_reader import frame_claiming, seekable, text
+from test_codec_reader import frame_claiming, reference, seekable, text
 
 from zstfs.names import NameRules
 from zstfs.store import Store
@@ -251,3 +252,33 @@ def test_name_limit(store: Path, mount_factory: MountFactory) -> None:
         with pytest.raises(OSError, match="too long") as e:
             (store / name).write_bytes(b"no")
         assert e.value.errno == errno.ENAMETOOLONG, name
+
+
+def zeros_bomb(size: int, *, stated: bool) -> bytes:
+    """A valid zstd frame of ``size`` zero bytes from RLE blocks (4 bytes per 128 KiB): 20 GiB in
+    ~640 KB, like the issue's bomb."""
+    block = 128 << 10
+    header = struct.pack("<IB", 0xFD2FB528, 0xC0 if stated else 0x00) + bytes([0x38])
+    if stated:
+        header += struct.pack("<Q", size)
+    n, rest = divmod(size, block)
+    rle = (2 | (block << 3)).to_bytes(3, "little") + b"\0"
+    last = (1 | 2 | ((rest or block) << 3)).to_bytes(3, "little") + b"\0"
+    return header + rle * (n - (0 if rest else 1)) + last
+
+
+@pytest.mark.parametrize("stated", [True, False], ids=["content-size", "no-content-size"])
+def test_zeros_bomb_is_refused_quickly(store: Path, mount_factory: MountFactory,
+                                       stated: bool) -> None:
+    """A 20 GiB "zeros bomb": listing works, a small read at its start or end is EIO after at
+    most MAX_FRAME_DECODE of work (bounded here by the subprocess timeout), never minutes."""
+    small = (3 << 17) + 5  # the same construction, small: a valid frame of zeros
+    assert reference(zeros_bomb(small, stated=stated)) == bytes(small)
+    (store / "bomb.jsonl.zst").write_bytes(zeros_bomb(20 << 30, stated=stated))
+    m = mount_factory(store, expect_errors=True)
+    assert os.listdir(store) == ["bomb.jsonl"]
+    for cmd in (["head", "-c", "100"], ["tail", "-c", "100"]):
+        r = subprocess.run([*cmd, str(store / "bomb.jsonl")], capture_output=True, timeout=60)
+        assert r.returncode != 0, cmd
+        assert b"Input/output error" in r.stderr, r.stderr
+    assert any("bomb.jsonl" in line and "zstd -d" in line for line in m.errors()), m.log_text()
