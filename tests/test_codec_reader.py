@@ -571,3 +571,29 @@ def test_reencode_zstd_cli_file(tmp_path: Path, fds: list[int]) -> None:
     out = subprocess.run(["zstd", "-q", "-d", "-c", str(tmp_path / "dst.zst")],
                          capture_output=True, check=True).stdout
     assert out == data
+
+
+def test_forked_child_gets_a_fresh_default_budget(tmp_path: Path, fds: list[int]) -> None:
+    """The daemon forks after recovery, which may have started decoder threads: the child must
+    not inherit a budget whose threads do not exist (or whose lock one of them held)."""
+    data = text(3 << 20, 13)
+    fd = open_blob(tmp_path, fds, frame(data))
+    parent = codec.default_decoders()
+    previous = parent.set_cache_limit(1 << 20)
+    try:
+        assert ZstReader(fd).read(0, 1 << 20) == data[: 1 << 20]  # parks a stream
+        assert ZstReader(fd).read(1 << 20, 4096) == data[1 << 20 :][:4096]
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report, never return into pytest
+            ok = codec.default_decoders() is not parent
+            ok = ok and ZstReader(fd).read(2 << 20, 100) == data[2 << 20 :][:100]
+            os.write(w, b"1" if ok else b"0")
+            os._exit(0)
+        os.close(w)
+        assert os.read(r, 1) == b"1"
+        os.close(r)
+        assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        parent.set_cache_limit(previous)
+        codec.clear_caches()

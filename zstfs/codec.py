@@ -1362,6 +1362,21 @@ def default_decoders() -> Decoders:
         return _default_decoders
 
 
+def _forget_default_after_fork() -> None:
+    """A forked child (the daemon detaching after recovery) gets a fresh default budget: the
+    parent's janitor and prefetch threads do not exist in it, and its lock may have been held."""
+    global _default_decoders, _default_lock
+    old, _default_decoders, _default_lock = _default_decoders, None, threading.Lock()
+    if old is not None:
+        for streams in old._streams.values():
+            for stream in streams:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+os.register_at_fork(after_in_child=_forget_default_after_fork)
+
+
 def set_cache_limit(nbytes: int) -> int:
     """Set the default budget's decoded-frame cache bound; returns the previous bound."""
     return default_decoders().set_cache_limit(nbytes)
