@@ -522,7 +522,7 @@ def bench_foreign(res: Results, cfg: Config, work: Path, cold_ok: bool) -> None:
     cat_mnt = f"cat {q(str(mnt / 'single.jsonl'))} | wc -c"
     zcat = f"zstdcat {q(str(single))} | wc -c"
     print(f"foreign: cat of a {size / MB:.0f} MB single-frame file", flush=True)
-    with mounted(res, "foreign files", store, mnt) as d:
+    with mounted(res, "foreign files", store, mnt, "--pattern", "*.jsonl") as d:
         modes = (["cold"] if cold_ok else []) + ["warm"]
         for mode in modes:
             tm, tz = [], []
