@@ -766,6 +766,7 @@ class _Stream:
         self.served = 0  # end of the furthest read served
         self.queued = False  # waiting for the prefetcher
         self.doomed = False  # dropped at the next check-in (Decoders.clear while busy)
+        self.pinned: int | None = None  # the holder's read starts here: history kept from it
         self.lock = lock
         # The decoded bytes [pos - _history, pos), as the pieces the decoder returned.
         self._pieces: collections.deque[bytes] = collections.deque()
@@ -831,6 +832,8 @@ class _Stream:
 
     def _trim_locked(self) -> None:
         keep_from = self.served - STREAM_HISTORY
+        if self.pinned is not None:
+            keep_from = min(keep_from, self.pinned)
         while self._pieces and self.history_start + len(self._pieces[0]) <= keep_from:
             self._history -= len(self._pieces.popleft())
 
@@ -861,6 +864,8 @@ class _Stream:
         if lo < self.pos:
             with self.lock:
                 out = self._recall_locked(lo, hi)
+            if lo < self.history_start or sum(map(len, out)) != min(hi, self.pos) - lo:
+                raise AssertionError(f"stream history lost [{lo}, {self.pos})")  # never: pinned
             lo = min(hi, self.pos)
         if lo < hi:
             if lo > self.pos:
@@ -1302,6 +1307,7 @@ class Decoders:
                         best = s
                 if best is not None and not best.busy:
                     best.busy = True
+                    best.pinned = lo
                     self._idle.pop(best, None)
                     return best
                 if best is None and len(streams) >= STREAMS_PER_FRAME:
@@ -1324,6 +1330,7 @@ class Decoders:
         self.reserve(cost, f"frame at offset {frame.comp_start}")
         try:
             stream = _Stream(fd, key, frame, cost, self._cond)
+            stream.pinned = lo
         except BaseException:
             self.release(cost)
             raise
@@ -1335,6 +1342,7 @@ class Decoders:
     def _checkin(self, stream: _Stream, *, keep: bool, prefetch: bool = False) -> None:
         with self._cond:
             stream.busy = False
+            stream.pinned = None
             stream.last_used = time.monotonic()
             if not keep or stream.doomed:
                 self._drop_stream_locked(stream)
