@@ -22,6 +22,7 @@ from zstfs.compactor import Compactor
 from zstfs.fs import Operations
 from zstfs.log import default_log_file, setup_logging
 from zstfs.names import STATUS_XATTR, NameRules
+from zstfs.openfiles import OpenFiles
 from zstfs.options import MountOptions
 from zstfs.stats import Stats
 from zstfs.store import Store, StoreError
@@ -126,8 +127,9 @@ def mount(opts: MountOptions) -> int:
         raise MountError(str(e)) from None
     stats = Stats()
     compactor = Compactor(store, stats, compress_after=opts.compress_after, jobs=opts.jobs)
-    ops = Operations(store, stats, on_idle=compactor.notify)
-    compactor.attach(ops)
+    files = OpenFiles(store, stats)
+    ops = Operations(files, on_idle=compactor.notify, on_moved=compactor.moved)
+    compactor.attach(files)
     started = time.time()
     source, mountpoint = os.path.abspath(opts.source), os.path.abspath(opts.mountpoint)
 
@@ -144,6 +146,7 @@ def mount(opts: MountOptions) -> int:
             "level": opts.level,
             "jobs": opts.jobs,
             "open_files": sum(1 for n in ops.table if n.opens > 0),
+            "open_file_accounting": store.accounting.mode,
             "known_inodes": len(ops.table.nodes),
             "recovery": {"temps_removed": recovery.temps_removed,
                          "leftovers_removed": recovery.leftovers_removed,

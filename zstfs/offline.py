@@ -27,7 +27,7 @@ from zstfs import codec
 from zstfs.compactor import MIN_SAVING
 from zstfs.names import NameRules, zst_name
 from zstfs.stats import human_bytes
-from zstfs.store import Changed, Store, StoreError, StoreLocked, join, split
+from zstfs.store import Busy, Changed, PairExists, Store, StoreError, StoreLocked, join, split
 
 #: Redraw the bar at most this often: a terminal repaints slower than files complete.
 REDRAW_INTERVAL = 0.1
@@ -141,6 +141,7 @@ class Tally:
 
     done: int = 0
     skipped: int = 0
+    busy: int = 0  # open in another process: left plain, not an error
     failed: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
@@ -255,7 +256,8 @@ def _compress(
         ratio = tally.bytes_in / tally.bytes_out if tally.bytes_out else 1.0
         _summary(
             f"compress: {tally.done} files compressed, {tally.skipped} left plain "
-            f"(compression saves less than {MIN_SAVING:.0%}), {tally.failed} failed; "
+            f"(compression saves less than {MIN_SAVING:.0%}), {tally.busy} in use by "
+            f"another process left plain, {tally.failed} failed; "
             f"{human_bytes(tally.bytes_in)} -> {human_bytes(tally.bytes_out)} "
             f"(ratio {ratio:.2f}x, saved {human_bytes(tally.bytes_in - tally.bytes_out)}) "
             f"in {tally.elapsed():.1f}s."
@@ -285,14 +287,21 @@ def _compress_one(
         seen = consumed
 
     try:
-        prepared = store.prepare_compressed(path, progress=advance)
-        if prepared.stored > prepared.logical * (1 - MIN_SAVING):
-            store.discard(prepared)
+        swap = store.swap(path, progress=advance, min_saving=MIN_SAVING)
+        if swap is None:
             with tally.lock:
                 tally.skipped += 1
         else:
-            store.publish(prepared)
-            tally.record(prepared.logical, prepared.stored)
+            tally.record(swap.logical, swap.stored)
+    except Busy:
+        # A writer without a mount (a codex session running with the store unmounted) holds
+        # it, or opened it meanwhile: compressing it would lose what it writes next.
+        with tally.lock:
+            tally.busy += 1
+        bar.note(f"zstfs: {display(source, path)}: open in another process; left plain")
+    except PairExists:
+        _fail(bar, tally, source, path,
+              f"{os.fsdecode(zst_name(split(path)[1]))} already exists; left plain")
     except Changed as e:
         # Only something bypassing the lock (writing to the backing directory) gets here.
         _fail(bar, tally, source, path, f"changed while being compressed, left plain ({e})")

@@ -30,6 +30,8 @@ class Stats:
     swaps_done: int = 0
     swaps_abandoned: int = 0
     swaps_failed: int = 0
+    swaps_busy: int = 0  # found open (anywhere) when its turn came, or opened during it
+    pairs_skipped: int = 0  # a plain file beside a different .zst: left alone, reported
     promotions: int = 0
     bytes_compressed: int = 0
     corrupt_reads: int = 0
@@ -53,6 +55,8 @@ class Stats:
             "swaps_done": self.swaps_done,
             "swaps_abandoned": self.swaps_abandoned,
             "swaps_failed": self.swaps_failed,
+            "swaps_busy": self.swaps_busy,
+            "pairs_skipped": self.pairs_skipped,
             "promotions": self.promotions,
             "bytes_compressed": self.bytes_compressed,
             "corrupt_reads": self.corrupt_reads,
