@@ -46,7 +46,8 @@ def test_swap_then_promote_round_trip_keeps_metadata(store: Store, tmp_path: Pat
     os.utime(f, ns=(1_600_000_000_123_456_789, 1_500_000_000_987_654_321))
     os.setxattr(f, "user.note", b"kept")
     swap = store.swap(b"r.jsonl")
-    assert swap is not None and swap.logical == len(data)
+    assert swap is not None
+    assert swap.logical == len(data)
     assert not f.exists()
     z = tmp_path / "r.jsonl.zst"
     st = z.stat()

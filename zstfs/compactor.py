@@ -91,6 +91,10 @@ class Compactor:
         self._busy.pop(path, None)
         self._schedule(path, due)
 
+    def wake(self) -> None:
+        """Look at the queue now (after the clock moved, for instance)."""
+        self._wake.set()
+
     def moved(self, old: bytes, new: bytes) -> None:
         """A file or directory was renamed through the mount: what was queued under the old
         path is queued under the new one (a renamed cold file, such as an archived rollout,

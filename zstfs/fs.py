@@ -112,6 +112,10 @@ class DirHandle:
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False  # appends must reach the backing file as the writer sent them
+    # The two calls into the kernel session, replaceable so that the in-process tests can drive
+    # these operations without a mount.
+    readdir_reply = staticmethod(pyfuse3.readdir_reply)
+    invalidate_inode = staticmethod(pyfuse3.invalidate_inode)
 
     def __init__(
         self,
@@ -433,7 +437,7 @@ class Operations(pyfuse3.Operations):
                 continue
             entry, size = found
             node = self.table.attach(d.node.ino, name, entry.st, entry.compressed)
-            if not pyfuse3.readdir_reply(token, name, self._attrs(node, entry.st, size), i + 1):
+            if not self.readdir_reply(token, name, self._attrs(node, entry.st, size), i + 1):
                 self.table.maybe_drop(node)
                 return
             node.lookups += 1
@@ -991,7 +995,7 @@ class Operations(pyfuse3.Operations):
         """Tell the kernel that a node's attributes (st_blocks, ctime) changed under it."""
         if node.lookups > 0:
             try:
-                pyfuse3.invalidate_inode(InodeT(node.ino), attr_only=True)
+                self.invalidate_inode(InodeT(node.ino), attr_only=True)
             except OSError as e:
                 log.debug("invalidate_inode(%d): %s", node.ino, e)
 

@@ -26,7 +26,7 @@ import os
 import stat
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import trio
 
@@ -291,6 +291,13 @@ class OpenFiles:
         self.swaps: set[SwapTicket] = set()
         #: Called after a node's representation changed under the kernel's caches (a swap).
         self.on_swapped: Callable[[Node], None] = lambda node: None
+        #: A test seam: awaited at each named step of `compact` and `promote` (with the path),
+        #: so that in-process tests can force every interleaving with other operations.
+        self.step: Callable[[str, bytes], Awaitable[None]] | None = None
+
+    async def _step(self, what: str, path: bytes) -> None:
+        if self.step is not None:
+            await self.step(what, path)
 
     # ------------------------------------------------------------------ opening
     async def settle(self, node: Node) -> None:
@@ -343,6 +350,7 @@ class OpenFiles:
         # directory even if it is renamed while the file decodes.
         dir_fd = self.store.open_dir(parent)
         try:
+            await self._step("promoting", path)
             st = await trio.to_thread.run_sync(functools.partial(
                 self.store.promote_at, dir_fd, name, empty=empty, expect=node.key))
         finally:
@@ -430,8 +438,10 @@ class OpenFiles:
                 swap = await trio.to_thread.run_sync(functools.partial(
                     self.store.begin_swap_at, path, held_dir, expect=st,
                     abandon=ticket.abandoned), limiter=limiter)
+                await self._step("leased", path)
                 await trio.to_thread.run_sync(functools.partial(
                     self.store.compress_swap, swap, abandon=ticket.abandoned), limiter=limiter)
+                await self._step("compressed", path)
             except Abandoned:
                 return Outcome.OPEN
             except Busy:
@@ -442,6 +452,7 @@ class OpenFiles:
                 return Outcome.SMALL
             async with node.lock:
                 with trio.CancelScope(shield=True):
+                    await self._step("locked", path)
                     return await self._publish(node, swap, ticket)
         finally:
             if dir_fd >= 0:

@@ -566,6 +566,13 @@ class Store:
         if not swap.leased and leases.open_elsewhere(now, frozenset({swap.src_fd})):
             raise Busy(f"{swap.path!r} was opened by another process")
         zname = zst_name(swap.name)
+        if not replace:
+            try:
+                os.stat(zname, dir_fd=swap.dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                pass
+            else:
+                raise PairExists(f"{swap.path!r}: a .zst of it already exists")
         keep = temp_name(swap.name)
         os.link(swap.name, keep, src_dir_fd=swap.dir_fd, dst_dir_fd=swap.dir_fd,
                 follow_symlinks=False)
