@@ -425,9 +425,10 @@ class OpenFiles:
             if st.st_mtime > not_before:
                 return Outcome.WAIT
             existing = self.table.by_key.get(key_of(st))
-            if existing is not None and (existing.opens > 0 or existing.swap is not None
-                                         or existing.busy):
+            if existing is not None and (existing.opens > 0 or existing.swap is not None):
                 return Outcome.OPEN  # its release schedules it again
+            if existing is not None and existing.busy:
+                return Outcome.BUSY  # a rename or a metadata change holds it: look again later
             node = self.table.claim(st)
             dst = os.fstat(dir_fd)
             ticket = node.swap = SwapTicket(key_of(dst))
@@ -487,7 +488,8 @@ class OpenFiles:
             return Outcome.BUSY
         except Changed:
             return Outcome.WAIT
-        # No await since the plain name went: rekey before any lookup can see the .zst as new.
+        # Lookups during the publish found this node (locked, or through `pending`); from here
+        # on it stands for the .zst.
         self.table.rekey(node, zst_st, True)
         self.on_swapped(node)
         self.stats.swaps_done += 1

@@ -74,6 +74,7 @@ class Census:
     compressed_logical_bytes: int = 0
     compressed_stored_bytes: int = 0
     damaged_files: int = 0
+    kept_files: int = 0  # `.zstfs-kept.*`: set aside rather than lost
 
     def as_dict(self) -> dict[str, Any]:
         logical = self.plain_bytes + self.compressed_logical_bytes
@@ -88,4 +89,5 @@ class Census:
             "compressed_logical_bytes": self.compressed_logical_bytes,
             "compressed_stored_bytes": self.compressed_stored_bytes,
             "damaged_files": self.damaged_files,
+            "kept_files": self.kept_files,
         }

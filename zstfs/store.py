@@ -576,6 +576,7 @@ class Store:
         keep = temp_name(swap.name)
         os.link(swap.name, keep, src_dir_fd=swap.dir_fd, dst_dir_fd=swap.dir_fd,
                 follow_symlinks=False)
+        done = False
         try:
             try:
                 rename_at(swap.dir_fd, swap.temp, swap.dir_fd, zname,
@@ -592,10 +593,26 @@ class Store:
                     not swap.leased and leases.open_elsewhere(now, frozenset({swap.src_fd}))):
                 self._undo_publish(swap, keep, zname)
                 raise Busy(f"{swap.path!r} was opened while its swap was published")
+            done = True
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(keep, dir_fd=swap.dir_fd)
+            self._drop_keep(swap, keep, done)
         return zst_st
+
+    def _drop_keep(self, swap: Swap, keep: bytes, done: bool) -> None:
+        """Remove the hidden second link, unless it became the plain file's only name in a swap
+        that did not finish (an error while undoing it): then it is set aside where recovery
+        keeps it."""
+        try:
+            kst = os.stat(keep, dir_fd=swap.dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return  # renamed back to its name by the undo
+        if done or kst.st_nlink > 1:
+            os.unlink(keep, dir_fd=swap.dir_fd)
+            return
+        kept = KEPT_PREFIX + os.urandom(6).hex().encode() + b"." + swap.name[-100:]
+        rename_at(swap.dir_fd, keep, swap.dir_fd, kept, RENAME_NOREPLACE)
+        log.error("%s: its swap failed half way; the plain file is kept as %s",
+                  os.fsdecode(swap.path), os.fsdecode(kept))
 
     def _undo_publish(self, swap: Swap, keep: bytes, zname: bytes) -> None:
         """Someone is opening the plain inode we just unlinked: give it its name back (plain
@@ -647,6 +664,8 @@ class Store:
         for d, entries in self.walk():
             names = {n for n, _ in entries}
             for n, st in entries:
+                if n.startswith(KEPT_PREFIX):
+                    c.kept_files += 1  # set aside, never removed: the user should look
                 if is_reserved(n) or not stat.S_ISREG(st.st_mode):
                     continue
                 if self.rules.is_representation(n):
