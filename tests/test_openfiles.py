@@ -19,7 +19,7 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
-from inprocess import O_APPEND_W, Gate, World, jsonl, wait_for, write_cold
+from inprocess import CTX, O_APPEND_W, Gate, World, jsonl, wait_for, write_cold
 from pyfuse3 import FUSEError
 
 from zstfs import leases
@@ -542,3 +542,35 @@ async def test_13_unlink_during_compression_cancels_it_and_rmdir_works(world: Wo
         await world.rmdir("d")  # waits for the abandoned swap to remove its temp
     assert result["outcome"] is Outcome.OPEN
     assert world.below() == []
+
+
+async def test_the_daemon_never_blocks_on_its_own_lease(world: World) -> None:
+    """An open that reaches a file being swapped through a node the swap is not registered on
+    (a stale one) must not block the trio thread on our own lease: the open finds the swap by
+    the file's inode, makes it give up, and goes on."""
+    data = jsonl(2000)
+    write_cold(world.root / "l.jsonl", data)
+    ino = await world.lookup("l.jsonl")
+    node = world.ops.table.get(ino)
+    assert node is not None
+    gate = Gate("compressed")
+    world.files.step = gate
+    async with trio.open_nursery() as n:
+        result = await compact_in_background(world, "l.jsonl", n)
+        await gate.reached.wait()
+        ticket, node.swap = node.swap, None  # as if the kernel came through another node
+        opened: list[int] = []
+
+        async def open_it() -> None:
+            opened.append((await world.ops.open(ino, O_APPEND_W, CTX)).fh)
+
+        n.start_soon(open_it)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not opened  # waiting for the swap to give up, not blocked in the kernel
+        node.swap = ticket
+        gate.go.set()
+    assert result["outcome"] is Outcome.OPEN
+    await world.append(opened[0], b'{"more":1}\n')
+    await world.release(opened[0])
+    assert world.below() == ["l.jsonl"]
+    assert await world.content("l.jsonl") == data + b'{"more":1}\n'

@@ -32,7 +32,7 @@ from zstfs import codec
 from zstfs.names import STATUS_XATTR, zst_name
 from zstfs.openfiles import ROOT_INODE, Node, OpenFiles
 from zstfs.stats import Stats
-from zstfs.store import Entry, join, split
+from zstfs.store import Entry, Leased, join, split
 
 log = logging.getLogger(__name__)
 
@@ -297,12 +297,18 @@ class Operations(pyfuse3.Operations):
         if fields.update_size:
             while node.swap is not None:
                 await self.files.settle(node)
-        # Under the file's lock: a promotion or a swap's publish step never runs meanwhile, so
-        # the change lands on the file that results (and a swap never reverts it).
-        async with self._locked(node):
-            if fields.update_size:
-                self.files.abandon(node)  # one that started while we waited for the lock
-            return await self._setattr_locked(node, handle, attr, fields)
+        for _ in range(3):
+            try:
+                # Under the file's lock: a promotion or a swap's publish step never runs
+                # meanwhile, so the change lands on the file that results (and a swap never
+                # reverts it).
+                async with self._locked(node):
+                    if fields.update_size:
+                        self.files.abandon(node)  # one that started while we waited
+                    return await self._setattr_locked(node, handle, attr, fields)
+            except Leased as e:
+                await self._unlease(node, e, os.O_WRONLY)
+        raise FUSEError(errno.EAGAIN)
 
     async def _setattr_locked(
         self,
@@ -356,8 +362,7 @@ class Operations(pyfuse3.Operations):
             self.table.maybe_drop(node)
 
     def _truncate(self, node: Node, size: int) -> None:
-        fd = os.open(self._path(node), os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW,
-                     dir_fd=self.store.root_fd)
+        fd = self.store.open_plain(self._path(node), os.O_WRONLY)
         try:
             os.ftruncate(fd, size)
         finally:
@@ -724,6 +729,21 @@ class Operations(pyfuse3.Operations):
     @translate_errors
     async def open(self, inode: InodeT, flags: int, ctx: pyfuse3.RequestContext) -> FileInfo:
         node = self._node(inode)
+        for _ in range(3):
+            try:
+                return await self._open(node, flags)
+            except Leased as e:
+                await self._unlease(node, e, flags)
+        return await self._open(node, flags)
+
+    async def _unlease(self, node: Node, e: Leased, flags: int) -> None:
+        """A backing file is leased: a swap of ours (found by its inode, in case the kernel
+        reached it through another node) gives up; anyone else's lease is waited out in a
+        worker thread, never on the thread that serves every request."""
+        if not await self.files.settle_file(e.key):
+            await trio.to_thread.run_sync(self.store.wait_unleased, self._path(node), flags)
+
+    async def _open(self, node: Node, flags: int) -> FileInfo:
         while node.swap is not None:
             # Its compaction holds a lease: opening the backing file now would block this
             # thread on our own lease. Make it give up first.
@@ -773,8 +793,7 @@ class Operations(pyfuse3.Operations):
             reader = codec.ZstReader(fd)
             size = self.store.known_size(entry.st)
             return Handle(node, fd, flags, reader, size is not None and size <= INLINE_DECODE_LIMIT)
-        fd = os.open(path, backing_flags | os.O_NOFOLLOW, dir_fd=self.store.root_fd)
-        return Handle(node, fd, flags, None)
+        return Handle(node, self.store.open_plain(path, backing_flags), flags, None)
 
     def _current_fd(self, node: Node) -> int | None:
         """For a node with no name: a descriptor of its current plain content (its anonymous

@@ -56,12 +56,13 @@ class SwapTicket:
     """A compaction in flight: how the trio side asks the worker thread to give up, and how it
     learns that the worker let go of the file (lease released, temp removed)."""
 
-    __slots__ = ("_abandon", "dir_key", "done")
+    __slots__ = ("_abandon", "dir_key", "done", "file_key")
 
-    def __init__(self, dir_key: Key) -> None:
+    def __init__(self, dir_key: Key, file_key: Key) -> None:
         self._abandon = threading.Event()
         self.done = trio.Event()
         self.dir_key = dir_key  # the directory holding its temp
+        self.file_key = file_key  # the plain file it leases
 
     def abandon(self) -> None:
         self._abandon.set()
@@ -314,6 +315,15 @@ class OpenFiles:
             ticket.abandon()
             await ticket.done.wait()
 
+    async def settle_file(self, key: Key) -> bool:
+        """Abandon the compaction leasing backing file `key` (found by a non-blocking open that
+        would have waited), wait for it to let go; False if no swap of ours holds it."""
+        tickets = [t for t in self.swaps if t.file_key == key]
+        for ticket in tickets:
+            ticket.abandon()
+            await ticket.done.wait()
+        return bool(tickets)
+
     def abandon(self, node: Node | None) -> None:
         """The file was removed or renamed: its compaction (if any) need not go on."""
         if node is not None and node.swap is not None:
@@ -431,7 +441,7 @@ class OpenFiles:
                 return Outcome.BUSY  # a rename or a metadata change holds it: look again later
             node = self.table.claim(st)
             dst = os.fstat(dir_fd)
-            ticket = node.swap = SwapTicket(key_of(dst))
+            ticket = node.swap = SwapTicket(key_of(dst), key_of(st))
             self.swaps.add(ticket)
             self.table.pending[(ticket.dir_key, name)] = node
             held_dir, dir_fd = dir_fd, -1  # the swap owns it from here

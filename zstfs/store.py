@@ -100,6 +100,14 @@ class Abandoned(Busy):
     """The daemon asked the swap to give up (an open, removal or rename through the mount)."""
 
 
+class Leased(Exception):
+    """A backing file cannot be opened without waiting: a lease on it is being broken."""
+
+    def __init__(self, key: tuple[int, int]) -> None:
+        super().__init__(f"file {key} is leased")
+        self.key = key
+
+
 class PairExists(Exception):
     """`NAME.zst` already exists beside the plain `NAME` being swapped."""
 
@@ -270,6 +278,25 @@ class Store:
             os.close(fd)
         self.remember_size(st, size)
         return size
+
+    def open_plain(self, path: bytes, flags: int) -> int:
+        """Open a plain backing file for the daemon's own use, never waiting on a lease (the
+        daemon's thread must not block on its own swap's lease): Leased instead."""
+        try:
+            fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=self.root_fd)
+        except BlockingIOError:
+            st = self.lstat(path)
+            raise Leased((st.st_dev, st.st_ino)) from None
+        if not flags & os.O_NONBLOCK:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        return fd
+
+    def wait_unleased(self, path: bytes, flags: int) -> None:
+        """Wait (in a worker thread) until someone else's lease on `path` lets us open it."""
+        with contextlib.suppress(OSError):
+            os.close(os.open(path, (flags & os.O_ACCMODE) | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=self.root_fd))
 
     def open_compressed(self, path: bytes, st: os.stat_result) -> int:
         """Open a `.zst` for reading. A small one is read ahead whole, in the background: its
