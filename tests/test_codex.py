@@ -80,7 +80,7 @@ def home(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Home]:
     factory: MountFactory = request.getfixturevalue("mount_factory")
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        m = factory(path, "--compress-after", "0")
+        m = factory(path, "--compress-after", "0", flat=False)  # the default patterns
         yield Home(path, m, fd)
         if m.proc is not None:
             m.stop()  # a clean unmount after codex is part of every zstfs test
@@ -589,7 +589,7 @@ def test_zstfs_backing_store_usable_without_zstfs(
     for t in (p1, r1, p2, r2):
         assert t in texts
 
-    again = mount_factory(home.path, "--compress-after", "0")
+    again = mount_factory(home.path, "--compress-after", "0", flat=False)
     home.mount = again
     _wait_compressed(home, path)  # found by the initial scan
     assert path.read_bytes() == after
@@ -609,7 +609,8 @@ def test_sessions_only_mount_cannot_archive(
         pytest.skip(f"FUSE unavailable: {reason}")
     sessions = home.path / "sessions"
     sessions.mkdir()
-    m = mount_factory(sessions, "--compress-after", "0")
+    # The default patterns are relative to CODEX_HOME: a store of sessions/ alone needs its own.
+    m = mount_factory(sessions, "--compress-after", "0", "--pattern", "rollout-*.jsonl")
     p1, _ = _prompt_and_reply("sessions-only-1")
     p2, r2 = _prompt_and_reply("sessions-only-2")
     codex.exec(p1)

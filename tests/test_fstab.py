@@ -71,8 +71,8 @@ def test_zstfs_option_values_are_parsed() -> None:
     o = opts("noauto,user,compress_after=7d,pattern=*.log,level=5",
              "jobs=2,log=/tmp/z.log,fsname=codex,allow_other,allow_root,debug,foreground")
     assert o.compress_after == 7 * 86400
-    assert (o.pattern, o.level, o.jobs, o.log_file, o.fsname) == (
-        "*.log", 5, 2, "/tmp/z.log", "codex")
+    assert (o.patterns, o.level, o.jobs, o.log_file, o.fsname) == (
+        ("*.log",), 5, 2, "/tmp/z.log", "codex")
     assert (o.allow_other, o.allow_root, o.debug, o.foreground) == (True, True, True, True)
     assert opts("compress_after=90m").compress_after == 5400
     assert opts("compress-after=0").compress_after == 0  # dashes work like in the long options

@@ -137,7 +137,7 @@ class Compactor:
         found = []
         for d, entries in self.store.walk():
             for name, st in entries:
-                if self.store.eligible(name, st):
+                if self.store.eligible(d, name, st):
                     found.append((d + b"/" + name if d != b"." else name, st.st_mtime))
         return found
 
@@ -161,7 +161,7 @@ class Compactor:
             st = self.store.lstat(path)
         except FileNotFoundError:
             return
-        if not self.store.eligible(split(path)[1], st):
+        if not self.store.eligible(*split(path), st):
             return
         due = st.st_mtime + self.compress_after
         if due > self.clock():

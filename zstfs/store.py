@@ -28,6 +28,7 @@ from typing import Final
 from zstfs import codec
 from zstfs.names import (
     LOCK_NAME,
+    ZST_SUFFIX_B,
     NameRules,
     is_reserved,
     is_temp,
@@ -176,7 +177,7 @@ class Store:
             return Entry(name, self.lstat(join(parent, name)), False)
         except FileNotFoundError:
             pass
-        if not self.rules.compressible(name):
+        if not self.rules.compressible(parent, name):
             return None
         zname = zst_name(name)
         try:
@@ -200,9 +201,9 @@ class Store:
         for name, st in raw:
             if is_reserved(name):
                 continue
-            if self.rules.is_representation(name) and stat.S_ISREG(st.st_mode):
-                packed[self.rules.logical(name)] = Entry(name, st, True)
-            elif not self.rules.is_representation(name):
+            if self.rules.is_representation(path, name) and stat.S_ISREG(st.st_mode):
+                packed[self.rules.logical(path, name)] = Entry(name, st, True)
+            elif not self.rules.is_representation(path, name):
                 plain[name] = Entry(name, st, False)
         for logical, entry in packed.items():
             plain.setdefault(logical, entry)
@@ -237,16 +238,17 @@ class Store:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         return fd
 
-    def eligible(self, name: bytes, st: os.stat_result) -> bool:
-        """May this backing entry be compressed (by the compactor or `zstfs compress`)? A plain
-        regular file with one link (a swap would split a hard link), whose name matches the
-        pattern and can still carry the `.zst` suffix. Age and open handles are the caller's."""
+    def eligible(self, parent: bytes, name: bytes, st: os.stat_result) -> bool:
+        """May this backing entry (`name` in directory `parent`) be compressed (by the compactor
+        or `zstfs compress`)? A plain regular file with one link (a swap would split a hard link),
+        which matches the patterns and whose name can still carry the `.zst` suffix. Age and open
+        handles are the caller's."""
         return (
             stat.S_ISREG(st.st_mode)
             and st.st_nlink == 1
             and len(name) + len(b".zst") <= 255
-            and self.rules.compressible(name)
-            and not self.rules.is_representation(name)
+            and self.rules.compressible(parent, name)
+            and not self.rules.is_representation(parent, name)
         )
 
     def learn_sizes(self, paths: list[bytes]) -> None:
@@ -277,6 +279,19 @@ class Store:
         if _renameat2(self.root_fd, old, self.root_fd, new, flags) != 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err), old, None, new)
+
+    def moved_representation(self, old: bytes, new: bytes) -> bytes | None:
+        """If directory `old` were renamed to `new`, the first `.zst` inside it (path under `old`)
+        that would change between being a file's compressed form and a file of its own (the
+        patterns can depend on the path); None if nothing would."""
+        for d, entries in self.walk(old):
+            moved = new + d[len(old):]
+            for n, st in entries:
+                if (n.endswith(ZST_SUFFIX_B) and stat.S_ISREG(st.st_mode)
+                        and self.rules.is_representation(d, n)
+                        != self.rules.is_representation(moved, n)):
+                    return join(d, n)
+        return None
 
     def fsync_dir(self, path: bytes) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.root_fd)
@@ -408,8 +423,8 @@ class Store:
             for n, st in entries:
                 if is_reserved(n) or not stat.S_ISREG(st.st_mode):
                     continue
-                if self.rules.is_representation(n):
-                    if self.rules.logical(n) in names:
+                if self.rules.is_representation(d, n):
+                    if self.rules.logical(d, n) in names:
                         continue  # a hidden leftover: the plain file is the one shown
                     c.compressed_files += 1
                     c.compressed_stored_bytes += st.st_size
@@ -418,7 +433,7 @@ class Store:
                     except (codec.CorruptError, OSError):
                         c.damaged_files += 1
                         c.compressed_logical_bytes += st.st_size
-                elif self.rules.compressible(n):
+                elif self.rules.compressible(d, n):
                     c.plain_files += 1
                     c.plain_bytes += st.st_size
         return c
@@ -459,8 +474,8 @@ class Store:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(join(d, n), dir_fd=self.root_fd)
                         temps += 1
-                elif self.rules.is_representation(n) and self.rules.logical(n) in names:
-                    if self._plain_supersedes(join(d, self.rules.logical(n)), join(d, n)):
+                elif self.rules.is_representation(d, n) and self.rules.logical(d, n) in names:
+                    if self._plain_supersedes(join(d, self.rules.logical(d, n)), join(d, n)):
                         os.unlink(join(d, n), dir_fd=self.root_fd)
                         removed += 1
                     else:
