@@ -54,7 +54,14 @@ def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 600.0,
     r = subprocess.run(cmd, capture_output=True, text=True)
     if (r.returncode != 0 and stop_codex and "busy" in (r.stderr or r.stdout).lower()
             and _stop_codex_daemon(mountpoint, dev)):
+        # An exited process lets go of its files a moment after it shows as gone (its other
+        # threads are still being torn down): retry for a little while.
+        retry_until = time.monotonic() + 10
         r = subprocess.run(cmd, capture_output=True, text=True)
+        while (r.returncode != 0 and "busy" in (r.stderr or r.stdout).lower()
+               and time.monotonic() < retry_until):
+            time.sleep(0.1)
+            r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         msg = (r.stderr or r.stdout).strip()
         if "busy" in msg.lower():
@@ -104,9 +111,26 @@ def _stop_codex_daemon(mountpoint: str, dev: int, timeout: float = 30.0) -> bool
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + timeout
-    while any(_alive(u.pid) for u in daemons) and time.monotonic() < deadline:
+    while any(_running(u.pid) for u in daemons) and time.monotonic() < deadline:
         time.sleep(0.05)
     return bool(daemons)
+
+
+def _running(pid: int) -> bool:
+    """True while any thread of `pid` has not exited (a zombie leader can still have threads
+    holding the process's files)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                if f.read().rsplit(")", 1)[-1].split()[0] not in ("Z", "X"):
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 # ---------------------------------------------------------------------- status
