@@ -25,6 +25,7 @@ from codex_harness import codex_daemons, find_codex, kill_codex_daemons, process
 from conftest import STATUS_XATTR, fuse_available, is_mounted, lazy_unmount, wait_until
 
 from zstfs.cli import GENERIC_MOUNT_OPTIONS, UsageError, apply_o_options, fstab_argv
+from zstfs.names import DEFAULT_PATTERNS
 from zstfs.options import MountOptions
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,6 +76,10 @@ def test_zstfs_option_values_are_parsed() -> None:
     assert (o.patterns, o.level, o.jobs, o.log_file, o.fsname) == (
         ("*.log",), 5, 2, "/tmp/z.log", "codex")
     assert (o.allow_other, o.allow_root, o.debug, o.foreground) == (True, True, True, True)
+    assert opts("").patterns == DEFAULT_PATTERNS  # codex's rollouts
+    # pattern= repeats (a comma cannot be inside one); the first replaces the default.
+    assert opts("pattern=*.log,pattern=data/**/*.csv").patterns == ("*.log", "data/**/*.csv")
+    assert (opts("").force, opts("force").force) == (False, True)
     assert opts("compress_after=90m").compress_after == 5400
     assert opts("compress-after=0").compress_after == 0  # dashes work like in the long options
     assert opts("").compress_after is None  # nothing given: never compress in the background
