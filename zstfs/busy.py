@@ -37,6 +37,7 @@ class User:
         if not self.argv:
             return "?"
         text = " ".join([os.path.basename(self.argv[0]), *self.argv[1:]])
+        text = " ".join(text.split())  # one line, whatever the arguments hold
         return text if len(text) <= 100 else text[:97] + "..."
 
     @property
