@@ -538,16 +538,16 @@ class Operations(pyfuse3.Operations):
         self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, flags: int
     ) -> None:
         old_dir, new_dir = self._dir_path(p_old), self._dir_path(p_new)
+        if self.rules.path_aware:  # (awaits: everything below is resolved afterwards)
+            await self._check_subtree_move(old_dir, n_old, new_dir, n_new)
+            if flags & pyfuse3.RENAME_EXCHANGE:
+                await self._check_subtree_move(new_dir, n_new, old_dir, n_old)
         src = self.store.resolve(old_dir, n_old)
         if src is None:
             raise FUSEError(errno.ENOENT)
         dst = self.store.resolve(new_dir, n_new)
         if flags & pyfuse3.RENAME_NOREPLACE and dst is not None:
             raise FUSEError(errno.EEXIST)
-        if self.rules.path_aware:
-            await self._check_subtree_move(old_dir, n_old, new_dir, n_new, src)
-            if flags & pyfuse3.RENAME_EXCHANGE and dst is not None:
-                await self._check_subtree_move(new_dir, n_new, old_dir, n_old, dst)
         if src.compressed and not self.rules.compressible(new_dir, n_new):
             # The new name cannot have a .zst form: the file becomes plain first.
             await self._make_plain(self._node_at(p_old, n_old, src))
@@ -605,14 +605,17 @@ class Operations(pyfuse3.Operations):
         return self.table.attach(parent_ino, name, entry.st, entry.compressed)
 
     async def _check_subtree_move(
-        self, old_dir: bytes, old_name: bytes, new_dir: bytes, new_name: bytes, entry: Entry
+        self, old_dir: bytes, old_name: bytes, new_dir: bytes, new_name: bytes
     ) -> None:
         """With path-dependent patterns, moving a directory can change which `.zst` files inside
         it are compressed forms of files and which are files of their own: refuse such a move
         with EXDEV, so that `mv` copies the files (their logical content) instead."""
-        if not stat.S_ISDIR(entry.st.st_mode):
-            return
         old, new = join(old_dir, old_name), join(new_dir, new_name)
+        try:
+            if not stat.S_ISDIR(self.store.lstat(old).st_mode):
+                return
+        except FileNotFoundError:
+            return
         changed = await trio.to_thread.run_sync(self.store.moved_representation, old, new)
         if changed is not None:
             log.info("rename %s -> %s refused (EXDEV): it would change what %s is",
