@@ -7,7 +7,9 @@ tests marked ``ZSTFS_ONLY`` are issue 6: codex on a zstfs mount of CODEX_HOME it
 at the backing store through a descriptor of the directory opened before the mount covered it
 (``/proc/self/fd/N/...`` reaches the files under the mount), and at the daemon's status.
 ``test_sessions_only_mount_cannot_archive`` documents why the README says to mount CODEX_HOME
-and not just ``sessions/``.
+and not just ``sessions/``. The issue 12 tests run codex as people do: interactive (the TUI in a
+pseudo-terminal, which writes history.jsonl) and with its background app-server, which the
+mount must refuse to split and the unmount must name (or stop, with ``--stop-codex``).
 
 Helpers live in tests/codex_harness.py; its docstring lists what codex really does to
 CODEX_HOME.
