@@ -172,7 +172,7 @@ def test_2_offline_swap_refuses_a_file_held_by_a_writer(tmp_path: Path) -> None:
     data = jsonl(2000)
     write_cold(tmp_path / "w.jsonl", data)
     holder = hold_open(tmp_path / "w.jsonl", "append")
-    store = Store.open(str(tmp_path), NameRules())
+    store = Store.open(str(tmp_path), NameRules("*.jsonl"))
     try:
         with pytest.raises(Busy):
             store.swap(b"w.jsonl")

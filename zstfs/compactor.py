@@ -165,7 +165,7 @@ class Compactor:
         found = []
         for d, entries in self.store.walk():
             for name, st in entries:
-                if self.store.eligible(name, st):
+                if self.store.eligible(d, name, st):
                     found.append((join(d, name), st.st_mtime))
         return found
 

@@ -168,9 +168,9 @@ class Operations(pyfuse3.Operations):
         self._next_fh += 1
         return fh
 
-    def _check_name(self, name: bytes) -> None:
+    def _check_name(self, parent_ino: int, name: bytes) -> None:
         """Names the view cannot create: zstfs's own and the `.zst` representations."""
-        if not self.rules.visible(name):
+        if not self.rules.visible(self._dir_path(parent_ino), name):
             raise FUSEError(errno.EPERM)
 
     async def _logical_size(self, path: bytes, st: os.stat_result) -> int:
@@ -264,7 +264,7 @@ class Operations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        if not self.rules.visible(name):
+        if not self.rules.visible(self._dir_path(parent_inode), name):
             raise FUSEError(errno.ENOENT)
         node, attrs = await self._entry(parent_inode, name)
         node.lookups += 1
@@ -476,7 +476,7 @@ class Operations(pyfuse3.Operations):
     async def mkdir(
         self, parent_inode: InodeT, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        self._check_name(name)
+        self._check_name(parent_inode, name)
         path = join(self._dir_path(parent_inode), name)
         os.mkdir(path, stat.S_IMODE(mode) & ~ctx.umask, dir_fd=self.store.root_fd)
         self._give_to_caller(path, ctx)
@@ -484,7 +484,7 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def rmdir(self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        if not self.rules.visible(name):
+        if not self.rules.visible(self._dir_path(parent_inode), name):
             raise FUSEError(errno.ENOENT)
         path = join(self._dir_path(parent_inode), name)
         try:
@@ -505,7 +505,7 @@ class Operations(pyfuse3.Operations):
         target: bytes,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        self._check_name(name)
+        self._check_name(parent_inode, name)
         path = join(self._dir_path(parent_inode), name)
         os.symlink(target, path, dir_fd=self.store.root_fd)
         self._give_to_caller(path, ctx)
@@ -520,9 +520,9 @@ class Operations(pyfuse3.Operations):
         rdev: int,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        self._check_name(name)
+        self._check_name(parent_inode, name)
         path = join(self._dir_path(parent_inode), name)
-        if self.rules.compressible(name) and self.store.resolve(*split(path)) is not None:
+        if self.rules.compressible(*split(path)) and self.store.resolve(*split(path)) is not None:
             raise FUSEError(errno.EEXIST)
         os.mknod(path, mode & ~ctx.umask, rdev, dir_fd=self.store.root_fd)
         self._give_to_caller(path, ctx)
@@ -564,7 +564,7 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def unlink(self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        if not self.rules.visible(name):
+        if not self.rules.visible(self._dir_path(parent_inode), name):
             raise FUSEError(errno.ENOENT)
         node = await self._locked_node(parent_inode, name)
         try:
@@ -578,7 +578,7 @@ class Operations(pyfuse3.Operations):
     def _remove_forms(self, parent: bytes, name: bytes, *, missing_ok: bool) -> bool:
         """Remove every backing form of a logical file name; True if anything was removed."""
         removed = False
-        forms = [name, zst_name(name)] if self.rules.compressible(name) else [name]
+        forms = [name, zst_name(name)] if self.rules.compressible(parent, name) else [name]
         for form in forms:
             try:
                 os.unlink(join(parent, form), dir_fd=self.store.root_fd)
@@ -599,9 +599,9 @@ class Operations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        if not self.rules.visible(name_old):
+        if not self.rules.visible(self._dir_path(parent_inode_old), name_old):
             raise FUSEError(errno.ENOENT)
-        self._check_name(name_new)
+        self._check_name(parent_inode_new, name_new)
         src_node = await self._locked_node(parent_inode_old, name_old)
         dst_node = None
         try:
@@ -632,20 +632,24 @@ class Operations(pyfuse3.Operations):
         else:
             self.on_moved(old_path, new_path)
         if (node is not None and node.opens == 0 and not node.compressed and not node.is_dir
-                and self.on_idle is not None and self.rules.compressible(split(new_path)[1])):
+                and self.on_idle is not None and self.rules.compressible(*split(new_path))):
             self.on_idle(new_path)
 
     async def _rename(
         self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, flags: int
     ) -> None:
         old_dir, new_dir = self._dir_path(p_old), self._dir_path(p_new)
+        if self.rules.path_aware:  # (awaits: everything below is resolved afterwards)
+            await self._check_subtree_move(old_dir, n_old, new_dir, n_new)
+            if flags & pyfuse3.RENAME_EXCHANGE:
+                await self._check_subtree_move(new_dir, n_new, old_dir, n_old)
         src = self.store.resolve(old_dir, n_old)
         if src is None:
             raise FUSEError(errno.ENOENT)
         dst = self.store.resolve(new_dir, n_new)
         if flags & pyfuse3.RENAME_NOREPLACE and dst is not None:
             raise FUSEError(errno.EEXIST)
-        if src.compressed and not self.rules.compressible(n_new):
+        if src.compressed and not self.rules.compressible(new_dir, n_new):
             # The new name cannot have a .zst form: the file becomes plain first.
             await self._make_plain(self._node_at(p_old, n_old, src))
             src = self.store.resolve(old_dir, n_old)
@@ -662,11 +666,11 @@ class Operations(pyfuse3.Operations):
             os.unlink(join(new_dir, dst.name), dir_fd=self.store.root_fd)
         self.store.rename(join(old_dir, src.name), join(new_dir, target),
                           flags & pyfuse3.RENAME_NOREPLACE)
-        if not src.compressed and self.rules.compressible(n_old):
+        if not src.compressed and self.rules.compressible(old_dir, n_old):
             # A differing leftover `.zst` that recovery kept hidden behind the plain file
             # would show its old content under the old name: keep it aside, hidden.
             self.store.set_aside(old_dir, zst_name(n_old))
-        if self.rules.compressible(n_new) and not src.compressed:
+        if self.rules.compressible(new_dir, n_new) and not src.compressed:
             # A stale compressed form of the destination would resurface if the plain one went.
             try:
                 os.unlink(join(new_dir, zst_name(n_new)), dir_fd=self.store.root_fd)
@@ -705,6 +709,24 @@ class Operations(pyfuse3.Operations):
     def _node_at(self, parent_ino: int, name: bytes, entry: Entry) -> Node:
         return self.table.attach(parent_ino, name, entry.st, entry.compressed)
 
+    async def _check_subtree_move(
+        self, old_dir: bytes, old_name: bytes, new_dir: bytes, new_name: bytes
+    ) -> None:
+        """With path-dependent patterns, moving a directory can change which `.zst` files inside
+        it are compressed forms of files and which are files of their own: refuse such a move
+        with EXDEV, so that `mv` copies the files (their logical content) instead."""
+        old, new = join(old_dir, old_name), join(new_dir, new_name)
+        try:
+            if not stat.S_ISDIR(self.store.lstat(old).st_mode):
+                return
+        except FileNotFoundError:
+            return
+        changed = await trio.to_thread.run_sync(self.store.moved_representation, old, new)
+        if changed is not None:
+            log.info("rename %s -> %s refused (EXDEV): it would change what %s is",
+                     os.fsdecode(old), os.fsdecode(new), os.fsdecode(changed))
+            raise FUSEError(errno.EXDEV)
+
     @translate_errors
     async def link(
         self,
@@ -713,13 +735,13 @@ class Operations(pyfuse3.Operations):
         new_name: bytes,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        self._check_name(new_name)
+        self._check_name(new_parent_inode, new_name)
         node = self._node(inode)
         # A hard link to a compressed file would be broken by its next promotion: link the
         # plain form instead.
         await self._make_plain(node)
         new_dir = self._dir_path(new_parent_inode)
-        if self.rules.compressible(new_name) and self.store.resolve(new_dir, new_name):
+        if self.rules.compressible(new_dir, new_name) and self.store.resolve(new_dir, new_name):
             raise FUSEError(errno.EEXIST)
         os.link(self._path(node), join(new_dir, new_name), src_dir_fd=self.store.root_fd,
                 dst_dir_fd=self.store.root_fd, follow_symlinks=False)
@@ -850,9 +872,10 @@ class Operations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> tuple[FileInfo, pyfuse3.EntryAttributes]:
-        self._check_name(name)
+        self._check_name(parent_inode, name)
         parent = self._dir_path(parent_inode)
-        existing = self.store.resolve(parent, name) if self.rules.compressible(name) else None
+        compressible = self.rules.compressible(parent, name)
+        existing = self.store.resolve(parent, name) if compressible else None
         if existing is not None:
             # The name exists in compressed form: O_CREAT without O_EXCL opens it.
             if flags & os.O_EXCL:
@@ -939,7 +962,7 @@ class Operations(pyfuse3.Operations):
         node.opens -= 1
         if node.opens == 0 and self.on_idle is not None and not node.compressed:
             path = self.table.path(node)
-            if path is not None and self.rules.compressible(split(path)[1]):
+            if path is not None and self.rules.compressible(*split(path)):
                 self.on_idle(path)
         self.table.maybe_drop(node)
 

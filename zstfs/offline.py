@@ -25,7 +25,7 @@ from typing import TextIO
 
 from zstfs import codec
 from zstfs.compactor import MIN_SAVING
-from zstfs.names import NameRules, zst_name
+from zstfs.names import NameRules, Patterns, zst_name
 from zstfs.stats import human_bytes
 from zstfs.store import Busy, Changed, PairExists, Store, StoreError, StoreLocked, join, split
 
@@ -159,7 +159,7 @@ class Tally:
 
 
 @contextlib.contextmanager
-def locked_store(source: str, pattern: str, level: int = 3) -> Iterator[Store]:
+def locked_store(source: str, pattern: Patterns, level: int = 3) -> Iterator[Store]:
     """The store opened and locked for exclusive offline use; StoreError if that is not possible.
 
     A store mounted over itself hides its lock file behind the mount, so the lock alone would
@@ -212,7 +212,7 @@ def run_guarded(body: Callable[[], int]) -> int:
 
 # ---------------------------------------------------------------------- compress
 def compress(
-    source: str, *, older_than: float, pattern: str, level: int, jobs: int, progress: bool
+    source: str, *, older_than: float, pattern: Patterns, level: int, jobs: int, progress: bool
 ) -> int:
     """Compress every eligible plain file of an unmounted store now, `jobs` at a time.
 
@@ -224,7 +224,7 @@ def compress(
 
 
 def _compress(
-    source: str, older_than: float, pattern: str, level: int, jobs: int, progress: bool
+    source: str, older_than: float, pattern: Patterns, level: int, jobs: int, progress: bool
 ) -> int:
     with locked_store(source, pattern, level) as store:
         bar = Progress("compress", 0, 0, enabled=progress)
@@ -270,7 +270,7 @@ def _compress_candidates(store: Store, cutoff: float) -> list[tuple[bytes, int]]
     found = []
     for d, entries in store.walk():
         for name, st in entries:
-            if store.eligible(name, st) and st.st_mtime <= cutoff:
+            if store.eligible(d, name, st) and st.st_mtime <= cutoff:
                 found.append((join(d, name), st.st_size))
     return found
 
@@ -328,14 +328,14 @@ def _summary(text: str) -> None:
 
 
 # ---------------------------------------------------------------------- expand
-def expand(source: str, *, pattern: str, progress: bool) -> int:
+def expand(source: str, *, pattern: Patterns, progress: bool) -> int:
     """Turn every `NAME.zst` of an unmounted store back into plain `NAME` (mode, owner, xattrs
     and mtime kept), so that a user can stop using zstfs at any time. A damaged `.zst` is
     reported and left as it is."""
     return run_guarded(lambda: _expand(source, pattern, progress))
 
 
-def _expand(source: str, pattern: str, progress: bool) -> int:
+def _expand(source: str, pattern: Patterns, progress: bool) -> int:
     with locked_store(source, pattern) as store:
         bar = Progress("expand", 0, 0, enabled=progress)
         recover(store, bar)
@@ -345,7 +345,7 @@ def _expand(source: str, pattern: str, progress: bool) -> int:
         tally = Tally()
         for path, shadowed, stored in packed:
             parent, zname = split(path)
-            name = store.rules.logical(zname)
+            name = store.rules.logical(parent, zname)
             if shadowed:
                 # Recovery keeps a .zst beside a plain file only when they differ.
                 _fail(bar, tally, source, path,
@@ -376,20 +376,20 @@ def _zst_files(store: Store) -> list[tuple[bytes, bool, int]]:
     for d, entries in store.walk():
         names = {n for n, _ in entries}
         for name, st in entries:
-            if stat.S_ISREG(st.st_mode) and store.rules.is_representation(name):
-                shadowed = store.rules.logical(name) in names
+            if stat.S_ISREG(st.st_mode) and store.rules.is_representation(d, name):
+                shadowed = store.rules.logical(d, name) in names
                 found.append((join(d, name), shadowed, st.st_size))
     return found
 
 
 # ---------------------------------------------------------------------- verify
-def verify(source: str, *, pattern: str, progress: bool) -> int:
+def verify(source: str, *, pattern: Patterns, progress: bool) -> int:
     """Decode every `.zst` of an unmounted store and report the damaged ones; changes nothing
     (no recovery), so it is safe to run on a store one is worried about."""
     return run_guarded(lambda: _verify(source, pattern, progress))
 
 
-def _verify(source: str, pattern: str, progress: bool) -> int:
+def _verify(source: str, pattern: Patterns, progress: bool) -> int:
     with locked_store(source, pattern) as store:
         packed = _zst_files(store)
         bar = Progress("verify", len(packed), sum(s for _, _, s in packed), enabled=progress)

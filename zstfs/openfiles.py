@@ -430,7 +430,7 @@ class OpenFiles:
                 st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:
                 return Outcome.GONE
-            if not self.store.eligible(name, st):
+            if not self.store.eligible(parent, name, st):
                 return Outcome.GONE
             if st.st_mtime > not_before:
                 return Outcome.WAIT

@@ -29,6 +29,7 @@ from typing import Final
 from zstfs import codec, leases
 from zstfs.names import (
     LOCK_NAME,
+    ZST_SUFFIX_B,
     NameRules,
     is_reserved,
     is_temp,
@@ -227,7 +228,7 @@ class Store:
             return Entry(name, self.lstat(join(parent, name)), False)
         except FileNotFoundError:
             pass
-        if not self.rules.compressible(name):
+        if not self.rules.compressible(parent, name):
             return None
         zname = zst_name(name)
         try:
@@ -251,9 +252,9 @@ class Store:
         for name, st in raw:
             if is_reserved(name):
                 continue
-            if self.rules.is_representation(name) and stat.S_ISREG(st.st_mode):
-                packed[self.rules.logical(name)] = Entry(name, st, True)
-            elif not self.rules.is_representation(name):
+            if self.rules.is_representation(path, name) and stat.S_ISREG(st.st_mode):
+                packed[self.rules.logical(path, name)] = Entry(name, st, True)
+            elif not self.rules.is_representation(path, name):
                 plain[name] = Entry(name, st, False)
         for logical, entry in packed.items():
             plain.setdefault(logical, entry)
@@ -307,16 +308,17 @@ class Store:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         return fd
 
-    def eligible(self, name: bytes, st: os.stat_result) -> bool:
-        """May this backing entry be compressed (by the compactor or `zstfs compress`)? A plain
-        regular file with one link (a swap would split a hard link), whose name matches the
-        pattern and can still carry the `.zst` suffix. Age and open handles are the caller's."""
+    def eligible(self, parent: bytes, name: bytes, st: os.stat_result) -> bool:
+        """May this backing entry (`name` in directory `parent`) be compressed (by the compactor
+        or `zstfs compress`)? A plain regular file with one link (a swap would split a hard link),
+        which matches the patterns and whose name can still carry the `.zst` suffix. Age and open
+        handles are the caller's."""
         return (
             stat.S_ISREG(st.st_mode)
             and st.st_nlink == 1
             and len(name) + len(b".zst") <= 255
-            and self.rules.compressible(name)
-            and not self.rules.is_representation(name)
+            and self.rules.compressible(parent, name)
+            and not self.rules.is_representation(parent, name)
         )
 
     def learn_sizes(self, paths: list[bytes]) -> None:
@@ -355,6 +357,19 @@ class Store:
         log.warning("%s: a leftover that differs from its plain file is kept as %s",
                     os.fsdecode(join(parent, name)), os.fsdecode(kept))
         return kept
+
+    def moved_representation(self, old: bytes, new: bytes) -> bytes | None:
+        """If directory `old` were renamed to `new`, the first `.zst` inside it (path under `old`)
+        that would change between being a file's compressed form and a file of its own (the
+        patterns can depend on the path); None if nothing would."""
+        for d, entries in self.walk(old):
+            moved = new + d[len(old):]
+            for n, st in entries:
+                if (n.endswith(ZST_SUFFIX_B) and stat.S_ISREG(st.st_mode)
+                        and self.rules.is_representation(d, n)
+                        != self.rules.is_representation(moved, n)):
+                    return join(d, n)
+        return None
 
     def fsync_dir(self, path: bytes) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.root_fd)
@@ -494,7 +509,7 @@ class Store:
             raise
         swap = Swap(path, dir_fd, name, src, os.fstat(src))
         try:
-            if not self.eligible(name, swap.source):
+            if not self.eligible(split(path)[0], name, swap.source):
                 raise Changed(f"{path!r} is not an eligible plain file")
             if expect is not None and full_identity(expect) != full_identity(swap.source):
                 raise Changed(f"{path!r} changed since it was chosen")
@@ -695,8 +710,8 @@ class Store:
                     c.kept_files += 1  # set aside, never removed: the user should look
                 if is_reserved(n) or not stat.S_ISREG(st.st_mode):
                     continue
-                if self.rules.is_representation(n):
-                    if self.rules.logical(n) in names:
+                if self.rules.is_representation(d, n):
+                    if self.rules.logical(d, n) in names:
                         continue  # a hidden leftover: the plain file is the one shown
                     c.compressed_files += 1
                     c.compressed_stored_bytes += st.st_size
@@ -705,7 +720,7 @@ class Store:
                     except (codec.CorruptError, OSError):
                         c.damaged_files += 1
                         c.compressed_logical_bytes += st.st_size
-                elif self.rules.compressible(n):
+                elif self.rules.compressible(d, n):
                     c.plain_files += 1
                     c.plain_bytes += st.st_size
         return c
@@ -746,8 +761,8 @@ class Store:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(join(d, n), dir_fd=self.root_fd)
                         temps += 1
-                elif self.rules.is_representation(n) and self.rules.logical(n) in names:
-                    if self._plain_supersedes(join(d, self.rules.logical(n)), join(d, n)):
+                elif self.rules.is_representation(d, n) and self.rules.logical(d, n) in names:
+                    if self._plain_supersedes(join(d, self.rules.logical(d, n)), join(d, n)):
                         os.unlink(join(d, n), dir_fd=self.root_fd)
                         removed += 1
                     else:
