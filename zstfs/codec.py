@@ -1640,7 +1640,7 @@ def verify_file(src_fd: int) -> int:
     return _decode_all(src_fd, lambda chunk: None, None)
 
 
-def verify_equal(zst_fd: int, plain_fd: int) -> None:
+def verify_equal(zst_fd: int, plain_fd: int, progress: ProgressFn | None = None) -> None:
     """Check that ``zst_fd`` decodes to exactly the bytes of ``plain_fd`` (streaming).
 
     The compactor calls this before it deletes a plain file, so a bad compression can never lose
@@ -1659,7 +1659,7 @@ def verify_equal(zst_fd: int, plain_fd: int) -> None:
             raise CorruptError(f"content differs from the plain file at offset {at}")
         pos += len(chunk)
 
-    _decode_all(zst_fd, compare, None)
+    _decode_all(zst_fd, compare, progress)
     if os.pread(plain_fd, 1, pos):
         raise CorruptError(f"plain file is longer than the decoded {pos} bytes")
 

@@ -17,11 +17,12 @@ from typing import Any
 import pyfuse3
 import trio
 
-from zstfs import __version__, codec, daemon
+from zstfs import __version__, busy, codec, daemon
 from zstfs.compactor import Compactor
 from zstfs.fs import Operations
 from zstfs.log import default_log_file, setup_logging
 from zstfs.names import STATUS_XATTR, NameRules
+from zstfs.openfiles import OpenFiles
 from zstfs.options import MountOptions
 from zstfs.stats import Stats
 from zstfs.store import Store, StoreError
@@ -56,6 +57,25 @@ def _mount_owner(path: str) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         return ""
     return f" (pid {pid})"
+
+
+def check_not_in_use(opts: MountOptions) -> list[str]:
+    """Refuse a SOURCE that processes use (open files, cwd, mappings, executables): they would
+    keep using the directory underneath the mount while new processes use the mount, and an
+    SQLite database seen through both is two files with separate locks. With --force, mount
+    anyway; the returned warnings stay in the status."""
+    source = os.path.abspath(opts.source)
+    users = [u for u in busy.users_of(source) if u.uses_files]
+    if not users:
+        return []
+    what = f"{source}: in use by {busy.describe_users(users)}"
+    advice = busy.codex_advice(users, source)
+    if not opts.force:
+        raise MountError(f"{what}; they would keep using the directory underneath the mount"
+                         f"{'; ' + advice if advice else ''}; stop them (or mount with --force)")
+    warning = f"mounted with --force while {what}: they still use the directory underneath"
+    log.warning("%s", warning)
+    return [warning]
 
 
 def tune_readahead(real_mountpoint: str, kib: int = 1024) -> None:
@@ -112,7 +132,7 @@ def mount(opts: MountOptions) -> int:
     # Files are created with exactly the mode the caller asked for (the kernel and `fs.py`
     # apply the caller's umask; the daemon's own must not apply a second time).
     os.umask(0)
-    rules = NameRules(opts.pattern)
+    rules = NameRules(opts.patterns)
     params = codec.CodecParams(level=opts.level)
     try:
         store = Store.open(opts.source, rules, params)
@@ -120,14 +140,16 @@ def mount(opts: MountOptions) -> int:
         raise MountError(str(e)) from None
     try:
         store.lock()
+        warnings = check_not_in_use(opts)
         recovery = store.recover()
-    except StoreError as e:
+    except (StoreError, MountError) as e:
         store.close()
         raise MountError(str(e)) from None
     stats = Stats()
     compactor = Compactor(store, stats, compress_after=opts.compress_after, jobs=opts.jobs)
-    ops = Operations(store, stats, on_idle=compactor.notify)
-    compactor.attach(ops)
+    files = OpenFiles(store, stats)
+    ops = Operations(files, on_idle=compactor.notify, on_moved=compactor.moved)
+    compactor.attach(files)
     started = time.time()
     source, mountpoint = os.path.abspath(opts.source), os.path.abspath(opts.mountpoint)
 
@@ -139,11 +161,14 @@ def mount(opts: MountOptions) -> int:
             "source": source,
             "mountpoint": mountpoint,
             "started": started,
-            "pattern": opts.pattern,
+            "pattern": rules.pattern,
+            "patterns": list(rules.patterns),
+            "warnings": warnings,
             "compress_after": opts.compress_after,
             "level": opts.level,
             "jobs": opts.jobs,
             "open_files": sum(1 for n in ops.table if n.opens > 0),
+            "open_file_accounting": store.accounting.mode,
             "known_inodes": len(ops.table.nodes),
             "recovery": {"temps_removed": recovery.temps_removed,
                          "leftovers_removed": recovery.leftovers_removed,

@@ -30,6 +30,8 @@ class Stats:
     swaps_done: int = 0
     swaps_abandoned: int = 0
     swaps_failed: int = 0
+    swaps_busy: int = 0  # found open (anywhere) when its turn came, or opened during it
+    pairs_skipped: int = 0  # a plain file beside a different .zst: left alone, reported
     promotions: int = 0
     bytes_compressed: int = 0
     corrupt_reads: int = 0
@@ -53,6 +55,8 @@ class Stats:
             "swaps_done": self.swaps_done,
             "swaps_abandoned": self.swaps_abandoned,
             "swaps_failed": self.swaps_failed,
+            "swaps_busy": self.swaps_busy,
+            "pairs_skipped": self.pairs_skipped,
             "promotions": self.promotions,
             "bytes_compressed": self.bytes_compressed,
             "corrupt_reads": self.corrupt_reads,
@@ -70,6 +74,7 @@ class Census:
     compressed_logical_bytes: int = 0
     compressed_stored_bytes: int = 0
     damaged_files: int = 0
+    kept_files: int = 0  # `.zstfs-kept.*`: set aside rather than lost
 
     def as_dict(self) -> dict[str, Any]:
         logical = self.plain_bytes + self.compressed_logical_bytes
@@ -84,4 +89,5 @@ class Census:
             "compressed_logical_bytes": self.compressed_logical_bytes,
             "compressed_stored_bytes": self.compressed_stored_bytes,
             "damaged_files": self.damaged_files,
+            "kept_files": self.kept_files,
         }
