@@ -639,3 +639,32 @@ def test_concurrent_sequential_readers_share_streams_correctly(tmp_path: Path,
     assert not any(t.is_alive() for t in threads)
     assert not errors, errors[0]
     assert dec.peak <= 48 << 20
+
+
+def test_parallel_promotion_decode_is_charged_and_released(tmp_path: Path,
+                                                           fds: list[int]) -> None:
+    """decompress_file(threads=2) (promotion) charges its frames in flight to the default
+    budget and gives them back, also when a frame is damaged."""
+    codec.clear_caches()
+    dec = codec.default_decoders()
+    data = text(200_000, 15)
+    blob = ours(data, 16_384)
+    out = tmp_path / "out"
+    for damaged in (False, True):
+        raw = bytearray(blob)
+        if damaged:
+            raw[len(raw) // 2] ^= 0xFF
+        src = open_blob(tmp_path, fds, bytes(raw), f"src{damaged}.zst")
+        dst = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        dec.peak = 0
+        try:
+            if damaged:
+                with pytest.raises(CorruptError):
+                    codec.decompress_file(src, dst, threads=2)
+            else:
+                assert codec.decompress_file(src, dst, threads=2) == len(data)
+                assert out.read_bytes() == data
+        finally:
+            os.close(dst)
+        assert dec.peak >= 16_384  # the frames in flight were charged
+        assert dec.used == dec._frame_bytes  # nothing left but cached frames

@@ -1593,32 +1593,58 @@ def decompress_file(
     """
     if threads > 1:
         index = default_decoders().index(src_fd, _identity(src_fd))
-        if index.seekable and len(index.frames) > 1:
+        if (index.seekable and len(index.frames) > 1
+                and max(f.log_size for f in index.frames) <= PARALLEL_FRAME_LIMIT):
             return _decode_parallel(src_fd, dst_fd, index, threads, progress)
     return _decode_all(src_fd, lambda chunk: _write_all(dst_fd, chunk), progress)
+
+
+#: Frames decoded whole in parallel by promotion at most this big; bigger ones (other writers'
+#: seekable files) are streamed.
+PARALLEL_FRAME_LIMIT = 64 << 20
 
 
 def _decode_parallel(
     src_fd: int, dst_fd: int, index: _Index, threads: int, progress: ProgressFn | None
 ) -> int:
-    """Decode the frames of a seekable file `threads` at a time, in order, verified each."""
+    """Decode the frames of a seekable file `threads` at a time, in order, verified each.
+
+    The frames in flight are charged to the default decoder budget (evicting cached frames), so
+    a promotion does not add its own frames on top of everything the readers hold."""
     written = 0
     frames = list(index.frames)
+    budget = default_decoders()
+    pending: collections.deque[tuple[_Frame, concurrent.futures.Future[bytes]]] = (
+        collections.deque()
+    )
+
+    def cost(frame: _Frame) -> int:
+        return frame.log_size + frame.comp_end - frame.comp_start
+
+    def write_next() -> None:
+        nonlocal written
+        frame, future = pending.popleft()
+        try:
+            written += _write_frame(dst_fd, frame, future)
+        finally:
+            budget.release(cost(frame))
+        if progress is not None:
+            progress(written)
+
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        pending: collections.deque[tuple[_Frame, concurrent.futures.Future[bytes]]] = (
-            collections.deque()
-        )
-        for frame in frames:
-            pending.append((frame, pool.submit(_decode_whole, src_fd, frame)))
-            if len(pending) < threads:
-                continue
-            written += _write_frame(dst_fd, *pending.popleft())
-            if progress is not None:
-                progress(written)
-        while pending:
-            written += _write_frame(dst_fd, *pending.popleft())
-            if progress is not None:
-                progress(written)
+        try:
+            for frame in frames:
+                budget.reserve(cost(frame), f"frame at offset {frame.comp_start}")
+                pending.append((frame, pool.submit(_decode_whole, src_fd, frame)))
+                if len(pending) >= threads:
+                    write_next()
+            while pending:
+                write_next()
+        finally:
+            while pending:  # an error: wait for the decodes in flight, give their room back
+                frame, future = pending.popleft()
+                concurrent.futures.wait([future])
+                budget.release(cost(frame))
     if written != index.size:
         raise CorruptError(f"decoded {written} bytes, the seek table says {index.size}")
     return written
@@ -1751,12 +1777,13 @@ def reencode(
     params: CodecParams = CodecParams(),
     *,
     progress: ProgressFn | None = None,
-    max_window: int = MAX_READ_WINDOW,
+    max_window: int = ZSTD_DEFAULT_WINDOW,
 ) -> tuple[int, int]:
     """Re-encode any valid ``.zst`` (``src_fd``) into zstfs's format in the fresh ``dst_fd``.
 
     Streams decode -> encode in bounded memory (about two frames of ``params.frame_size`` plus the
-    source's decoding window; a window above ``max_window`` raises :class:`DecodeLimitError`).
+    source's decoding window; a window above ``max_window``, by default zstd's own limit of
+    2**27, raises :class:`DecodeLimitError`: pass more to adopt `--long` files, offline).
     The source is fully checked while it is decoded (structure, checksums, sizes, seek table):
     a damaged source raises :class:`CorruptError` and ``dst_fd`` must be discarded.  A source
     whose frames do not state their sizes is decoded twice (once to learn the size, which the
@@ -1772,7 +1799,7 @@ def reencode(
     return logical, stored
 
 
-def verify_reencoded(new_fd: int, src_fd: int, *, max_window: int = MAX_READ_WINDOW) -> int:
+def verify_reencoded(new_fd: int, src_fd: int, *, max_window: int = ZSTD_DEFAULT_WINDOW) -> int:
     """Check that the ``.zst`` ``new_fd`` decodes to exactly what the ``.zst`` ``src_fd``
     decodes to (both fully checked, streaming, bounded memory); returns the logical size.
 
