@@ -14,6 +14,7 @@ import shutil
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -74,20 +75,33 @@ fd = os.open(sys.argv[1], os.O_RDONLY)
 size = os.fstat(fd).st_size
 try:
     data = os.pread(fd, 65536, size - 65536)
-    sys.stdout.buffer.write(data)
 except OSError as e:
     print(f"errno={e.errno}", file=sys.stderr)
     sys.exit(3)
+sys.stderr.write("read\\n")
+sys.stderr.flush()
+sys.stdin.read()  # hold the file open until every reader has read
+sys.stdout.buffer.write(data)
 """
 
 
-def readers_near_end(path: Path, n: int) -> list[subprocess.CompletedProcess[bytes]]:
-    procs = [subprocess.Popen([sys.executable, "-c", READER, str(path)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE) for _ in range(n)]
-    out = []
+def readers_near_end(path: Path, n: int,
+                     while_open: Callable[[], None] | None = None,
+                     ) -> list[subprocess.CompletedProcess[bytes]]:
+    """``n`` processes read the last 64 KiB of ``path`` at once and keep it open until all have
+    read; ``while_open`` runs then (while every one still holds it)."""
+    procs = [subprocess.Popen([sys.executable, "-c", READER, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(n)]
+    first = []
     for p in procs:
-        stdout, stderr = p.communicate(timeout=120)
-        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+        assert p.stderr is not None
+        first.append(p.stderr.readline())  # "read", or the error line (the process then exits)
+    if while_open is not None:
+        while_open()
+    out = []
+    for p, line in zip(procs, first, strict=True):
+        stdout, stderr = p.communicate(b"", timeout=120)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, line + stderr))
     return out
 
 
@@ -103,11 +117,13 @@ def test_long_window_file_read_by_many_processes_keeps_rss_bounded(
     block = random.Random(1).randbytes(2 * MiB)
     data = long_window_file(store / "wide.jsonl.zst", block, 96 * MiB, stdin=False)
     m = mount_factory(store)
-    results = readers_near_end(store / "wide.jsonl", 6)
+    peak: list[int] = []
+    results = readers_near_end(store / "wide.jsonl", 6,
+                               while_open=lambda: peak.append(vm_hwm(m.pid)))
     for r in results:
         assert r.returncode == 0, r.stderr
         assert r.stdout == data[-65536:]
-    assert vm_hwm(m.pid) <= 200 * 10**6
+    assert peak[0] <= 200 * 10**6
 
 
 @needs_zstd
