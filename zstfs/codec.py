@@ -1243,6 +1243,8 @@ class Decoders:
                 data = stream.peek(lo, hi)
                 if data is not None:
                     stream.last_used = time.monotonic()
+                    if stream in self._idle:
+                        self._idle.move_to_end(stream)  # least recently used stays first
                     self._prefetch_locked(stream)
                     return data
         return None
