@@ -668,3 +668,18 @@ def test_parallel_promotion_decode_is_charged_and_released(tmp_path: Path,
             os.close(dst)
         assert dec.peak >= 16_384  # the frames in flight were charged
         assert dec.used == dec._frame_bytes  # nothing left but cached frames
+
+
+def test_eof_of_a_short_table_is_not_served_unchecked(tmp_path: Path, fds: list[int]) -> None:
+    """Found by the fuzz test: a table claiming less than its unsized frames hold must not give
+    a clean EOF at the claimed end (that is short data), even to a read starting there."""
+    chunks = [text(3000, 20), text(4000, 21)]
+    claims = [3000, 1000]
+    fd = open_blob(tmp_path, fds, seekable(chunks, checksum=False, size=False, claims=claims))
+    reader = ZstReader(fd, Decoders())
+    assert reader.size == 4000
+    with pytest.raises(CorruptError):
+        reader.read(4000, 100)
+    with pytest.raises(CorruptError):
+        reader.read(3500, 1000)
+    assert reader.read(0, 100) == chunks[0][:100]  # before the lie: the true bytes
