@@ -615,6 +615,7 @@ class _Index:
     size: int
     seekable: bool
     unsized: tuple[_Frame, ...] = ()  # frames (empty ones included) whose size is only claimed
+    empty: tuple[_Frame, ...] = ()  # frames that state they are empty: checked when EOF is read
 
     def frame_at(self, offset: int) -> int:
         return bisect.bisect_right(self.starts, offset) - 1
@@ -686,7 +687,9 @@ def _build_index(fd: int, count: Callable[[_RawFrame], int]) -> _Index:
         raise CorruptError(f"frames declare {size} bytes of content, beyond 2**63")
     kept = tuple(f for f in frames if f.log_size)
     unsized = tuple(f for f in frames if not f.sized)
-    return _Index(kept, tuple(f.log_start for f in kept), size, table is not None, unsized)
+    empty = tuple(f for f in frames if f.sized and not f.log_size)
+    return _Index(kept, tuple(f.log_start for f in kept), size, table is not None, unsized,
+                  empty)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1451,6 +1454,14 @@ class ZstReader:
         if index.unsized and length and not self._sizes_checked(
                 index, end if offset + length <= index.size else MAX_CONTENT_SIZE, decode):
             return None
+        # Empty frames serve no byte, so only a read that reaches EOF (claiming the file ends
+        # there) checks them: a damaged one is damage, as `zstd -d` says.
+        if index.empty and length and offset + length > index.size:
+            for frame in index.empty:
+                if not self._dec.is_verified(self._identity, frame.comp_start):
+                    if not decode:
+                        return None
+                    self._dec.verify(self._fd, self._identity, frame)
         if offset >= end:
             return b""
         frame_no = index.frame_at(offset)
