@@ -205,6 +205,12 @@ class World:
             path.encode(), limiter=self.limiter,
             not_before=self.clock() - self.compress_after, min_saving=MIN_SAVING)
 
+    async def adopt(self, path: str) -> Outcome:
+        """Re-encode the foreign `path` (a backing `NAME.zst`) as the compactor would."""
+        return await self.files.compact(
+            path.encode(), limiter=self.limiter,
+            not_before=self.clock() - self.compress_after, min_saving=MIN_SAVING, adopt=True)
+
     def below(self, path: str = "") -> list[str]:
         """The backing directory's names (what is really on disk), lock file left out."""
         d = self.root / path if path else self.root

@@ -149,7 +149,7 @@ async def test_1_an_opener_blocked_on_the_lease_at_the_unlink_gets_the_file_back
 
 async def test_1_without_leases_the_proc_scan_sees_other_processes(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_lease(fd: int) -> bool:
+    def no_lease(fd: int, kind: int = leases.WRITE) -> bool:
         raise leases.Unsupported("Invalid argument")
 
     monkeypatch.setattr(leases, "take", no_lease)

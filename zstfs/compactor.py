@@ -28,7 +28,7 @@ import trio
 
 from zstfs.openfiles import OpenFiles, Outcome
 from zstfs.stats import Stats
-from zstfs.store import Store, join
+from zstfs.store import Store, join, split
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,8 @@ class Compactor:
         if not self.enabled:
             return
         prefix = old + b"/"
+        if old + b".zst" in self._due:  # a renamed file whose .zst waits to be adopted
+            self._schedule(new + b".zst", self._due.pop(old + b".zst"))
         for path in [p for p in self._due if p == old or p.startswith(prefix)]:
             due = self._due.pop(path)
             self._schedule(new + path[len(old):], due)
@@ -162,10 +164,14 @@ class Compactor:
             await self._idle.wait()
 
     def _scan(self) -> list[tuple[bytes, float]]:
+        """Every plain file to compress, and every `.zst` not in zstfs's format to adopt."""
         found = []
         for d, entries in self.store.walk():
+            names = {name for name, _ in entries}
             for name, st in entries:
-                if self.store.eligible(d, name, st):
+                adopt = (self.store.adoptable(d, name, st) and name[:-4] not in names
+                         and self.store.foreign(join(d, name)))
+                if adopt or self.store.eligible(d, name, st):
                     found.append((join(d, name), st.st_mtime))
         return found
 
@@ -192,9 +198,10 @@ class Compactor:
         skipped = self._skipped.get(path)
         if skipped is not None and skipped == self.files.identity_of(path):
             return  # left plain or left alone before, and nothing changed since
+        parent, name = split(path)
         outcome = await self.files.compact(
             path, limiter=self.limiter, not_before=now - self.compress_after,
-            min_saving=MIN_SAVING)
+            min_saving=MIN_SAVING, adopt=self.store.rules.is_representation(parent, name))
         if outcome is Outcome.DONE:
             self._forget(path)
         elif outcome is Outcome.WAIT:
@@ -209,7 +216,7 @@ class Compactor:
             self._busy[path] = n
             if not self._stopping:
                 self._schedule(path, now + min(MAX_BUSY_RETRY, BUSY_RETRY * 2 ** (n - 1)))
-        elif outcome in (Outcome.SMALL, Outcome.PAIR):
+        elif outcome in (Outcome.SMALL, Outcome.PAIR, Outcome.KEEP):
             ident = self.files.identity_of(path)
             if ident is not None:
                 self._skipped[path] = ident
@@ -217,6 +224,9 @@ class Compactor:
                 self.stats.pairs_skipped += 1
                 self.stats.error(os.fsdecode(path), "both plain and .zst exist and differ; "
                                  "left alone until one of them changes")
+            elif outcome is Outcome.KEEP:
+                self.stats.error(os.fsdecode(path), "cannot be re-encoded (damaged, or it needs "
+                                 "a wider decoding window than the daemon allows); left as is")
             else:
                 log.debug("%s: left plain, compression saves too little", os.fsdecode(path))
 

@@ -777,9 +777,10 @@ class Operations(pyfuse3.Operations):
             await trio.to_thread.run_sync(self.store.wait_unleased, self._path(node), flags)
 
     async def _open(self, node: Node, flags: int) -> FileInfo:
-        while node.swap is not None:
+        while node.swap is not None and not node.swap.adopt:
             # Its compaction holds a lease: opening the backing file now would block this
-            # thread on our own lease. Make it give up first.
+            # thread on our own lease. Make it give up first. (A re-encoding of a `.zst` holds
+            # only a read lease: readers go on, and a write promotes under the file's lock.)
             await self.files.settle(node)
         if not node.busy and not (flags & os.O_TRUNC and node.compressed):
             # Nobody holds the lock and nothing below awaits: the open is atomic with respect

@@ -49,11 +49,15 @@ class Unsupported(Exception):
     """The kernel does not give leases on this file (use the /proc scan)."""
 
 
-def take(fd: int) -> bool:
-    """Take a write lease on the open file `fd`: True if granted, False if the file is open (or
-    mapped) elsewhere. Raises Unsupported where leases are unavailable."""
+WRITE = fcntl.F_WRLCK  # nobody else has the file open or mapped; any open breaks it
+READ = fcntl.F_RDLCK  # nobody has the file open for writing; an open for writing breaks it
+
+
+def take(fd: int, kind: int = WRITE) -> bool:
+    """Take a lease on the open file `fd`: True if granted, False if the file is open (for a
+    read lease: open for writing) elsewhere. Raises Unsupported where leases are unavailable."""
     try:
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, kind)
     except OSError as e:
         if e.errno == errno.EAGAIN:
             return False
@@ -63,10 +67,10 @@ def take(fd: int) -> bool:
     return True
 
 
-def intact(fd: int) -> bool:
-    """True while our write lease on `fd` is held and nobody has started to open the file."""
+def intact(fd: int, kind: int = WRITE) -> bool:
+    """True while our lease on `fd` is held and nobody has started an open that breaks it."""
     try:
-        return fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_WRLCK
+        return fcntl.fcntl(fd, fcntl.F_GETLEASE) == kind
     except OSError:
         return False
 

@@ -27,8 +27,20 @@ from zstfs import codec
 from zstfs.compactor import MIN_SAVING
 from zstfs.names import NameRules, Patterns, zst_name
 from zstfs.stats import human_bytes
-from zstfs.store import Busy, Changed, PairExists, Store, StoreError, StoreLocked, join, split
+from zstfs.store import (
+    Busy,
+    Changed,
+    PairExists,
+    Store,
+    StoreError,
+    StoreLocked,
+    Unadoptable,
+    join,
+    split,
+)
 
+#: Offline, a foreign .zst may need any window zstd allows (`--long=31`): memory is ours alone.
+ADOPT_MAX_WINDOW = 1 << 31
 #: Redraw the bar at most this often: a terminal repaints slower than files complete.
 REDRAW_INTERVAL = 0.1
 
@@ -142,6 +154,7 @@ class Tally:
     done: int = 0
     skipped: int = 0
     busy: int = 0  # open in another process: left plain, not an error
+    adopted: int = 0  # foreign .zst files re-encoded
     failed: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
@@ -255,7 +268,8 @@ def _compress(
         bar.close()
         ratio = tally.bytes_in / tally.bytes_out if tally.bytes_out else 1.0
         _summary(
-            f"compress: {tally.done} files compressed, {tally.skipped} left plain "
+            f"compress: {tally.done} files compressed, {tally.adopted} .zst files re-encoded, "
+            f"{tally.skipped} left plain "
             f"(compression saves less than {MIN_SAVING:.0%}), {tally.busy} in use by "
             f"another process left plain, {tally.failed} failed; "
             f"{human_bytes(tally.bytes_in)} -> {human_bytes(tally.bytes_out)} "
@@ -269,8 +283,13 @@ def _compress_candidates(store: Store, cutoff: float) -> list[tuple[bytes, int]]
     """(path, size) of every file the compactor would compress, with mtime at or before cutoff."""
     found = []
     for d, entries in store.walk():
+        names = {name for name, _ in entries}
         for name, st in entries:
-            if store.eligible(d, name, st) and st.st_mtime <= cutoff:
+            if st.st_mtime > cutoff:
+                continue
+            if store.eligible(d, name, st) or (
+                    store.adoptable(d, name, st) and name[:-4] not in names
+                    and store.foreign(join(d, name))):
                 found.append((join(d, name), st.st_size))
     return found
 
@@ -287,6 +306,14 @@ def _compress_one(
         seen = consumed
 
     try:
+        if store.rules.is_representation(*split(path)):
+            # A .zst not in zstfs's format (codex's own, the zstd CLI's): re-encoded for random
+            # access and the better ratio. Offline there is memory for any window zstd allows.
+            adopted = store.adopt(path, max_window=ADOPT_MAX_WINDOW)
+            if adopted is not None:
+                with tally.lock:
+                    tally.adopted += 1
+            return
         swap = store.swap(path, progress=advance, min_saving=MIN_SAVING)
         if swap is None:
             with tally.lock:
@@ -299,6 +326,8 @@ def _compress_one(
         with tally.lock:
             tally.busy += 1
         bar.note(f"zstfs: {display(source, path)}: open in another process; left plain")
+    except Unadoptable as e:
+        _fail(bar, tally, source, path, f"cannot be re-encoded ({e}); left as it is")
     except PairExists:
         _fail(bar, tally, source, path,
               f"{os.fsdecode(zst_name(split(path)[1]))} already exists; left plain")

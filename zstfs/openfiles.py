@@ -33,7 +33,17 @@ import trio
 from zstfs import codec
 from zstfs.names import zst_name
 from zstfs.stats import Stats
-from zstfs.store import Abandoned, Busy, Changed, PairExists, Store, Swap, join, split
+from zstfs.store import (
+    Abandoned,
+    Busy,
+    Changed,
+    PairExists,
+    Store,
+    Swap,
+    Unadoptable,
+    join,
+    split,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +66,15 @@ class SwapTicket:
     """A compaction in flight: how the trio side asks the worker thread to give up, and how it
     learns that the worker let go of the file (lease released, temp removed)."""
 
-    __slots__ = ("_abandon", "dir_key", "done", "file_key")
+    __slots__ = ("_abandon", "adopt", "dir_key", "done", "file_key")
 
-    def __init__(self, dir_key: Key, file_key: Key) -> None:
+    def __init__(self, dir_key: Key, file_key: Key, adopt: bool = False) -> None:
         self._abandon = threading.Event()
         self.done = trio.Event()
         self.dir_key = dir_key  # the directory holding its temp
-        self.file_key = file_key  # the plain file it leases
+        self.file_key = file_key  # the file it leases
+        #: Re-encoding a `.zst` (under a read lease): readers need not wait for it.
+        self.adopt = adopt
 
     def abandon(self) -> None:
         self._abandon.set()
@@ -79,6 +91,7 @@ class Outcome(enum.Enum):
     BUSY = "busy"  # open or mapped outside the mount, or opened there during the swap
     SMALL = "small"  # compression saves too little
     PAIR = "pair"  # a different NAME.zst beside it: reported, left alone
+    KEEP = "keep"  # a foreign .zst that cannot be re-encoded here (damaged, window too wide)
 
 
 class Node:
@@ -214,11 +227,11 @@ class FileTable:
             node.links.append((parent, name))
         return node
 
-    def claim(self, st: os.stat_result) -> Node:
+    def claim(self, st: os.stat_result, compressed: bool = False) -> Node:
         """The node for a backing file found by the compactor, held until `unclaim`."""
         node = self.by_key.get(key_of(st))
         if node is None:
-            node = self._new_node(st, False)
+            node = self._new_node(st, compressed)
         node.claims += 1
         return node
 
@@ -414,9 +427,14 @@ class OpenFiles:
         limiter: trio.CapacityLimiter,
         not_before: float,
         min_saving: float,
+        adopt: bool = False,
     ) -> Outcome:
         """Swap plain `path` for a compressed `.zst`, if it is still an eligible file with an
-        mtime at or before `not_before` that nobody has open. The answer says what happened."""
+        mtime at or before `not_before` that nobody has open. The answer says what happened.
+
+        With `adopt`, `path` is a `NAME.zst` not in zstfs's format (codex's single frames, the
+        zstd CLI's output): it is re-encoded the same way (lease, verify, publish under the
+        file's lock, metadata kept), for random access and a better ratio."""
         parent, name = split(path)
         try:
             dir_fd = self.store.open_dir(parent)
@@ -430,41 +448,53 @@ class OpenFiles:
                 st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:
                 return Outcome.GONE
-            if not self.store.eligible(parent, name, st):
+            eligible = self.store.adoptable if adopt else self.store.eligible
+            if not eligible(parent, name, st):
                 return Outcome.GONE
             if st.st_mtime > not_before:
                 return Outcome.WAIT
             existing = self.table.by_key.get(key_of(st))
-            if existing is not None and (existing.opens > 0 or existing.swap is not None):
+            # (Readers of a `.zst` being re-encoded keep reading the old file: same bytes.)
+            if existing is not None and ((existing.opens > 0 and not adopt)
+                                         or existing.swap is not None):
                 return Outcome.OPEN  # its release schedules it again
             if existing is not None and existing.busy:
                 return Outcome.BUSY  # a rename or a metadata change holds it: look again later
-            node = self.table.claim(st)
+            node = self.table.claim(st, compressed=adopt)
             dst = os.fstat(dir_fd)
-            ticket = node.swap = SwapTicket(key_of(dst), key_of(st))
+            ticket = node.swap = SwapTicket(key_of(dst), key_of(st), adopt)
             self.swaps.add(ticket)
             self.table.pending[(ticket.dir_key, name)] = node
             held_dir, dir_fd = dir_fd, -1  # the swap owns it from here
             try:
                 swap = await trio.to_thread.run_sync(functools.partial(
                     self.store.begin_swap_at, path, held_dir, expect=st,
-                    abandon=ticket.abandoned), limiter=limiter)
+                    abandon=ticket.abandoned, adopt=adopt), limiter=limiter)
                 await self._step("leased", path)
-                await trio.to_thread.run_sync(functools.partial(
-                    self.store.compress_swap, swap, abandon=ticket.abandoned), limiter=limiter)
+                if adopt:
+                    if not await trio.to_thread.run_sync(functools.partial(
+                            self.store.adopt_swap, swap, abandon=ticket.abandoned),
+                            limiter=limiter):
+                        return Outcome.GONE  # ours already
+                else:
+                    await trio.to_thread.run_sync(functools.partial(
+                        self.store.compress_swap, swap, abandon=ticket.abandoned),
+                        limiter=limiter)
                 await self._step("compressed", path)
+            except Unadoptable:
+                return Outcome.KEEP
             except Abandoned:
                 return Outcome.OPEN
             except Busy:
                 return Outcome.BUSY
             except Changed:
                 return Outcome.WAIT
-            if swap.stored > swap.logical * (1 - min_saving):
+            if not adopt and swap.stored > swap.logical * (1 - min_saving):
                 return Outcome.SMALL
             async with node.lock:
                 with trio.CancelScope(shield=True):
                     await self._step("locked", path)
-                    return await self._publish(node, swap, ticket)
+                    return await self._publish(node, swap, ticket, adopt)
         finally:
             if dir_fd >= 0:
                 os.close(dir_fd)
@@ -478,12 +508,21 @@ class OpenFiles:
                 node.swap = None
                 self.table.unclaim(node)
 
-    async def _publish(self, node: Node, swap: Swap, ticket: SwapTicket) -> Outcome:
+    async def _publish(self, node: Node, swap: Swap, ticket: SwapTicket,
+                       adopt: bool) -> Outcome:
         """The critical section: the node's lock is held, so no open through the mount starts;
         the lease stops every other."""
-        if node.opens > 0 or ticket.abandoned():
+        if (node.opens > 0 and not adopt) or ticket.abandoned():
             return Outcome.OPEN
         try:
+            if adopt:
+                zst_st = await trio.to_thread.run_sync(functools.partial(
+                    self.store.publish_adopt, swap, abandon=ticket.abandoned))
+                self.table.rekey(node, zst_st, True)
+                self.on_swapped(node)
+                self.stats.adopted += 1
+                log.debug("re-encoded %s: %d bytes stored", os.fsdecode(swap.path), swap.stored)
+                return Outcome.DONE
             try:
                 zst_st = await trio.to_thread.run_sync(functools.partial(
                     self.store.publish_swap, swap, abandon=ticket.abandoned))
@@ -492,6 +531,8 @@ class OpenFiles:
                     return Outcome.PAIR
                 zst_st = await trio.to_thread.run_sync(functools.partial(
                     self.store.publish_swap, swap, abandon=ticket.abandoned, replace=True))
+        except PairExists:
+            return Outcome.PAIR
         except Abandoned:
             return Outcome.OPEN
         except Busy:

@@ -32,6 +32,7 @@ class Stats:
     swaps_failed: int = 0
     swaps_busy: int = 0  # found open (anywhere) when its turn came, or opened during it
     pairs_skipped: int = 0  # a plain file beside a different .zst: left alone, reported
+    adopted: int = 0  # foreign .zst files re-encoded into zstfs's format
     promotions: int = 0
     bytes_compressed: int = 0
     corrupt_reads: int = 0
@@ -57,6 +58,7 @@ class Stats:
             "swaps_failed": self.swaps_failed,
             "swaps_busy": self.swaps_busy,
             "pairs_skipped": self.pairs_skipped,
+            "adopted": self.adopted,
             "promotions": self.promotions,
             "bytes_compressed": self.bytes_compressed,
             "corrupt_reads": self.corrupt_reads,

@@ -109,6 +109,10 @@ class Leased(Exception):
         self.key = key
 
 
+class Unadoptable(Exception):
+    """A foreign `.zst` that cannot be re-encoded here (damaged, or a window too wide)."""
+
+
 class PairExists(Exception):
     """`NAME.zst` already exists beside the plain `NAME` being swapped."""
 
@@ -510,6 +514,24 @@ class Store:
         """Decide on compressing plain `path` (see `begin_swap_at`)."""
         return self.begin_swap_at(path, self.open_dir(split(path)[0]))
 
+    def adoptable(self, parent: bytes, name: bytes, st: os.stat_result) -> bool:
+        """May this backing `NAME.zst` be re-encoded into zstfs's format (if it is not in it
+        yet)? A regular file with one link that represents a compressible name."""
+        return (stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+                and self.rules.is_representation(parent, name))
+
+    def foreign(self, path: bytes) -> bool:
+        """True if the `.zst` at `path` is not in zstfs's own format (reads headers only)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
+                         dir_fd=self.root_fd)
+        except OSError:
+            return False
+        try:
+            return not codec.is_native(fd, self.params)
+        finally:
+            os.close(fd)
+
     def begin_swap_at(
         self,
         path: bytes,
@@ -517,10 +539,12 @@ class Store:
         *,
         expect: os.stat_result | None = None,
         abandon: Callable[[], bool] | None = None,
+        adopt: bool = False,
     ) -> Swap:
         """Open the plain file `path` names in the directory `dir_fd` (resolved beneath the
         root, no symlinks: `open_dir`) and take a write lease on it. Raises Busy if any process
         has it open or mapped, Changed if it is not (`expect`, if given) an eligible file.
+        With `adopt`, `path` is a foreign `NAME.zst` to re-encode (see `adopt_swap`).
         The Swap owns `dir_fd` from here on; the caller must `end_swap` what this returns."""
         name = split(path)[1]
         try:
@@ -535,14 +559,16 @@ class Store:
         except BaseException:
             os.close(dir_fd)
             raise
-        swap = Swap(path, dir_fd, name, src, os.fstat(src))
+        swap = Swap(path, dir_fd, name, src, os.fstat(src),
+                    lease=leases.READ if adopt else leases.WRITE)
         try:
-            if not self.eligible(split(path)[0], name, swap.source):
-                raise Changed(f"{path!r} is not an eligible plain file")
+            ok = (self.adoptable if adopt else self.eligible)(split(path)[0], name, swap.source)
+            if not ok:
+                raise Changed(f"{path!r} is not an eligible file")
             if expect is not None and full_identity(expect) != full_identity(swap.source):
                 raise Changed(f"{path!r} changed since it was chosen")
             try:
-                if not leases.take(src):
+                if not leases.take(src, swap.lease):
                     raise Busy(f"{path!r} is open in another process")
             except leases.Unsupported as e:
                 self.accounting.fell_back(os.fsdecode(path), str(e))
@@ -573,7 +599,7 @@ class Store:
         is intact (nobody started opening the file) and the file still has its name."""
         if abandon is not None and abandon():
             raise Abandoned(f"{swap.path!r} was opened, removed or renamed through the mount")
-        if swap.leased and not leases.intact(swap.src_fd):
+        if swap.leased and not leases.intact(swap.src_fd, swap.lease):
             raise Busy(f"{swap.path!r} was opened by another process")
         if os.fstat(swap.src_fd).st_nlink == 0:
             raise Changed(f"{swap.path!r} was removed")
@@ -610,6 +636,83 @@ class Store:
             swap.logical, swap.stored = logical, stored
         finally:
             os.close(tmp)
+
+    def adopt_swap(
+        self,
+        swap: Swap,
+        *,
+        abandon: Callable[[], bool] | None = None,
+        progress: Callable[[int], None] | None = None,
+        max_window: int = codec.ZSTD_DEFAULT_WINDOW,
+    ) -> bool:
+        """Re-encode the leased foreign `.zst` into a verified temp in zstfs's format, with its
+        metadata. False (nothing done) if it is in our format already; Unadoptable if it is
+        damaged or needs a window wider than `max_window`."""
+        if codec.is_native(swap.src_fd, self.params):
+            return False
+
+        def step(done: int) -> None:
+            self.check_swap(swap, abandon)
+            if progress is not None:
+                progress(done)
+
+        swap.temp = temp_name(swap.name)
+        tmp = os.open(swap.temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                      | os.O_NOFOLLOW, 0o600, dir_fd=swap.dir_fd)
+        try:
+            try:
+                logical, stored = codec.reencode(swap.src_fd, tmp, self.params, progress=step,
+                                                 max_window=max_window)
+                self.check_swap(swap, abandon)
+                codec.verify_reencoded(tmp, swap.src_fd, max_window=max_window)
+            except codec.CorruptError as e:
+                raise Unadoptable(str(e)) from None
+            self.check_swap(swap, abandon)
+            copy_metadata(swap.src_fd, tmp, swap.source)
+            os.fsync(tmp)
+            self.remember_size(os.fstat(tmp), logical)
+            swap.logical, swap.stored = logical, stored
+        finally:
+            os.close(tmp)
+        return True
+
+    def publish_adopt(
+        self, swap: Swap, *, abandon: Callable[[], bool] | None = None
+    ) -> os.stat_result:
+        """Replace the foreign `.zst` with its re-encoded temp, if the name still holds the
+        file that was read and no plain file has appeared beside it. An opener that was
+        waiting on the lease gets the old file, whose content is the same. Returns the stat."""
+        self.check_swap(swap, abandon)
+        try:
+            current = os.stat(swap.name, dir_fd=swap.dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            raise Changed(f"{swap.path!r} was removed or renamed") from None
+        now = os.fstat(swap.src_fd)
+        if not (full_identity(current) == full_identity(now) == full_identity(swap.source)):
+            raise Changed(f"{swap.path!r} changed while being re-encoded")
+        plain = swap.name[: -len(b".zst")]
+        try:
+            os.stat(plain, dir_fd=swap.dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        else:
+            raise PairExists(f"{swap.path!r}: a plain file appeared beside it")
+        rename_at(swap.dir_fd, swap.temp, swap.dir_fd, swap.name)
+        swap.temp = b""
+        os.fsync(swap.dir_fd)
+        return os.stat(swap.name, dir_fd=swap.dir_fd, follow_symlinks=False)
+
+    def adopt(self, path: bytes, *, progress: Callable[[int], None] | None = None,
+              max_window: int = codec.ZSTD_DEFAULT_WINDOW) -> Swap | None:
+        """Re-encode a foreign `.zst` at once, for offline use; None if it is ours already."""
+        swap = self.begin_swap_at(path, self.open_dir(split(path)[0]), adopt=True)
+        try:
+            if not self.adopt_swap(swap, progress=progress, max_window=max_window):
+                return None
+            self.publish_adopt(swap)
+            return swap
+        finally:
+            self.end_swap(swap)
 
     def publish_swap(
         self, swap: Swap, *, abandon: Callable[[], bool] | None = None, replace: bool = False
@@ -849,6 +952,7 @@ class Swap:
     src_fd: int
     source: os.stat_result  # the plain file when the lease was taken
     leased: bool = True  # False: the /proc scan stands in for a lease
+    lease: int = leases.WRITE  # a read lease for a `.zst` being re-encoded (readers may stay)
     temp: bytes = b""
     logical: int = 0
     stored: int = 0
