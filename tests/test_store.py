@@ -104,3 +104,33 @@ def test_census_counts_logical_and_stored_bytes(store: Store, tmp_path: Path) ->
     assert c["logical_bytes"] == 2 * len(data)
     assert c["stored_bytes"] == len(data) + (tmp_path / "b.jsonl.zst").stat().st_size
     assert c["ratio"] > 1.5
+
+
+def test_a_swap_that_cannot_copy_every_xattr_fails_and_keeps_the_plain_file(
+        store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11 item 6: metadata either all survives a swap or the swap fails (a nearly full
+    disk refusing an xattr must not silently drop it)."""
+    import errno
+
+    data = lines(3000)
+    f = tmp_path / "r.jsonl"
+    f.write_bytes(data)
+    os.setxattr(f, "user.a", b"1")
+    os.setxattr(f, "user.b", b"2" * 1000)
+    real = os.setxattr
+
+    def full(target: object, name: object, value: bytes, *args: object, **kw: object) -> None:
+        if name == "user.b":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(target, name, value, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "setxattr", full)
+    with pytest.raises(OSError, match="No space left"):
+        store.swap(b"r.jsonl")
+    monkeypatch.setattr(os, "setxattr", real)
+    assert sorted(os.listdir(tmp_path)) == ["r.jsonl"]
+    assert f.read_bytes() == data
+    assert os.getxattr(f, "user.b") == b"2" * 1000
+    assert store.swap(b"r.jsonl") is not None  # and with room, everything is kept
+    assert os.getxattr(tmp_path / "r.jsonl.zst", "user.b") == b"2" * 1000
+
