@@ -91,6 +91,16 @@ class Compactor:
         self._busy.pop(path, None)
         self._schedule(path, due)
 
+    def left_alone(self, paths: tuple[bytes, ...]) -> None:
+        """Plain files beside a differing `.zst` that recovery kept and reported: skipped (not
+        reported again) until one of the pair changes."""
+        assert self.files is not None
+        for path in paths:
+            ident = self.files.identity_of(path)
+            if ident is not None:
+                self._skipped[path] = ident
+                self.stats.pairs_skipped += 1
+
     def wake(self) -> None:
         """Look at the queue now (after the clock moved, for instance)."""
         self._wake.set()

@@ -150,6 +150,7 @@ def mount(opts: MountOptions) -> int:
     files = OpenFiles(store, stats)
     ops = Operations(files, on_idle=compactor.notify, on_moved=compactor.moved)
     compactor.attach(files)
+    compactor.left_alone(recovery.kept_pairs)
     started = time.time()
     source, mountpoint = os.path.abspath(opts.source), os.path.abspath(opts.mountpoint)
 

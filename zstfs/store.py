@@ -131,6 +131,8 @@ class Recovery:
     temps_removed: int = 0
     leftovers_removed: int = 0
     leftovers_kept: int = 0
+    #: The plain files whose differing `.zst` was kept (reported here, once).
+    kept_pairs: tuple[bytes, ...] = ()
 
 
 def join(parent: bytes, name: bytes) -> bytes:
@@ -885,6 +887,7 @@ class Store:
         (its first bytes decode-equal the `.zst`); a `.zst` that does not match is kept hidden
         and reported."""
         temps = removed = kept = 0
+        pairs: list[bytes] = []
         for d, entries in self.walk():
             names = {n for n, _ in entries}
             for n, st in entries:
@@ -898,12 +901,13 @@ class Store:
                         removed += 1
                     else:
                         kept += 1
+                        pairs.append(join(d, self.rules.logical(d, n)))
                         log.warning(
                             "%s: both plain and .zst exist and differ; keeping both, the plain "
                             "file is shown", os.fsdecode(join(d, n)))
         if temps or removed:
             log.info("recovery: removed %d temp files and %d superseded .zst files", temps, removed)
-        return Recovery(temps, removed, kept)
+        return Recovery(temps, removed, kept, tuple(pairs))
 
     def _plain_supersedes(self, plain: bytes, zpath: bytes) -> bool:
         """True if the plain file holds everything the `.zst` holds (it may have grown since)."""
