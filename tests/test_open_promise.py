@@ -841,19 +841,33 @@ def test_renaming_the_directory_of_a_file_being_promoted(store: Path,
 
 @needs_zstd
 @pytest.mark.timeout(180)
-def test_renaming_the_directory_of_a_file_being_compressed(store: Path,
-                                                           mount_factory: MountFactory) -> None:
+@pytest.mark.parametrize("then", ["finishes", "opened-at-new-path"])
+def test_renaming_the_directory_of_a_file_being_compressed(
+        store: Path, mount_factory: MountFactory, then: str) -> None:
     """While the compactor compresses big.jsonl (four frames), its directory is renamed
-    through the mount as soon as the temp appears: the swap finishes in the renamed directory
-    (`big.jsonl.zst` there, decoding to the original), no temp is left in either place, and the
-    directory can be emptied and removed."""
+    through the mount as soon as the temp appears. Either the swap finishes in the renamed
+    directory (`big.jsonl.zst` there), or the file is opened for append under its new path
+    meanwhile, which abandons the swap (its temp removed from the directory it is in now) and
+    appends a line. No temp is left in either place, every byte is there (through the mount
+    and `zstd -d`), and the directory can be emptied and removed."""
     digest = big_file(store / "sessions/old/big.jsonl", 4)
+    size = os.path.getsize(store / "sessions/old/big.jsonl")
+    line = b'{"appended":"at the new path, during the swap"}\n' if then != "finishes" else b""
     with backing(store) as b:
         m = mount_factory(store, "--compress-after", "0")
         wait_until(lambda: temps_in(b, "sessions/old"), 30, "the compaction's temp file",
                    interval=0.001)
         os.rename(store / "sessions/old", store / "sessions/new")
         assert temps_in(b, "sessions/new"), "the compaction was over before the rename landed"
+        if line:
+            fd = os.open(store / "sessions/new/big.jsonl", os.O_WRONLY | os.O_APPEND)
+            try:
+                assert temps_in(b, "sessions/new") == [], "the open did not abandon the swap"
+                assert os.write(fd, line) == len(line)
+            finally:
+                os.close(fd)
+            # (Counted once more if the compactor looks at it again while it is still open.)
+            wait_until(lambda: m.status()["swaps_abandoned"] >= 1, 10, "the abandon to count")
         wait_until(lambda: b.is_compressed("sessions/new/big.jsonl"), 60,
                    "the swap to finish in the renamed directory")
         wait_until(lambda: idle(m), 20, "the compactor to settle")
@@ -861,13 +875,16 @@ def test_renaming_the_directory_of_a_file_being_compressed(store: Path,
         assert b.temps() == []
         assert b.names("sessions") == {"new"}
         assert b.names("sessions/new") == {"big.jsonl.zst"}
-        assert file_sha(store / "sessions/new/big.jsonl") == digest
+        with open(store / "sessions/new/big.jsonl", "rb") as f:
+            assert hashlib.sha256(f.read(size)).hexdigest() == digest
+            assert f.read() == line
         m.stop()
         with open(b.path("sessions/new/big.jsonl.zst"), "rb") as f:
             r = subprocess.run(["zstd", "-d", "-q", "-c"], stdin=f, capture_output=True,
                                timeout=60)
         assert r.returncode == 0, r.stderr
-        assert hashlib.sha256(r.stdout).hexdigest() == digest
+        assert hashlib.sha256(r.stdout[:size]).hexdigest() == digest
+        assert r.stdout[size:] == line
         m = mount_factory(store)
         os.unlink(store / "sessions/new/big.jsonl")
         os.rmdir(store / "sessions/new")
