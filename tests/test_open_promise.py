@@ -9,17 +9,17 @@ checks every byte: through the mount, and from the backing files (`zstd -d` for 
 
 What is proved, by the scenarios of issue 10:
 
-1. A descriptor opened *before* the mount (a shell holding `exec 3>>file`, and a process that
-   only keeps a writable shared mapping) stops the compactor: the kernel refuses it the write
-   lease, `swaps_busy` counts it, the file stays plain below; the lines appended (and the bytes
-   written through the mapping) after the compactor passed over it are all there once it is
-   finally compressed. A process working under the mount (its cwd from before it) that opens a
-   file while the compactor compresses it breaks the daemon's lease: the swap is abandoned and
-   its line kept.
-2. `zstfs compress` beside a writer and no mount: a file held open for append is left plain and
-   reported as in use (exit 0) while the others are compressed; a writer that opens the file
-   *while* it is being compressed (seen by its temp appearing) makes compress abandon it, and
-   the writer's bytes are in the plain file.
+1. A descriptor opened *before* the mount (a shell holding `exec 3>>file` or `exec 4<file`, and
+   a process that only keeps a writable shared mapping) stops the compactor: the kernel refuses
+   it the write lease, `swaps_busy` counts it, the file stays plain below; the lines appended
+   (and the bytes written through the mapping) after the compactor passed over it are all there
+   once it is finally compressed. A process working under the mount (its cwd from before it)
+   that opens a file while the compactor compresses it breaks the daemon's lease: the swap is
+   abandoned and its line kept.
+2. `zstfs compress` beside a writer and no mount: a file held open for append, and one only
+   mapped, are left plain and reported as in use (exit 0) while the others are compressed; a
+   writer that opens the file *while* it is being compressed (seen by its temp appearing) makes
+   compress abandon it, and the writer's bytes are in the plain file.
 3. A directory handle opened (listed or not) before a swap, listed after it, with the swapped
    file open for append: the appended line is never lost, whether listed before or after the
    write, for one file or several.
@@ -32,7 +32,8 @@ What is proved, by the scenarios of issue 10:
    with `--allow-other`, aimed at a root-only 0600 file: untouched.
 13. Renaming the directory of a file being promoted (an append to a big compressed file): the
    write succeeds, no temp is left, the emptied directory can be removed. Renaming the directory
-   of a file being compressed: the swap completes in the renamed directory, no temp is left.
+   of a file being compressed: the swap completes in the renamed directory, or an open under
+   the new path abandons it there; no temp is left.
    Unlinking a file being compressed cancels the work within about one frame, and its emptied
    directory can be removed at once (no ENOTEMPTY from a leftover temp).
 """
@@ -192,6 +193,15 @@ exec 3>&-
 echo done
 """
 
+SHELL_READ_HOLDER = r"""
+exec 4<"$1"
+echo ready
+read -r _
+head -c 100 <&4 >/dev/null
+exec 4<&-
+echo done
+"""
+
 MMAP_HOLDER = r"""
 import ctypes, os, sys
 path, patch = sys.argv[1], sys.argv[2].encode()
@@ -239,15 +249,17 @@ class Holder:
 @pytest.mark.timeout(120)
 def test_descriptor_and_mapping_from_before_the_mount_stop_the_swap(
         store: Path, mount_factory: MountFactory) -> None:
-    """A shell holding `exec 3>>held.jsonl` and a process keeping only a writable shared mapping
-    of mapped.jsonl, both started before `zstfs mount --compress-after 0`: the compactor
-    compresses the other cold files and passes over these two (`swaps_busy`), which stay
-    plain; the holders then write (two lines; bytes through the mapping) and let go; a read
-    through the mount releases the files, they are compressed, and every byte is there,
-    through the mount and in `zstd -d` of the backing files after unmount."""
+    """A shell holding `exec 3>>held.jsonl`, a shell holding `exec 4<reader.jsonl` and a
+    process keeping only a writable shared mapping of mapped.jsonl, all started before `zstfs
+    mount --compress-after 0`: the compactor compresses the other cold files and passes over
+    these three (`swaps_busy`), which stay plain; the holders then write (two lines; bytes
+    through the mapping) and let go; a read through the mount releases the files (the busy
+    retry would too, 30 s later), they are compressed, and every byte is there, through the
+    mount and in `zstd -d` of the backing files after unmount."""
     cold = {f"sessions/cold{i}.jsonl": rollout(store / f"sessions/cold{i}.jsonl", 150_000,
                                                seed=100 + i) for i in range(3)}
     held = rollout(store / "sessions/held.jsonl", 200_000, seed=110)
+    reader = rollout(store / "sessions/reader.jsonl", 100_000, seed=112)
     pad = b'{"pad":"' + b"." * 200 + b'"}\n'
     mapped_path = store / "sessions/mapped.jsonl"
     mapped = rollout(mapped_path, 200_000, seed=111)
@@ -264,23 +276,26 @@ def test_descriptor_and_mapping_from_before_the_mount_stop_the_swap(
         try:
             holders.append(Holder(["sh", "-c", SHELL_APPEND_HOLDER, "sh",
                                    str(store / "sessions/held.jsonl"), *lines]))
+            holders.append(Holder(["sh", "-c", SHELL_READ_HOLDER, "sh",
+                                   str(store / "sessions/reader.jsonl")]))
             holders.append(Holder([sys.executable, "-c", MMAP_HOLDER, str(mapped_path), patch]))
             m = mount_factory(store, "--compress-after", "0")
+            held_names = ("sessions/held.jsonl", "sessions/reader.jsonl", "sessions/mapped.jsonl")
 
             def passed_over() -> bool:
-                for name in ("sessions/held.jsonl", "sessions/mapped.jsonl"):
+                for name in held_names:
                     assert b.is_plain(name), f"{name} was swapped while held"
                 return (all(b.is_compressed(n) for n in cold)
-                        and m.status()["swaps_busy"] >= 2)
+                        and m.status()["swaps_busy"] >= len(held_names))
 
             wait_until(passed_over, 30,
                        "the cold files to be compressed and the held ones to be found busy")
             wait_until(lambda: idle(m), 20, "the compactor to go idle")
             assert m.status()["open_file_accounting"] == "lease"
             settled(m, swaps_done=len(cold))
-            assert b.is_plain("sessions/held.jsonl")
-            assert b.is_plain("sessions/mapped.jsonl")
+            assert all(b.is_plain(name) for name in held_names)
             assert b.read("sessions/held.jsonl") == held
+            assert b.read("sessions/reader.jsonl") == reader
             assert b.read("sessions/mapped.jsonl") == mapped
             assert b.temps() == []
 
@@ -291,6 +306,7 @@ def test_descriptor_and_mapping_from_before_the_mount_stop_the_swap(
                 h.kill()
         expected = {
             "sessions/held.jsonl": held + "".join(f"{x}\n" for x in lines).encode(),
+            "sessions/reader.jsonl": reader,
             "sessions/mapped.jsonl": mapped[:-len(pad)] + patch.encode(),
         }
         for name, data in expected.items():
@@ -399,9 +415,10 @@ print("wrote", flush=True)
 @pytest.mark.timeout(120)
 def test_offline_compress_leaves_a_file_held_open_plain(store: Path) -> None:
     """`zstfs compress --older-than 0` on an unmounted store while a shell holds held.jsonl
-    open for append (`exec 3>>`): exit 0, held.jsonl reported in use and left plain, the other
-    files compressed; the writer appends afterwards and nothing is lost; a second compress,
-    with the writer gone, compresses it with the appended lines."""
+    open for append (`exec 3>>`) and a process keeps only a writable mapping of mapped.jsonl:
+    exit 0, both reported in use and left plain, the other files compressed; the holders
+    write afterwards (lines; bytes through the mapping) and nothing is lost; a second
+    compress, with the holders gone, compresses both with what they wrote."""
     files = {
         "sessions/a.jsonl": rollout(store / "sessions/a.jsonl", 200_000, seed=200),
         "sessions/b.jsonl": rollout(store / "sessions/b.jsonl", 150_000, seed=201),
@@ -410,34 +427,50 @@ def test_offline_compress_leaves_a_file_held_open_plain(store: Path) -> None:
     }
     held = rollout(store / "sessions/held.jsonl", 200_000, seed=203)
     lines = ['{"after":"compress finished"}', '{"after":"second line"}']
-    holder = Holder(["sh", "-c", SHELL_APPEND_HOLDER, "sh", str(store / "sessions/held.jsonl"),
-                     *lines])
+    pad = b'{"pad":"' + b"." * 100 + b'"}\n'
+    patch = '{"pad":"' + "written through the mapping".ljust(100, "!") + '"}\n'
+    mapped = rollout(store / "sessions/mapped.jsonl", 100_000, seed=204)
+    with open(store / "sessions/mapped.jsonl", "ab") as f:
+        f.write(pad)
+    old_mtime(store / "sessions/mapped.jsonl")
+    holders = [Holder(["sh", "-c", SHELL_APPEND_HOLDER, "sh", str(store / "sessions/held.jsonl"),
+                       *lines])]
     try:
+        holders.append(Holder([sys.executable, "-c", MMAP_HOLDER,
+                               str(store / "sessions/mapped.jsonl"), patch]))
         r = zstfs_cli("compress", "--older-than", "0", "--no-progress", str(store))
         assert r.returncode == 0, r.stderr
-        assert (f"zstfs: {store}/sessions/held.jsonl: open in another process; left plain"
-                in r.stderr.splitlines()), r.stderr
+        for name in ("held", "mapped"):
+            assert (f"zstfs: {store}/sessions/{name}.jsonl: open in another process; left plain"
+                    in r.stderr.splitlines()), r.stderr
         assert "3 files compressed" in r.stdout, r.stdout
-        assert "1 in use by another process left plain" in r.stdout, r.stdout
+        assert "2 in use by another process left plain" in r.stdout, r.stdout
         assert "0 failed" in r.stdout, r.stdout
         with backing(store) as b:
             assert b.is_plain("sessions/held.jsonl")
             assert b.read("sessions/held.jsonl") == held
+            assert b.is_plain("sessions/mapped.jsonl")
+            assert b.read("sessions/mapped.jsonl") == mapped + pad
             for name, data in files.items():
                 assert b.is_compressed(name), name
                 assert zstd_decode(b.read(name + ".zst")) == data, name
             assert b.temps() == []
-        holder.finish()
+        for h in holders:
+            h.finish()
     finally:
-        holder.kill()
+        for h in holders:
+            h.kill()
     held += "".join(f"{x}\n" for x in lines).encode()
+    mapped += patch.encode()
     assert (store / "sessions/held.jsonl").read_bytes() == held
+    assert (store / "sessions/mapped.jsonl").read_bytes() == mapped
 
     r = zstfs_cli("compress", "--older-than", "0", "--no-progress", str(store))
     assert r.returncode == 0, r.stderr
-    assert "1 files compressed" in r.stdout, r.stdout
+    assert "2 files compressed" in r.stdout, r.stdout
     with backing(store) as b:
-        for name, data in {**files, "sessions/held.jsonl": held}.items():
+        for name, data in {**files, "sessions/held.jsonl": held,
+                           "sessions/mapped.jsonl": mapped}.items():
             assert stored(b, name) == data, name
         assert b.temps() == []
 
