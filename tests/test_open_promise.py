@@ -152,18 +152,42 @@ def temps_in(b: Backing, sub: str) -> list[str]:
         return []
 
 
-def snapshot(top: Path) -> dict[str, tuple[object, ...]]:
-    """Everything about a tree that a stray swap could change: names, inode numbers, modes,
-    owners, sizes, mtimes and content (never following a symlink)."""
+def _fingerprint(top: Path) -> dict[str, tuple[object, ...]]:
+    """Inode, mode, owner, size, link count, mtime and ctime of everything below `top` (never
+    following a symlink), and a regular file's atime, taken before anything is read."""
     out: dict[str, tuple[object, ...]] = {}
     for d, dirs, files in os.walk(top):
         for n in dirs + files:
-            p = Path(d) / n
-            st = os.lstat(p)
-            digest = file_sha(p) if stat.S_ISREG(st.st_mode) else ""
-            out[str(p.relative_to(top))] = (st.st_ino, st.st_mode, st.st_uid, st.st_gid,
-                                            st.st_size, st.st_mtime_ns, st.st_nlink, digest)
+            st = os.lstat(Path(d) / n)
+            atime = st.st_atime_ns if stat.S_ISREG(st.st_mode) else None
+            out[str((Path(d) / n).relative_to(top))] = (
+                st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_nlink,
+                st.st_mtime_ns, st.st_ctime_ns, atime)
     return out
+
+
+def _contents(top: Path) -> dict[str, str]:
+    return {str(p.relative_to(top)): file_sha(p) for p in top.rglob("*")
+            if stat.S_ISREG(os.lstat(p).st_mode)}
+
+
+def freeze(top: Path) -> tuple[dict[str, tuple[object, ...]], dict[str, str]]:
+    """What a stray swap could change below `top` (outside the store): the content of every
+    file, and the metadata of everything. The regular files' atimes are set back a week after
+    hashing, so that any later read of them (a compression) moves their atime (relatime)."""
+    digests = _contents(top)
+    week = time.time_ns() - 7 * 86400 * 10**9
+    for rel in digests:
+        p = top / rel
+        os.utime(p, ns=(week, os.lstat(p).st_mtime_ns))
+    return _fingerprint(top), digests
+
+
+def untouched(top: Path, frozen: tuple[dict[str, tuple[object, ...]], dict[str, str]]) -> None:
+    meta = _fingerprint(top)  # before reading anything
+    assert meta == frozen[0], {k: (frozen[0].get(k), v) for k, v in meta.items()
+                               if frozen[0].get(k) != v} or set(frozen[0]) - set(meta)
+    assert _contents(top) == frozen[1]
 
 
 def settled(m: Mount, **expected: int) -> None:
@@ -685,7 +709,7 @@ def test_symlinked_directories_never_lead_the_compactor_outside(
             small_file(outside / sub / f"r{i:03d}.jsonl", f"out-{sub}-{i}")
     small_file(outside / "2026" / "queued.jsonl", "out-queued")
     (store / "sessions/2024").symlink_to(outside / "2024")
-    before = snapshot(outside)
+    before = freeze(outside)
 
     with backing(store) as b:
         m = mount_factory(store, "--compress-after", "2s", "--jobs", "2")
@@ -724,7 +748,7 @@ def test_symlinked_directories_never_lead_the_compactor_outside(
         for name, data in inside.items():
             assert stored(b, name) == data, name
         assert b.temps() == []
-    assert snapshot(outside) == before
+    untouched(outside, before)
 
 
 NOBODY_ATTACK = r"""
@@ -775,7 +799,7 @@ def test_unprivileged_user_cannot_aim_a_root_daemon_at_a_root_only_file(
             small_file(d / "secret.jsonl", f"root only {k}")
             (d / "secret.jsonl").chmod(0o600)
             secrets.append(d)
-        before = {d: snapshot(d) for d in secrets}
+        before = {d: freeze(d) for d in secrets}
         with backing(store) as b:
             m = mount_factory(store, "--allow-other", "--compress-after", "3s")
             r = subprocess.run(
@@ -801,7 +825,7 @@ def test_unprivileged_user_cannot_aim_a_root_daemon_at_a_root_only_file(
             assert stored(b, "users/nobody/own.jsonl") == own
             assert b.temps() == []
         for d in secrets:
-            assert snapshot(d) == before[d], d
+            untouched(d, before[d])
 
 
 # ---------------------------------------------------------------------------------------------
