@@ -22,7 +22,7 @@ What is proved, by the scenarios of issue 10:
    compress abandon it, and the writer's bytes are in the plain file.
 3. A directory handle opened (listed or not) before a swap, listed after it, with the swapped
    file open for append: the appended line is never lost, whether listed before or after the
-   write, for one file or several.
+   write, for one file or several, and across a dozen swap-promote cycles under one handle.
 5. (a) Two store directories exchanged through the mount hundreds of times while the compactor
    works over their files: every file keeps its content, in exactly one form, no temp left.
    (b) A store directory replaced by a symlink to a directory outside the store (through the
@@ -609,6 +609,47 @@ def test_directory_handle_from_before_a_swap(store: Path, mount_factory: MountFa
             assert stored(b, f"d/{n}") == content[n], n
         assert b.temps() == []
         assert b.names("d") <= {*names, *(n + ".zst" for n in names)}
+
+
+@needs_zstd
+@pytest.mark.timeout(120)
+def test_directory_handle_across_many_swaps(store: Path, mount_factory: MountFactory) -> None:
+    """One directory handle kept open across twelve cycles of: the compactor swaps d/x.jsonl
+    (seen below), the file is opened for append through the mount, `d/` is listed through the
+    old handle, a line is written, the file is closed (which promoted it, and queues it to be
+    swapped again). Every line is there, in order, through the mount and below."""
+    with backing(store) as b:
+        m = mount_factory(store, "--compress-after", "0")
+        d = store / "d"
+        d.mkdir()
+        content = b"".join(b'{"line":%d,"pad":"%s"}\n' % (j, b"q" * 100) for j in range(400))
+        (d / "x.jsonl").write_bytes(content)
+        (d / "y.txt").write_bytes(b"not compressible by name\n")
+        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            assert sorted(os.listdir(dfd)) == ["x.jsonl", "y.txt"]
+            for cycle in range(12):
+                wait_until(lambda: b.is_compressed("d/x.jsonl"), 20,
+                           f"the swap of cycle {cycle}")
+                fd = os.open(d / "x.jsonl", os.O_WRONLY | os.O_APPEND)
+                try:
+                    os.lseek(dfd, 0, os.SEEK_SET)
+                    assert sorted(os.listdir(dfd)) == ["x.jsonl", "y.txt"]
+                    line = b'{"cycle":%d}\n' % cycle
+                    assert os.write(fd, line) == len(line)
+                    content += line
+                finally:
+                    os.close(fd)
+                assert (d / "x.jsonl").read_bytes() == content, cycle
+        finally:
+            os.close(dfd)
+        wait_until(lambda: b.is_compressed("d/x.jsonl") and idle(m), 20,
+                   "the last swap and the compactor to settle")
+        settled(m, promotions=12)
+        assert (d / "x.jsonl").read_bytes() == content
+        m.stop()
+        assert stored(b, "d/x.jsonl") == content
+        assert b.temps() == []
 
 
 # ---------------------------------------------------------------------------------------------
