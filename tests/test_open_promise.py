@@ -56,7 +56,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, MountFactory, wait_until
+from conftest import Mount, MountFactory, is_mounted, lazy_unmount, wait_until
 from test_compactor import (
     TEMP_PREFIX,
     Backing,
@@ -274,8 +274,9 @@ class Holder:
 def test_descriptor_and_mapping_from_before_the_mount_stop_the_swap(
         store: Path, mount_factory: MountFactory) -> None:
     """A shell holding `exec 3>>held.jsonl`, a shell holding `exec 4<reader.jsonl` and a
-    process keeping only a writable shared mapping of mapped.jsonl, all started before `zstfs
-    mount --compress-after 0`: the compactor compresses the other cold files and passes over
+    process keeping only a writable shared mapping of mapped.jsonl, all started before the
+    mount: `zstfs mount` refuses the store in use; `zstfs mount --force --compress-after 0`
+    mounts it (status warns), and the compactor compresses the other cold files and passes over
     these three (`swaps_busy`), which stay plain; the holders then write (two lines; bytes
     through the mapping) and let go; a read through the mount releases the files (the busy
     retry would too, 30 s later), they are compressed, and every byte is there, through the
@@ -303,7 +304,15 @@ def test_descriptor_and_mapping_from_before_the_mount_stop_the_swap(
             holders.append(Holder(["sh", "-c", SHELL_READ_HOLDER, "sh",
                                    str(store / "sessions/reader.jsonl")]))
             holders.append(Holder([sys.executable, "-c", MMAP_HOLDER, str(mapped_path), patch]))
-            m = mount_factory(store, "--compress-after", "0")
+            # The mount refuses a store in use; forced (as after a crash, or by a user who
+            # insists), the leases must still keep the held files plain.
+            r = zstfs_cli("mount", "--compress-after", "0", str(store))
+            if is_mounted(store):
+                lazy_unmount(store)
+            assert r.returncode == 1, r.stderr
+            assert "in use by" in r.stderr, r.stderr
+            m = mount_factory(store, "--compress-after", "0", "--force")
+            assert any("held.jsonl" in w for w in m.status()["warnings"]), m.status()
             held_names = ("sessions/held.jsonl", "sessions/reader.jsonl", "sessions/mapped.jsonl")
 
             def passed_over() -> bool:
@@ -387,7 +396,8 @@ def test_open_below_the_mount_during_a_swap_abandons_it(store: Path,
         assert writer.stdout is not None
         assert writer.stdout.readline().strip() == "ready"
         with backing(store) as b:
-            m = mount_factory(store, "--compress-after", "0", "--level", "6")
+            # (Its working directory makes the store "in use": the mount must be forced.)
+            m = mount_factory(store, "--compress-after", "0", "--level", "6", "--force")
             out, _ = writer.communicate("go\n", timeout=60)
             assert writer.returncode == 0, out
             assert out.strip() == "wrote", out
