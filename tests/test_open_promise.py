@@ -495,7 +495,9 @@ def test_open_below_the_mount_during_the_publish_loses_nothing(
             wrote = {n for n, r in results.items() if r == "wrote"}
             print(f"{len(wrote)} of {len(results)} opens landed in a publish")
             assert wrote, "no open ever landed in a publish"
-            wait_until(lambda: idle(m), 20, "the compactor to settle")
+            # Each open that landed in a publish made that swap undo itself and end busy.
+            wait_until(lambda: m.status()["swaps_busy"] >= len(wrote) and idle(m), 20,
+                       "the undone swaps to end and the compactor to settle")
             for n, data in content.items():
                 expected = data + (line.encode() if n in wrote else b"")
                 assert stored(b, n) == expected, (n, results[n])
