@@ -400,6 +400,30 @@ async def test_8_a_file_renamed_through_the_mount_stays_queued(world: World) -> 
     assert await world.content("archived/r.jsonl") == data
 
 
+async def test_8_a_file_whose_directory_is_renamed_during_its_swap_stays_queued(
+        world: World) -> None:
+    """The compactor's job runs under the path it started with: renamed meanwhile (its
+    directory here), a job that does not finish the file must requeue it where it is now, not
+    under the old path (which leads nowhere, or through a symlink)."""
+    data = jsonl(2000)
+    write_cold(world.root / "d" / "f.jsonl", data)
+    gate = Gate("compressed")
+    world.files.step = gate
+    async with trio.open_nursery() as n:
+        n.start_soon(world.compactor.run)
+        await gate.reached.wait()
+        await world.rename("d", "e")
+        await world.chmod("e/f.jsonl", 0o600)  # changed: this swap must not publish
+        gate.go.set()
+        await wait_for(lambda: world.stats.swaps_done == 1, "the file compressed under e/")
+        await world.compactor.stop()
+        n.cancel_scope.cancel()
+    assert world.stats.swaps_abandoned == 1
+    assert world.below("e") == ["f.jsonl.zst"]
+    assert os.stat(world.root / "e" / "f.jsonl.zst").st_mode & 0o777 == 0o600
+    assert await world.content("e/f.jsonl") == data
+
+
 # --------------------------------------------------------------------------- 9
 async def test_9_a_refreshed_handle_keeps_its_old_descriptor_until_release(
         world: World) -> None:

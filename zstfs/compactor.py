@@ -63,6 +63,9 @@ class Compactor:
         self._busy: dict[bytes, int] = {}  # path -> times found open elsewhere in a row
         self._skipped: dict[bytes, tuple[int, ...]] = {}  # path -> identity left alone
         self._in_flight: set[bytes] = set()
+        #: In-flight paths renamed through the mount meanwhile: where each file is now. A job
+        #: that does not finish its file requeues it there (its own path may lead nowhere now).
+        self._moved_in_flight: dict[bytes, bytes] = {}
         self._wake = trio.Event()
         self._stopping = False
         self._idle = trio.Event()
@@ -117,6 +120,12 @@ class Compactor:
         for path in [p for p in self._due if p == old or p.startswith(prefix)]:
             due = self._due.pop(path)
             self._schedule(new + path[len(old):], due)
+        for path, now in list(self._moved_in_flight.items()):
+            if now == old or now.startswith(prefix):
+                self._moved_in_flight[path] = new + now[len(old):]
+        for path in self._in_flight:
+            if path not in self._moved_in_flight and (path == old or path.startswith(prefix)):
+                self._moved_in_flight[path] = new + path[len(old):]
         tables: tuple[dict[bytes, Any], ...] = (self._failures, self._retry_at, self._busy,
                                                 self._skipped)
         for table in tables:
@@ -195,6 +204,11 @@ class Compactor:
             self._failed(path, e)
         finally:
             self._in_flight.discard(path)
+            moved_to = self._moved_in_flight.pop(path, None)
+            if moved_to is not None and not self._stopping:
+                # Renamed (or its directory was) while in flight: if it is still plain there,
+                # it is queued under its new path (nothing happens if it was compressed).
+                self.notify(moved_to)
             if path in self._due:  # notified again while it was being compressed
                 heapq.heappush(self._heap, (self._due[path], path))
             self._wake.set()
