@@ -64,8 +64,8 @@ class _OpenHow(ctypes.Structure):
 _openat2_missing = False
 #: After unlinking the plain name, how long a swap keeps the way back open before it trusts an
 #: intact lease: an opener that resolved the name just before the unlink reaches the lease
-#: check within the same system call, microseconds later.
-LEASE_GRACE = 0.002
+#: check within the same system call, microseconds later unless it is descheduled in between.
+LEASE_GRACE = 0.01
 #: A plain file that had to be set aside (never removed by recovery; reported).
 KEPT_PREFIX: Final = b".zstfs-kept."
 
@@ -771,6 +771,12 @@ class Store:
             done = True
         finally:
             self._drop_keep(swap, keep, done)
+        if swap.leased and not leases.intact(swap.src_fd, swap.lease):
+            # An opener resolved the name before the unlink yet reached the lease only after
+            # the grace: it will get the unlinked inode. Nothing to restore it with; say so.
+            log.error("%s: a process opened it in the last instant of its swap; what it "
+                      "writes through that descriptor is not in the store",
+                      os.fsdecode(swap.path))
         return zst_st
 
     def _drop_keep(self, swap: Swap, keep: bytes, done: bool) -> None:
