@@ -13,6 +13,8 @@ ratios to the baseline, the target and PASS/MISS:
 * promotion: the first append to a 100 MB compressed file vs ``zstd -d`` of it;
 * compaction: the daemon compressing the whole store (``--compress-after 0``), MB/s per core,
   and the stored size vs ``zstd -3`` one frame per file (codex's format);
+* foreign files: ``cat`` of a 400 MB single-frame ``zstd -3`` file vs ``zstdcat``, and the peak
+  RSS while 8 processes hold 8 ``zstd --long=30`` files open;
 * the daemons' peak RSS (VmHWM) over all of it.
 
 Stores come from ``scripts/gen_rollouts.py`` and are cached in ``--workdir`` across runs (the
@@ -481,6 +483,85 @@ def bench_cat(res: Results, cfg: Config, work: Path, plain: Path, manifest: dict
         d.record_hwm()
 
 
+HOLDER = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+size = os.fstat(fd).st_size
+data = os.pread(fd, 65536, max(0, size - 65536))
+print(len(data), flush=True)
+sys.stdin.read()  # hold the file open until told
+"""
+
+
+def bench_foreign(res: Results, cfg: Config, work: Path, cold_ok: bool) -> None:
+    """Foreign `.zst` files (issue 11): `cat` of a 400 MB single-frame `zstd -3` file (what codex
+    and people write) vs `zstdcat`, and the daemon's peak RSS while 8 processes hold 8
+    `zstd --long=30` files (windows of ~100 MB each) open after reading their ends."""
+    root = work / "foreign"
+    store = root / "store"
+    store.mkdir(parents=True, exist_ok=True)
+    plain = root / "big400.jsonl"
+    if not plain.exists():
+        gen_rollouts.generate_rollout(plain, 400 * MB, seed=cfg.seed)
+    single = store / "single.jsonl.zst"
+    if not single.exists():
+        sh(f"zstd -q -3 -f {shlex.quote(str(plain))} -o {shlex.quote(str(single))}")
+    block = random.Random(cfg.seed).randbytes(2 << 20)
+    wide = []
+    for i in range(8):
+        path = store / f"wide{i}.jsonl.zst"
+        wide.append(path)
+        if not path.exists():
+            src = root / "wide.plain"
+            src.write_bytes(block + bytes(96 << 20) + bytes([i]) * 1000 + block)
+            sh(f"zstd -q -1 --long=30 -f {shlex.quote(str(src))} -o {shlex.quote(str(path))}")
+            src.unlink()
+    size = plain.stat().st_size
+    mnt = root / "mnt"
+    q = shlex.quote
+    cat_mnt = f"cat {q(str(mnt / 'single.jsonl'))} | wc -c"
+    zcat = f"zstdcat {q(str(single))} | wc -c"
+    print(f"foreign: cat of a {size / MB:.0f} MB single-frame file", flush=True)
+    with mounted(res, "foreign files", store, mnt, "--pattern", "*.jsonl") as d:
+        modes = (["cold"] if cold_ok else []) + ["warm"]
+        for mode in modes:
+            tm, tz = [], []
+            for _ in range(cfg.reps):
+                if mode == "cold":
+                    d.restart()
+                for cmd, acc in ((cat_mnt, tm), (zcat, tz)):
+                    if cold_ok:
+                        drop_caches()  # warm: the daemon knows the frame verified
+                    dt, out = sh(cmd)
+                    if int(out) != size:
+                        raise RuntimeError(f"{cmd}: {out!r}, expected {size}")
+                    acc.append(dt)
+                d.record_hwm()
+            label = ("cold: fresh daemon, first read verifies the frame" if mode == "cold"
+                     else "daemon warm (frame verified), page cache dropped")
+            ratio_row(res, f"`cat` {size / MB:.0f} MB single-frame `zstd -3` file, {label}",
+                      tm, tz, "`zstdcat`", 1.5)
+        d.restart()
+        procs = [subprocess.Popen([sys.executable, "-c", HOLDER, str(mnt / p.name[:-4])],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                 for p in wide]
+        try:
+            for p in procs:
+                assert p.stdout is not None
+                line = p.stdout.readline()
+                if line.strip() != b"65536":
+                    raise RuntimeError(f"a long-window reader failed: {line!r}")
+            hwm = vm_hwm(d.pid) or 0
+        finally:
+            for p in procs:
+                with contextlib.suppress(OSError):
+                    p.communicate(b"", timeout=60)
+        res.add(Row("daemon peak RSS, 8 readers holding 8 `zstd --long=30` files (~100 MB "
+                    "windows) open", f"{hwm / MB:.0f} MB", "-", None, "<= 200 MB",
+                    hwm <= 200 * MB))
+        d.record_hwm()
+
+
 def make_tree(comp: Path, tree: Path, n: int) -> None:
     """`n` compressed rollouts (copies of the store's small `.zst` files) in a codex layout."""
     shutil.rmtree(tree, ignore_errors=True)
@@ -610,7 +691,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small", type=int, help="number of small rollouts")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/zstfs-bench"))
     ap.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table here")
-    ap.add_argument("--only", help="comma list of: compaction,grep,append,cat,walk,promotion")
+    ap.add_argument("--only", help="comma list of: compaction,grep,append,cat,walk,promotion,"
+                    "foreign")
     args = ap.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     if args.reps:
@@ -630,9 +712,11 @@ def main(argv: list[str] | None = None) -> int:
         res.notes.append("not root: cold-cache rows skipped (drop_caches needs root)")
     started = time.perf_counter()
     load0 = os.getloadavg()
-    plain, manifest = make_plain_store(work, cfg)
+    plain, manifest = (make_plain_store(work, cfg) if only != {"foreign"}
+                       else (work, {"sizes": {}, "big": []}))
     comp = work / "comp"
-    if want("compaction") or not (comp.is_dir() and not any(comp.rglob("*.jsonl"))):
+    if want("compaction") or (only != {"foreign"} and not (
+            comp.is_dir() and not any(comp.rglob("*.jsonl")))):
         bench_compaction(res, work, plain, comp, manifest)
     if want("grep"):
         bench_grep_tail(res, cfg, work, plain, comp, manifest, cold_ok)
@@ -644,6 +728,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_walk(res, cfg, work, comp, cold_ok)
     if want("promotion"):
         bench_promotion(res, cfg, work)
+    if want("foreign"):
+        bench_foreign(res, cfg, work, cold_ok)
     peak_label, peak = max(res.hwm.items(), key=lambda kv: kv[1])
     res.add(Row(f"daemon peak RSS (VmHWM, max over {len(res.hwm)} daemons: {peak_label})",
                 f"{peak / MB:.0f} MB", "-", None, "<= 200 MB", peak <= 200 * MB))

@@ -224,6 +224,24 @@ def reader_cat(src: Path) -> int:
         os.close(fd)
 
 
+def reader_head(src: Path) -> bytes:
+    """The first line (codex's ``session_meta``) through a fresh ZstReader with cold caches,
+    index build included, read the way a line reader does: 64 KiB at a time up to a newline."""
+    codec.clear_caches()
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        reader = codec.ZstReader(fd)
+        line = b""
+        while b"\n" not in line:
+            chunk = reader.read(len(line), 64 * 1024)
+            if not chunk:
+                break
+            line += chunk
+        return line.split(b"\n", 1)[0] + b"\n"
+    finally:
+        os.close(fd)
+
+
 def reader_tail(src: Path, end: int | None = None) -> bytes:
     """The 8 KiB before ``end`` (default EOF) through a fresh ZstReader with cold caches, index
     build included.  Ending at a frame end shows the worst case: a whole frame decoded."""
@@ -323,8 +341,21 @@ def bench_big(src: Path, work: Path, runs: int) -> None:
     with src.open("rb") as f:
         f.seek(logical - 8192)
         assert tail == f.read()
+    t_head, head = median_time(lambda: reader_head(zst), max(runs, 5))
+    with src.open("rb") as f:
+        assert head == f.readline()
     frame = codec.CodecParams().frame_size
-    t_worst, _ = median_time(lambda: reader_tail(zst, logical // frame * frame), max(runs, 5))
+    last_full_end = codec.HEAD_FRAME + (logical - codec.HEAD_FRAME) // frame * frame
+    t_worst, _ = median_time(lambda: reader_tail(zst, last_full_end), max(runs, 5))
+    # What the small head frame costs in stored size (the frame plan without it).
+    no_head = work / "big.nohead.zst"
+    saved_head = codec.HEAD_FRAME
+    codec.HEAD_FRAME = 0
+    try:
+        zstfs_compress(src, no_head, codec.CodecParams())
+    finally:
+        codec.HEAD_FRAME = saved_head
+    with_head_size, no_head_size = zst.stat().st_size, no_head.stat().st_size
     print("\n### Big file: decode (zstfs defaults file unless noted)\n")
     print("| operation | median s | MB/s | vs whole decode |")
     print("|---|---:|---:|---:|")
@@ -340,8 +371,17 @@ def bench_big(src: Path, work: Path, runs: int) -> None:
         f"{t_tail / t_dec:.3f} |"
     )
     print(
+        f"| ZstReader first line, {len(head)} bytes (cold caches, index incl.) | {t_head:.4f} | "
+        f"- | {t_head / t_dec:.3f} |"
+    )
+    print(
         f"| ZstReader 8 KiB ending at the last full frame's end (worst case) | {t_worst:.4f} "
         f"| - | {t_worst / t_dec:.3f} |"
+    )
+    print(
+        f"\nstored size with the {codec.HEAD_FRAME >> 10} KiB head frame: {with_head_size / MB:.3f}"
+        f" MB, without: {no_head_size / MB:.3f} MB "
+        f"({(with_head_size / no_head_size - 1) * 100:+.2f} %)"
     )
 
 

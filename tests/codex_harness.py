@@ -591,3 +591,156 @@ def decompress_zst(path: Path) -> bytes:
         while chunk := reader.read(1 << 16):
             out.write(chunk)
     return out.getvalue()
+
+
+# ---------------------------------------------------------------------------
+# Interactive codex and its background app-server
+#
+# Interactive `codex PROMPT` (the TUI) runs offline in a pseudo-terminal: it asks for the cursor
+# position (ESC[6n, answered here), submits the prompt, appends it to CODEX_HOME/history.jsonl
+# (exec never writes history), and starts codex's background app-server: it installs itself
+# into CODEX_HOME/packages/app-server-daemon and runs `codex app-server --listen unix://
+# --analytics-default-enabled --managed-daemon` (holding the SQLite databases, -wal and -shm
+# open) plus `codex app-server daemon pid-update-loop`, both from CODEX_HOME/packages, both
+# outliving the TUI. `codex app-server daemon start` starts the same pair without a TUI;
+# `codex app-server daemon stop` SIGTERMs the app-server and leaves the pid-update-loop running
+# (SIGTERM stops that one). The TUI sets the terminal title state with OSC 7501
+# (`state=done:app=codex` once a turn is over).
+
+TUI_DONE = b"\x1b]7501;state=done:app=codex"
+
+
+def run_codex_tui(
+    codex_home: Path,
+    prompt: str,
+    *,
+    cwd: Path,
+    home: Path,
+    api: MockResponsesServer,
+    codex: Path | None = None,
+    timeout: float = 60,
+) -> bytes:
+    """Run interactive ``codex PROMPT`` in a pseudo-terminal until its turn is done (one more
+    request to the mock, then the TUI's "done" state), quit it with Ctrl-C and return what it
+    drew. Kills it and fails on timeout."""
+    import pty
+    import select
+    import time
+
+    binary = codex or find_codex()
+    if binary is None:
+        raise RuntimeError("codex CLI not installed: run scripts/install-codex.sh")
+    env = {**codex_env(codex_home, home), "TERM": "xterm-256color"}
+    before = len(api.response_requests())
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: codex in the pty (its own session)
+        try:
+            os.chdir(cwd)
+            os.execve(str(binary), [str(binary), prompt], env)
+        finally:
+            os._exit(127)
+    out = b""
+    deadline = time.monotonic() + timeout
+    quit_sent = 0.0
+    try:
+        while True:
+            now = time.monotonic()
+            if now > deadline:
+                raise AssertionError(f"interactive codex timed out after {timeout}s:\n"
+                                     f"{out[-3000:]!r}")
+            ready, _, _ = select.select([fd], [], [], 0.05)
+            if ready:
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    data = b""
+                if not data:
+                    break
+                out += data
+                if b"\x1b[6n" in data:
+                    os.write(fd, b"\x1b[1;1R")
+            done = len(api.response_requests()) > before and TUI_DONE in out
+            if done and now - quit_sent > 1.0:
+                os.write(fd, b"\x03")  # Ctrl-C: the first one asks, the second one quits
+                quit_sent = now
+        _wait_pid(pid, deadline)
+    finally:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        os.close(fd)
+    assert len(api.response_requests()) > before, out[-3000:]
+    return out
+
+
+def _wait_pid(pid: int, deadline: float) -> None:
+    import time
+
+    while time.monotonic() < deadline:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"codex (pid {pid}) did not exit")
+
+
+def codex_daemons(codex_home: Path) -> dict[str, int]:
+    """The live background processes running from CODEX_HOME/packages: {"app-server": pid,
+    "pid-update-loop": pid} (either may be missing)."""
+    prefix = os.fsencode(os.path.realpath(codex_home)) + b"/packages/"
+    found: dict[str, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if not argv[0].startswith(prefix):  # a zombie's cmdline is empty
+            continue
+        if b"--managed-daemon" in argv:
+            found["app-server"] = int(entry)
+        elif b"pid-update-loop" in argv:
+            found["pid-update-loop"] = int(entry)
+    return found
+
+
+def kill_codex_daemons(codex_home: Path, timeout: float = 10) -> None:
+    """SIGKILL codex's background processes of this CODEX_HOME and wait until they are gone."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    killed: set[int] = set()
+    while (pids := codex_daemons(codex_home)) or not all(map(process_gone, killed)):
+        for pid in pids.values():
+            killed.add(pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"codex's background processes survive SIGKILL: {pids}")
+        time.sleep(0.02)
+
+
+def process_gone(pid: int) -> bool:
+    """True once every thread of `pid` has exited (a zombie holds no files; a zombie leader
+    whose other threads still run does)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                if f.read().rsplit(")", 1)[-1].split()[0] not in ("Z", "X"):
+                    return False
+        except OSError:
+            continue
+    return True

@@ -24,6 +24,21 @@ import pytest
 
 STATUS_XATTR = "user.zstfs.status"
 MOUNT_TIMEOUT = 20.0
+#: Most tests use flat stores of `*.jsonl` files rather than codex's `sessions/**/rollout-*`
+#: layout (the default patterns); `flat_pattern` gives their commands `--pattern '*.jsonl'`.
+FLAT_PATTERN = "*.jsonl"
+_PATTERN_COMMANDS = ("mount", "compress", "expand", "verify", "status")
+
+
+def flat_pattern(args: list[str]) -> list[str]:
+    """`args` of a zstfs command line with `--pattern '*.jsonl'` added after the subcommand,
+    unless it is not one that takes patterns or names its own (`--pattern`, `-o pattern=`)."""
+    if any(a == "--pattern" or "pattern=" in a for a in args):
+        return args
+    for i, a in enumerate(args):
+        if a in _PATTERN_COMMANDS:
+            return [*args[:i + 1], "--pattern", FLAT_PATTERN, *args[i + 1:]]
+    return args
 
 
 def fuse_available() -> str | None:
@@ -57,15 +72,18 @@ def is_mounted(path: Path) -> bool:
 class Mount:
     """One zstfs daemon serving `source` on `mountpoint`."""
 
-    def __init__(self, source: Path, mountpoint: Path, args: list[str], log: Path) -> None:
+    def __init__(self, source: Path, mountpoint: Path, args: list[str], log: Path,
+                 flat: bool = True) -> None:
         self.source = source
         self.mountpoint = mountpoint
         self.args = args
+        self.flat = flat
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, env: dict[str, str] | None = None) -> Mount:
-        cmd = [sys.executable, "-m", "zstfs", "mount", "--foreground", *self.args,
+        args = ["mount", "--foreground", *self.args]
+        cmd = [sys.executable, "-m", "zstfs", *(flat_pattern(args) if self.flat else args),
                str(self.source), str(self.mountpoint)]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env,
@@ -148,15 +166,18 @@ MountFactory = Callable[..., Mount]
 def mount_factory(tmp_path: Path) -> Iterator[MountFactory]:
     """`mount_factory(source, *args, mountpoint=None)` → a started Mount (over source by default).
 
+    Mounts get `--pattern '*.jsonl'` (see `flat_pattern`) unless `flat=False` (the default
+    patterns, for codex's own layout) or the arguments name a pattern.
+
     All mounts are cleaned up at teardown; one that logged errors fails the test unless the
     test passed `expect_errors=True`.
     """
     mounts: list[tuple[Mount, bool]] = []
 
     def factory(source: Path, *args: str, mountpoint: Path | None = None,
-                expect_errors: bool = False, start: bool = True) -> Mount:
+                expect_errors: bool = False, start: bool = True, flat: bool = True) -> Mount:
         m = Mount(source, mountpoint or source, list(args),
-                  tmp_path / f"zstfs-{len(mounts)}.log")
+                  tmp_path / f"zstfs-{len(mounts)}.log", flat)
         mounts.append((m, expect_errors))
         return m.start() if start else m
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, is_mounted, lazy_unmount, wait_until
+from conftest import Mount, flat_pattern, is_mounted, lazy_unmount, wait_until
 
 STATUS_XATTR = "user.zstfs.status"
 NOBODY = 65534
@@ -30,7 +30,7 @@ NOBODY = 65534
 def zstfs(*args: str | Path, timeout: float = 30, user: int | None = None,
           env: dict[str, str] | None = None, cwd: Path | None = None,
           ) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "zstfs", *map(str, args)]
+    cmd = [sys.executable, "-m", "zstfs", *flat_pattern([str(a) for a in args])]
     if user is not None:
         # No `env` in between: the environment passes through setpriv as it is. (Here the venv's
         # interpreter is a symlink into root's 0700 home; only setpriv's own exec reaches it.)

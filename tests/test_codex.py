@@ -7,7 +7,9 @@ tests marked ``ZSTFS_ONLY`` are issue 6: codex on a zstfs mount of CODEX_HOME it
 at the backing store through a descriptor of the directory opened before the mount covered it
 (``/proc/self/fd/N/...`` reaches the files under the mount), and at the daemon's status.
 ``test_sessions_only_mount_cannot_archive`` documents why the README says to mount CODEX_HOME
-and not just ``sessions/``.
+and not just ``sessions/``. The issue 12 tests run codex as people do: interactive (the TUI in a
+pseudo-terminal, which writes history.jsonl) and with its background app-server, which the
+mount must refuse to split and the unmount must name (or stop, with ``--stop-codex``).
 
 Helpers live in tests/codex_harness.py; its docstring lists what codex really does to
 CODEX_HOME.
@@ -16,7 +18,9 @@ CODEX_HOME.
 from __future__ import annotations
 
 import errno
+import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -27,7 +31,7 @@ from pathlib import Path
 
 import codex_harness as h
 import pytest
-from conftest import Mount, MountFactory, fuse_available, wait_until
+from conftest import Mount, MountFactory, fuse_available, is_mounted, wait_until
 
 CODEX = h.find_codex()
 if CODEX is None:
@@ -80,7 +84,7 @@ def home(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Home]:
     factory: MountFactory = request.getfixturevalue("mount_factory")
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        m = factory(path, "--compress-after", "0")
+        m = factory(path, "--compress-after", "0", flat=False)  # the default patterns
         yield Home(path, m, fd)
         if m.proc is not None:
             m.stop()  # a clean unmount after codex is part of every zstfs test
@@ -589,7 +593,7 @@ def test_zstfs_backing_store_usable_without_zstfs(
     for t in (p1, r1, p2, r2):
         assert t in texts
 
-    again = mount_factory(home.path, "--compress-after", "0")
+    again = mount_factory(home.path, "--compress-after", "0", flat=False)
     home.mount = again
     _wait_compressed(home, path)  # found by the initial scan
     assert path.read_bytes() == after
@@ -609,7 +613,8 @@ def test_sessions_only_mount_cannot_archive(
         pytest.skip(f"FUSE unavailable: {reason}")
     sessions = home.path / "sessions"
     sessions.mkdir()
-    m = mount_factory(sessions, "--compress-after", "0")
+    # The default patterns are relative to CODEX_HOME: a store of sessions/ alone needs its own.
+    m = mount_factory(sessions, "--compress-after", "0", "--pattern", "rollout-*.jsonl")
     p1, _ = _prompt_and_reply("sessions-only-1")
     p2, r2 = _prompt_and_reply("sessions-only-2")
     codex.exec(p1)
@@ -642,3 +647,192 @@ def test_sessions_only_mount_cannot_archive(
     codex.run("delete", "--force", sid)
     assert codex.rollouts() == []
     m.stop()
+
+
+# ---------------------------------------------------------------------------
+# issue 12: codex as people run it (interactive, with its background app-server)
+
+
+@pytest.fixture
+def daemons_killed(codex_home: Path) -> Iterator[None]:
+    """Whatever happens, codex's background processes of this CODEX_HOME are gone at the end
+    (before the mount's own teardown, which they would keep busy)."""
+    yield
+    h.kill_codex_daemons(codex_home)
+
+
+def _tui(codex: Codex, prompt: str) -> None:
+    h.run_codex_tui(codex.home, prompt, cwd=codex.workdir, home=codex.user_home, api=codex.api,
+                    codex=CODEX, timeout=90)
+
+
+def _zstfs(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "zstfs", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def _history(codex_home: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in (codex_home / "history.jsonl").read_text()
+            .splitlines()]
+
+
+def _wait_daemons(codex_home: Path) -> dict[str, int]:
+    return wait_until(lambda: (d := h.codex_daemons(codex_home)) and len(d) == 2 and d, 30,
+                      "codex's app-server and pid-update-loop")
+
+
+@pytest.mark.timeout(300)
+@ZSTFS_ONLY
+def test_zstfs_history_and_codex_daemon_across_mounts(
+    codex: Codex, home: Home, mount_factory: MountFactory, daemons_killed: None
+) -> None:
+    """Interactive codex over the mount writes history.jsonl, which stays a plain file (the
+    default patterns compress rollouts only) while its rollout is compressed. The app-server
+    it leaves behind keeps the mount busy: `zstfs umount` names it and says how to stop it,
+    `--stop-codex` does. Codex without the mount appends to the same history.jsonl and starts
+    its daemon underneath: `zstfs mount` refuses, naming it; once stopped as told, the mount
+    shows the whole history."""
+    assert home.mount is not None
+    p1, p2 = "zstfs issue12 first prompt", "zstfs issue12 second prompt"
+    _tui(codex, p1)
+    assert _history(home.path) == [p1]
+    # The app-server hosts the TUI's thread and keeps its rollout open after the TUI exits, so
+    # the rollout is compressed only later; history.jsonl, closed, must never be.
+    codex.only_rollout()
+    below = home.backing
+    wait_until(lambda: home.status()["waiting_files"] == 0 and home.status()["in_flight"] == 0,
+               20, "the compactor idle")
+    assert (below / "history.jsonl").read_bytes() == (home.path / "history.jsonl").read_bytes()
+    assert not [p for p in below.rglob("*.zst") if not p.name.startswith("rollout-")]
+
+    daemons = _wait_daemons(home.path)
+    r = _zstfs("umount", home.path)
+    assert r.returncode == 1
+    line = _one_line(r.stderr)
+    assert "busy" in line
+    for pid in daemons.values():
+        assert f"pid {pid} " in line
+    assert "codex app-server daemon stop" in line
+    assert f"kill {daemons['pid-update-loop']}" in line
+    assert f"zstfs umount --stop-codex {home.path}" in line
+    assert is_mounted(home.path)
+
+    r = _zstfs("umount", "--stop-codex", home.path)
+    assert r.returncode == 0, r.stderr
+    assert h.codex_daemons(home.path) == {}
+    assert home.mount.proc is not None
+    assert home.mount.proc.wait(timeout=30) == 0
+    home.mount.proc = None
+    assert not is_mounted(home.path)
+    history = (home.path / "history.jsonl").read_bytes()
+
+    _tui(codex, p2)  # no mount: codex appends to the plain history.jsonl it finds
+    assert _history(home.path) == [p1, p2]
+    assert (home.path / "history.jsonl").read_bytes().startswith(history)
+    assert not (home.path / "history.jsonl.zst").exists()
+    daemons = _wait_daemons(home.path)
+
+    r = _zstfs("mount", home.path, "--log", home.path.parent / "refused.log")
+    assert r.returncode == 1
+    line = _one_line(r.stderr)
+    for pid in daemons.values():
+        assert f"pid {pid} " in line
+    assert "codex app-server daemon stop" in line
+    assert "--force" in line
+    assert not is_mounted(home.path)
+
+    # What the message says to do.
+    stop = codex.run("app-server", "daemon", "stop")
+    assert '"stopped"' in stop.stdout
+    os.kill(daemons["pid-update-loop"], signal.SIGTERM)
+    wait_until(lambda: all(map(h.process_gone, daemons.values())), 30, "codex's daemon to stop")
+
+    home.mount = mount_factory(home.path, "--compress-after", "0", flat=False)
+    assert home.mount.status()["warnings"] == []
+    rollouts = codex.rollouts()
+    assert len(rollouts) == 2
+    wait_until(lambda: home.status()["compressed_files"] == 2, 30, "both rollouts compressed")
+    assert sorted(p.name for p in below.rglob("*.zst")) == sorted(p.name + ".zst"
+                                                                   for p in rollouts)
+    assert (below / "history.jsonl").is_file()  # plain, as codex wrote it
+    assert _history(home.path) == [p1, p2]
+    for rollout in rollouts:
+        _assert_valid_rollout(rollout, h.session_id_from_rollout(rollout))
+    home.mount.stop()
+
+
+@pytest.mark.timeout(180)
+@PLAIN_ONLY
+def test_mount_refuses_while_codex_daemon_runs(
+    codex: Codex, home: Home, mount_factory: MountFactory, daemons_killed: None
+) -> None:
+    """`codex app-server daemon start` before the mount: the daemon holds the SQLite databases
+    underneath, so `zstfs mount` refuses, naming both processes and how to stop them. With
+    --force it mounts, and `zstfs status` keeps saying so."""
+    reason = fuse_available()
+    if reason is not None:
+        pytest.skip(f"FUSE unavailable: {reason}")
+    codex.exec("zstfs issue12 before the daemon")
+    start = codex.run("app-server", "daemon", "start")
+    assert '"started"' in start.stdout
+    daemons = _wait_daemons(home.path)
+    server = daemons["app-server"]
+    held = os.listdir(f"/proc/{server}/fd")
+    assert any(os.readlink(f"/proc/{server}/fd/{fd}") == str(home.path / "state_5.sqlite")
+               for fd in held)
+
+    r = _zstfs("mount", home.path, "--log", home.path.parent / "refused.log")
+    assert r.returncode == 1
+    line = _one_line(r.stderr)
+    assert line.startswith(f"zstfs: {home.path}: in use by ")
+    assert f"pid {server} (codex app-server --listen unix://" in line
+    assert "state_5.sqlite" in line
+    assert f"pid {daemons['pid-update-loop']} (codex app-server daemon pid-update-loop)" in line
+    assert "runs packages/app-server-daemon/" in line  # its executable is in the store
+    assert f"`CODEX_HOME={home.path} codex app-server daemon stop`" in line
+    assert f"`kill {daemons['pid-update-loop']}`" in line
+    assert not is_mounted(home.path)
+
+    m = mount_factory(home.path, "--force", flat=False)
+    warnings = m.status()["warnings"]
+    assert len(warnings) == 1
+    assert f"pid {server} " in warnings[0]
+    shown = _zstfs("status", home.path)
+    assert shown.returncode == 0
+    assert f"warning:     mounted with --force while {home.path}: in use by pid" in shown.stdout
+    m.stop()  # the daemon uses the directory underneath, not the mount: nothing busy
+
+
+@pytest.mark.timeout(180)
+@ZSTFS_ONLY
+def test_zstfs_umount_advice_stops_codex_daemon(
+    codex: Codex, home: Home, daemons_killed: None
+) -> None:
+    """Codex's daemon started through the mount keeps it busy; the two commands `zstfs umount`
+    names (`codex app-server daemon stop`, then `kill` of the pid-update-loop) free it."""
+    assert home.mount is not None
+    codex.run("app-server", "daemon", "start")
+    daemons = _wait_daemons(home.path)
+    r = _zstfs("umount", home.path)
+    assert r.returncode == 1
+    line = _one_line(r.stderr)
+    advice = f"`CODEX_HOME={home.path} codex app-server daemon stop` and " \
+             f"`kill {daemons['pid-update-loop']}`"
+    assert advice in line
+    assert is_mounted(home.path)
+    codex.run("app-server", "daemon", "stop")
+    wait_until(lambda: h.process_gone(daemons["app-server"]), 30, "the app-server to exit")
+    r = _zstfs("umount", home.path)
+    assert r.returncode == 1  # the pid-update-loop still runs from CODEX_HOME/packages
+    assert f"pid {daemons['pid-update-loop']} " in r.stderr
+    assert f"pid {daemons['app-server']} " not in r.stderr
+    os.kill(daemons["pid-update-loop"], signal.SIGTERM)
+    wait_until(lambda: all(map(h.process_gone, daemons.values())), 30,
+               "the pid-update-loop to stop")
+    home.mount.stop()

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, MountFactory, wait_until
+from conftest import Mount, MountFactory, flat_pattern, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -135,7 +135,8 @@ def idle(m: Mount) -> bool:
 
 
 def zstfs_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "zstfs", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "zstfs", *flat_pattern(list(args))],
+                          capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -21,9 +21,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from codex_harness import codex_daemons, find_codex, kill_codex_daemons, process_gone, run_codex
 from conftest import STATUS_XATTR, fuse_available, is_mounted, lazy_unmount, wait_until
 
 from zstfs.cli import GENERIC_MOUNT_OPTIONS, UsageError, apply_o_options, fstab_argv
+from zstfs.names import DEFAULT_PATTERNS
 from zstfs.options import MountOptions
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,9 +73,13 @@ def test_zstfs_option_values_are_parsed() -> None:
     o = opts("noauto,user,compress_after=7d,pattern=*.log,level=5",
              "jobs=2,log=/tmp/z.log,fsname=codex,allow_other,allow_root,debug,foreground")
     assert o.compress_after == 7 * 86400
-    assert (o.pattern, o.level, o.jobs, o.log_file, o.fsname) == (
-        "*.log", 5, 2, "/tmp/z.log", "codex")
+    assert (o.patterns, o.level, o.jobs, o.log_file, o.fsname) == (
+        ("*.log",), 5, 2, "/tmp/z.log", "codex")
     assert (o.allow_other, o.allow_root, o.debug, o.foreground) == (True, True, True, True)
+    assert opts("").patterns == DEFAULT_PATTERNS  # codex's rollouts
+    # pattern= repeats (a comma cannot be inside one); the first replaces the default.
+    assert opts("pattern=*.log,pattern=data/**/*.csv").patterns == ("*.log", "data/**/*.csv")
+    assert (opts("").force, opts("force").force) == (False, True)
     assert opts("compress_after=90m").compress_after == 5400
     assert opts("compress-after=0").compress_after == 0  # dashes work like in the long options
     assert opts("").compress_after is None  # nothing given: never compress in the background
@@ -231,7 +237,7 @@ def test_unit_file_shape() -> None:
     for line in ("Type=notify", "Restart=on-failure", "WantedBy=default.target",
                  "ExecStartPre=-/usr/bin/fusermount3 -uz %h/.codex",
                  "ExecStart=%h/.local/bin/zstfs mount --foreground --compress-after 7d %h/.codex",
-                 "ExecStop=%h/.local/bin/zstfs umount %h/.codex"):
+                 "ExecStop=%h/.local/bin/zstfs umount --stop-codex %h/.codex"):
         assert line in text.splitlines()
     assert any(ln.startswith("TimeoutStopSec=") for ln in text.splitlines())
 
@@ -310,3 +316,66 @@ def test_unit_commands_notify_ready_and_stopping(tmp_path: Path) -> None:
     text = (tmp_path / "daemon.log").read_text()
     assert " ERROR " not in text, text
     assert "Traceback" not in text, text
+
+
+@needs_fuse
+@pytest.mark.skipif(find_codex() is None,
+                    reason="codex CLI not installed: run scripts/install-codex.sh")
+@pytest.mark.timeout(120)
+def test_unit_stops_with_codex_daemon_running(tmp_path: Path) -> None:
+    """The unit's ExecStop with codex's background app-server running through the mount (as an
+    interactive codex leaves it): it stops the app-server and its pid-update-loop, unmounts, and
+    the daemon exits 0. Without --stop-codex the same unmount fails as busy."""
+    home = tmp_path / "home"
+    (home / ".local" / "bin").mkdir(parents=True)
+    (home / ".local" / "bin" / "zstfs").symlink_to(ZSTFS)
+    codex = home / ".codex"
+    codex.mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    cmds = unit_commands(home)
+    env = {**os.environ, "HOME": str(home)}
+    env.pop("NOTIFY_SOCKET", None)
+    subprocess.run(cmds["ExecStartPre"], env=env, capture_output=True, timeout=10)
+    log = open(tmp_path / "daemon.log", "wb")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen(cmds["ExecStart"], env=env, stdout=log, stderr=log,
+                            start_new_session=True)
+    try:
+        def mounted() -> bool:
+            assert proc.poll() is None, (tmp_path / "daemon.log").read_text()
+            return _status_or_none(codex) is not None
+
+        wait_until(mounted, 30, "the mount")
+        started = run_codex(codex, ["app-server", "daemon", "start"], cwd=work, home=home)
+        assert '"started"' in started.stdout
+        daemons = wait_until(lambda: len(d := codex_daemons(codex)) == 2 and d, 30,
+                             "codex's app-server and pid-update-loop")
+        plain_stop = [c for c in cmds["ExecStop"] if c != "--stop-codex"]
+        r = subprocess.run(plain_stop, env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1
+        assert "busy" in r.stderr
+        assert is_mounted(codex)
+
+        r = subprocess.run(cmds["ExecStop"], env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        for pid in daemons.values():
+            assert f"stopping pid {pid} " in r.stderr
+            assert process_gone(pid)
+        assert proc.wait(timeout=30) == 0
+        assert not is_mounted(codex)
+    finally:
+        kill_codex_daemons(codex)
+        if proc.poll() is None:
+            lazy_unmount(codex)
+            proc.wait(timeout=30)
+        log.close()
+    text = (tmp_path / "daemon.log").read_text()
+    assert " ERROR " not in text, text
+    assert "Traceback" not in text, text
+
+
+def _status_or_none(path: Path) -> dict | None:
+    try:
+        return json.loads(os.getxattr(path, STATUS_XATTR))
+    except OSError:
+        return None

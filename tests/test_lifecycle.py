@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, MountFactory, is_mounted, lazy_unmount, wait_until
+from conftest import FLAT_PATTERN, Mount, MountFactory, is_mounted, lazy_unmount, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -263,7 +263,8 @@ def test_detached_mount_with_its_log_inside_the_mount(
     with below(src_store) as src_below:
         logs = src_below / "logs"
         r = bounded(mnt, sys.executable, "-m", "zstfs", "mount", src_store, mnt, "--log", log,
-                    "--debug", "--compress-after", "0", env=env, timeout=30)
+                    "--pattern", FLAT_PATTERN, "--debug", "--compress-after", "0", env=env,
+                    timeout=30)
         assert r.returncode == 0, r.stderr
         info = answered_status(mnt)
         assert info is not None
@@ -294,7 +295,8 @@ def test_foreground_mount_with_its_log_inside_the_mount_rotates(
                       "--compress-after", "0", start=False)
     with below(src_store) as src_below, open(m.log, "ab") as out:
         m.proc = subprocess.Popen(
-            [sys.executable, "-m", "zstfs", "mount", "--foreground", *m.args, str(src_store)],
+            [sys.executable, "-m", "zstfs", "mount", "--foreground", "--pattern", FLAT_PATTERN,
+             *m.args, str(src_store)],
             stdout=out, stderr=out, start_new_session=True,
             env={**os.environ, "ZSTFS_LOG_MAX_BYTES": "3000"})
         wait_until(lambda: answered_status(src_store) is not None, 30, "the mount to answer")

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MountFactory
+from conftest import MountFactory, flat_pattern
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -32,7 +32,8 @@ needs_zstd = pytest.mark.skipif(shutil.which("zstd") is None, reason="zstd CLI n
 def zstfs(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """The real CLI; stdout/stderr are pipes, so progress defaults to off. (Decoded without
     newline translation, so that a progress bar's carriage returns stay visible.)"""
-    r = subprocess.run([sys.executable, "-m", "zstfs", *args], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "zstfs", *flat_pattern(list(args))],
+                       capture_output=True,
                        timeout=timeout)
     return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(),
                                        r.stderr.decode())

@@ -11,7 +11,7 @@ import pytest
 
 from zstfs import codec
 from zstfs.names import NameRules
-from zstfs.store import Changed, Store, StoreLocked
+from zstfs.store import Store, StoreLocked
 
 
 @pytest.fixture
@@ -45,9 +45,9 @@ def test_swap_then_promote_round_trip_keeps_metadata(store: Store, tmp_path: Pat
     os.chmod(f, 0o600)
     os.utime(f, ns=(1_600_000_000_123_456_789, 1_500_000_000_987_654_321))
     os.setxattr(f, "user.note", b"kept")
-    prepared = store.prepare_compressed(b"r.jsonl")
-    assert prepared.logical == len(data)
-    store.publish(prepared)
+    swap = store.swap(b"r.jsonl")
+    assert swap is not None
+    assert swap.logical == len(data)
     assert not f.exists()
     z = tmp_path / "r.jsonl.zst"
     st = z.stat()
@@ -63,24 +63,12 @@ def test_swap_then_promote_round_trip_keeps_metadata(store: Store, tmp_path: Pat
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".zstfs-tmp")]
 
 
-def test_install_refuses_a_file_that_changed(store: Store, tmp_path: Path) -> None:
-    f = tmp_path / "r.jsonl"
-    f.write_bytes(lines(1000))
-    prepared = store.prepare_compressed(b"r.jsonl")
-    with f.open("ab") as w:
-        w.write(b'{"late":1}\n')
-    with pytest.raises(Changed):
-        store.install(prepared)
-    assert f.read_bytes().endswith(b'{"late":1}\n')
-    assert sorted(os.listdir(tmp_path)) == ["r.jsonl"]
-
-
 def test_recover_removes_temps_and_superseded_leftovers(store: Store, tmp_path: Path) -> None:
     data = lines(3000)
     (tmp_path / "d").mkdir()
     for name in ("same.jsonl", "grown.jsonl", "differs.jsonl"):
         (tmp_path / "d" / name).write_bytes(data)
-        store.publish(store.prepare_compressed(b"d/" + name.encode()))
+        store.swap(b"d/" + name.encode())
     # Interrupted swaps: the plain file came back beside its .zst.
     (tmp_path / "d" / "same.jsonl").write_bytes(data)
     (tmp_path / "d" / "grown.jsonl").write_bytes(data + b'{"more":1}\n')
@@ -110,9 +98,39 @@ def test_census_counts_logical_and_stored_bytes(store: Store, tmp_path: Path) ->
     (tmp_path / "a.jsonl").write_bytes(data)
     (tmp_path / "b.jsonl").write_bytes(data)
     (tmp_path / "other.db").write_bytes(b"x" * 100)
-    store.publish(store.prepare_compressed(b"b.jsonl"))
+    store.swap(b"b.jsonl")
     c = store.census().as_dict()
     assert (c["plain_files"], c["compressed_files"]) == (1, 1)
     assert c["logical_bytes"] == 2 * len(data)
     assert c["stored_bytes"] == len(data) + (tmp_path / "b.jsonl.zst").stat().st_size
     assert c["ratio"] > 1.5
+
+
+def test_a_swap_that_cannot_copy_every_xattr_fails_and_keeps_the_plain_file(
+        store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11 item 6: metadata either all survives a swap or the swap fails (a nearly full
+    disk refusing an xattr must not silently drop it)."""
+    import errno
+
+    data = lines(3000)
+    f = tmp_path / "r.jsonl"
+    f.write_bytes(data)
+    os.setxattr(f, "user.a", b"1")
+    os.setxattr(f, "user.b", b"2" * 1000)
+    real = os.setxattr
+
+    def full(target: object, name: object, value: bytes, *args: object, **kw: object) -> None:
+        if name == "user.b":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(target, name, value, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "setxattr", full)
+    with pytest.raises(OSError, match="No space left"):
+        store.swap(b"r.jsonl")
+    monkeypatch.setattr(os, "setxattr", real)
+    assert sorted(os.listdir(tmp_path)) == ["r.jsonl"]
+    assert f.read_bytes() == data
+    assert os.getxattr(f, "user.b") == b"2" * 1000
+    assert store.swap(b"r.jsonl") is not None  # and with room, everything is kept
+    assert os.getxattr(tmp_path / "r.jsonl.zst", "user.b") == b"2" * 1000
+

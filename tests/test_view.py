@@ -893,8 +893,8 @@ def test_corrupt_zst_reads_as_eio(store: Path, mount_factory: MountFactory) -> N
     flipped = write_rollout(store / "flipped.jsonl", 3 * MiB + 100_000, seed=34)
     zpath = codec_compress(store / "flipped.jsonl")
     frames = seekable_frames(zpath)
-    assert len(frames) == 4
-    start, size = frames[1]
+    assert len(frames) == 5  # a small head frame, three full ones, the small tail frame
+    start, size = frames[2]  # the one holding MiB + MiB // 2
     raw = bytearray(zpath.read_bytes())
     mid = start + size // 2
     raw[mid:mid + 16] = bytes(b ^ 0xFF for b in raw[mid:mid + 16])

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from zstfs import __version__
-from zstfs.names import DEFAULT_PATTERN
+from zstfs.names import DEFAULT_PATTERNS, parse_patterns
 from zstfs.options import MountOptions, default_jobs, parse_duration
 
 COMMANDS = ("mount", "umount", "unmount", "status", "compress", "expand", "verify")
@@ -54,6 +54,17 @@ def _jobs(text: str) -> int:
     return n
 
 
+_DEFAULT = " and ".join(DEFAULT_PATTERNS)
+
+
+def _pattern(text: str) -> str:
+    try:
+        parse_patterns(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="zstfs",
@@ -69,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--compress-after", type=_duration, metavar="DURATION",
                    help="compress files whose mtime is older than this (7d, 12h, 30m, 0); "
                         "default: never compress in the background")
-    m.add_argument("--pattern", default=DEFAULT_PATTERN,
-                   help=f"which file names are compressed (default {DEFAULT_PATTERN})")
+    m.add_argument("--pattern", action="append", type=_pattern, metavar="GLOB",
+                   help=f"which files are compressed; repeatable (default: {_DEFAULT})")
     m.add_argument("--level", type=_level, default=3, help="zstd level for new files (default 3)")
     m.add_argument("--jobs", type=_jobs, default=default_jobs(),
                    help=f"parallel background compressions (default {default_jobs()})")
@@ -82,39 +93,46 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--log", dest="log_file", metavar="FILE",
                    help="log file (default for a detached daemon: ~/.local/state/zstfs/)")
     m.add_argument("--debug", action="store_true", help="log every decision")
+    m.add_argument("--force", action="store_true",
+                   help="mount even if processes have files in SOURCE open (status warns)")
     m.add_argument("-o", dest="options", metavar="OPTS", action="append", default=[],
-                   help="fstab-style options: compress_after=7d,pattern=*.jsonl,level=3,jobs=1,"
-                        "allow_other,allow_root,debug,log=FILE,foreground")
+                   help="fstab-style options: compress_after=7d,pattern=GLOB,level=3,jobs=1,"
+                        "allow_other,allow_root,debug,log=FILE,foreground,force")
 
     u = sub.add_parser("umount", aliases=["unmount"],
                        help="unmount and wait until the daemon has finished")
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
     u.add_argument("-z", "--lazy", action="store_true", help="detach now even if busy")
+    u.add_argument("--stop-codex", action="store_true",
+                   help="if codex's background app-server keeps the mount busy, stop it first")
     u.add_argument("--timeout", type=float, default=600.0,
                    help="seconds to wait for the daemon to exit (default 600)")
 
     s = sub.add_parser("status", help="what a mount or store holds and what the daemon does")
     s.add_argument("path", metavar="PATH", help="a zstfs mountpoint or an unmounted store")
     s.add_argument("--json", action="store_true", help="machine-readable output")
-    s.add_argument("--pattern", default=DEFAULT_PATTERN,
-                   help="for an unmounted store: which names count as compressible "
-                        f"(default {DEFAULT_PATTERN}; a mount reports its own)")
+    s.add_argument("--pattern", action="append", type=_pattern, metavar="GLOB",
+                   help="for an unmounted store: which files count as compressible "
+                        "(default: codex's rollouts; a mount reports its own)")
 
     c = sub.add_parser("compress", help="compress eligible files of an unmounted store now")
     c.add_argument("source", metavar="SOURCE")
     c.add_argument("--older-than", type=_duration, default=0.0, metavar="DURATION",
                    help="only files whose mtime is older than this (default 0: all)")
-    c.add_argument("--pattern", default=DEFAULT_PATTERN)
+    c.add_argument("--pattern", action="append", type=_pattern, metavar="GLOB",
+                   help="which files (default: codex's rollouts); repeatable")
     c.add_argument("--level", type=_level, default=3)
     c.add_argument("--jobs", type=_jobs, default=default_jobs())
 
     e = sub.add_parser("expand", help="turn every .zst of an unmounted store back into plain files")
     e.add_argument("source", metavar="SOURCE")
-    e.add_argument("--pattern", default=DEFAULT_PATTERN)
+    e.add_argument("--pattern", action="append", type=_pattern, metavar="GLOB",
+                   help="which .zst files are compressed forms (default: codex's rollouts)")
 
     v = sub.add_parser("verify", help="decode every .zst of an unmounted store; report damage")
     v.add_argument("source", metavar="SOURCE")
-    v.add_argument("--pattern", default=DEFAULT_PATTERN)
+    v.add_argument("--pattern", action="append", type=_pattern, metavar="GLOB",
+                   help="which .zst files are compressed forms (default: codex's rollouts)")
     for cmd in (c, e, v):
         cmd.add_argument("--progress", dest="progress", action="store_true", default=None,
                          help="show a progress bar (default: when stderr is a terminal)")
@@ -131,6 +149,7 @@ def fstab_argv(argv: list[str]) -> list[str]:
 
 def apply_o_options(opts: MountOptions, lists: list[str]) -> None:
     """Map `-o` options onto MountOptions; ignore generic mount(8) flags; reject unknown keys."""
+    patterns: tuple[str, ...] = ()
     for item in ",".join(lists).split(","):
         item = item.strip()
         if not item or item in GENERIC_MOUNT_OPTIONS or item.startswith("x-"):
@@ -141,7 +160,9 @@ def apply_o_options(opts: MountOptions, lists: list[str]) -> None:
             if key == "compress_after" and has_value:
                 opts.compress_after = parse_duration(value)
             elif key == "pattern" and has_value:
-                opts.pattern = value
+                # Repeatable: the first `pattern=` replaces the default, later ones add to it.
+                patterns = (*patterns, _pattern(value))
+                opts.patterns = patterns
             elif key == "level" and has_value:
                 opts.level = _level(value)
             elif key == "jobs" and has_value:
@@ -150,7 +171,8 @@ def apply_o_options(opts: MountOptions, lists: list[str]) -> None:
                 opts.log_file = value
             elif key == "fsname" and has_value:
                 opts.fsname = value
-            elif key in ("allow_other", "allow_root", "debug", "foreground") and not has_value:
+            elif key in ("allow_other", "allow_root", "debug", "foreground", "force") \
+                    and not has_value:
                 setattr(opts, key, True)
             elif key == "default_permissions" and not has_value:
                 pass  # always on
@@ -182,7 +204,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command in ("umount", "unmount"):
         from zstfs import control
 
-        return control.umount(args.mountpoint, lazy=args.lazy, timeout=args.timeout)
+        return control.umount(args.mountpoint, lazy=args.lazy, timeout=args.timeout,
+                              stop_codex=args.stop_codex)
     if args.command == "status":
         from zstfs import control
 
@@ -210,7 +233,8 @@ def _mount(args: argparse.Namespace) -> int:
         allow_root=args.allow_root,
         debug=args.debug,
         log_file=args.log_file,
-        pattern=args.pattern,
+        patterns=parse_patterns(args.pattern),
+        force=args.force,
         compress_after=args.compress_after,
         level=args.level,
         jobs=args.jobs,

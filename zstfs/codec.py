@@ -36,6 +36,7 @@ import contextlib
 import os
 import struct
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,16 +44,23 @@ from dataclasses import dataclass
 import zstandard
 
 __all__ = [
+    "BudgetBusyError",
     "CodecParams",
     "CorruptError",
+    "DecodeLimitError",
+    "Decoders",
     "ZstReader",
     "clear_caches",
     "compress_file",
     "decompress_file",
+    "default_decoders",
+    "is_native",
     "logical_size",
+    "reencode",
     "set_cache_limit",
     "verify_equal",
     "verify_file",
+    "verify_reencoded",
 ]
 
 ZSTD_MAGIC = 0xFD2FB528
@@ -64,6 +72,10 @@ FOOTER_SIZE = 9
 MAX_BLOCK_SIZE = 128 * 1024
 MAX_FRAME_HEADER = 18  # magic 4 + descriptor 1 + window 1 + dictionary id 4 + content size 8
 U32_MAX = 0xFFFFFFFF
+# Sizes at or beyond this are damage: no file is that big, and st_size (off_t) cannot carry them.
+MAX_CONTENT_SIZE = 1 << 63
+# zstd's own default decoding limit: windows above it need `zstd -d --long=N`.
+ZSTD_DEFAULT_WINDOW = 1 << 27
 
 # Window sizes a reader accepts.  zstd refuses windows above 2**27 unless told otherwise
 # (`--long=31`); foreign files written that way are still valid, so the reader allows them.
@@ -218,16 +230,40 @@ def compress_file(
     XXH64 is needed.  An empty source gives a file with zero frames and only the seek table, which
     ``zstd -d`` accepts as empty.  Returns ``(logical_bytes, stored_bytes)``.
     """
+    consumed = 0
+
+    def read(n: int) -> bytes:
+        nonlocal consumed
+        data = _pread_full(src_fd, n, consumed)
+        consumed += len(data)
+        return data
+
+    # The source may still grow (the caller re-checks it before swapping): read on past the
+    # planned size until EOF.
+    return _compress_stream(read, os.fstat(src_fd).st_size, dst_fd, params, progress,
+                            exact=False)
+
+
+def _compress_stream(
+    read: Callable[[int], bytes],
+    expected: int,
+    dst_fd: int,
+    params: CodecParams,
+    progress: ProgressFn | None,
+    *,
+    exact: bool,
+) -> tuple[int, int]:
+    """The writer behind :func:`compress_file` and :func:`reencode`: frames of the input that
+    ``read(n)`` returns (n bytes, fewer only at EOF), planned for ``expected`` bytes."""
     cctx = _compressor(params)
     entries: list[tuple[int, int, int]] = []
     consumed = stored = 0
     # os.pread allocates its full request up front; asking for 16 MiB to read a 50 KB file costs
-    # more than compressing it, so ask for what fstat says is left (at least 1 byte to see EOF).
-    expected = os.fstat(src_fd).st_size
+    # more than compressing it, so ask for what is left (at least 1 byte to see EOF).
     plan = _frame_plan(expected, params.frame_size)
     while True:
         want = plan.pop(0) if plan else min(params.frame_size, max(expected - consumed, 1))
-        data = _pread_full(src_fd, want, consumed)
+        data = read(want)
         if not data:
             break
         frame = cctx.compress(data)
@@ -239,7 +275,7 @@ def compress_file(
         stored += len(frame)
         if progress is not None:
             progress(consumed)
-        if len(data) < want:
+        if len(data) < want or (exact and consumed >= expected):
             break
     table = _seek_table(entries)
     _write_all(dst_fd, table)
@@ -250,17 +286,23 @@ def compress_file(
 #: reverse scan read the end of a rollout, and this makes that cost one small decode instead of
 #: up to a whole frame, for well under 1 % of the stored size.
 TAIL_FRAME = 2**20
+#: ... and starts with one: codex and its session picker read the first line (`session_meta`,
+#: 7-25 KB), `head` and `file` read the start.  256 KiB covers the kernel's first read requests;
+#: measured on a 150 MB rollout it costs nothing (a 1 MiB head frame cost +0.9 %).
+HEAD_FRAME = 2**18
 
 
 def _frame_plan(size: int, frame_size: int) -> list[int]:
-    """Uncompressed sizes of the frames for a file of `size` bytes: full frames, then the rest
-    with its last `TAIL_FRAME` bytes split off (only for files that need several frames anyway,
-    so small files keep the ratio of a single frame)."""
+    """Uncompressed sizes of the frames for a file of `size` bytes: a small head frame
+    (`HEAD_FRAME`), full frames, then the rest with its last `TAIL_FRAME` bytes split off (only
+    for files that need several frames anyway, so small files keep the ratio of a single frame)."""
     tail = min(TAIL_FRAME, frame_size // 8)
+    head = min(HEAD_FRAME, frame_size // 8)
     if size <= frame_size or tail == 0:
         return []
-    full, rest = divmod(size, frame_size)
-    plan = [frame_size] * full
+    plan = [head] if head else []
+    full, rest = divmod(size - head, frame_size)
+    plan += [frame_size] * full
     if rest == 0:
         plan[-1] -= tail
         plan.append(tail)
@@ -283,6 +325,7 @@ class _RawFrame:
     end: int
     content_size: int | None  # from the frame header, None when the header has none
     checksum: int | None  # the frame's trailing content checksum, None when the frame has none
+    window: int = 0  # decoding window from the frame header
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +333,7 @@ class _Header:
     length: int
     content_size: int | None
     has_checksum: bool
+    window: int  # the decoder's history window in bytes (the content size for a single segment)
 
 
 def _parse_header(buf: bytes, offset: int) -> _Header:
@@ -311,7 +355,17 @@ def _parse_header(buf: bytes, offset: int) -> _Header:
         content_size = int.from_bytes(buf[pos:length], "little")
         if fcs_size == 2:
             content_size += 256
-    return _Header(length, content_size, bool(fhd & 0x04))
+        if content_size >= MAX_CONTENT_SIZE:
+            raise CorruptError(
+                f"frame at offset {offset} declares {content_size} bytes of content, beyond 2**63"
+            )
+    if single_segment:
+        window = content_size or 0
+    else:
+        descriptor = buf[5]
+        base = 1 << (10 + (descriptor >> 3))
+        window = base + (base >> 3) * (descriptor & 7)
+    return _Header(length, content_size, bool(fhd & 0x04), window)
 
 
 def _read_header(fd: int, offset: int, limit: int) -> _Header:
@@ -355,7 +409,7 @@ def _parse_frame(fd: int, start: int, limit: int) -> _RawFrame:
         end += 4
         if end > limit:
             raise CorruptError(f"truncated: frame checksum of frame at {start} runs past {limit}")
-    return _RawFrame(start, end, header.content_size, checksum)
+    return _RawFrame(start, end, header.content_size, checksum, header.window)
 
 
 def _walk_frames(fd: int, fsize: int) -> Iterator[tuple[str, int, int, _RawFrame | None]]:
@@ -492,9 +546,46 @@ def _decode_whole(fd: int, frame: _Frame) -> bytes:
     return out
 
 
-def _count_decoded(fd: int, start: int, end: int, expected: int | None) -> int:
-    """Decode a frame to nowhere and return its length (verifying it on the way)."""
-    return sum(len(chunk) for chunk in _iter_decoded(fd, start, end, expected))
+def _count_frame(fd: int, start: int, end: int, expected: int | None, limit: int,
+                 progress: ProgressFn | None = None) -> int:
+    """Decode a frame to nowhere (into one reused buffer) and return its length, verifying it:
+    the decoder checks structure, checksum and stated size; we check ``expected``.  Decoding stops
+    with :class:`DecodeLimitError` past ``limit`` bytes, so a "zeros bomb" cannot burn a core."""
+    reader: zstandard.ZstdDecompressionReader | None = _decompressor().stream_reader(
+        _PreadSource(fd, start, end), read_size=STREAM_READ, read_across_frames=False,
+        closefd=False,
+    )
+    buf = bytearray(IO_CHUNK)
+    total = 0
+    try:
+        while True:
+            assert reader is not None
+            n = reader.readinto(buf)
+            if not n:
+                break
+            total += n
+            if expected is not None and total > expected:
+                raise CorruptError(f"frame at offset {start} decodes to more than {expected} bytes")
+            if progress is not None:
+                progress(total)
+            if total > limit:
+                raise DecodeLimitError(
+                    f"frame at offset {start} decodes to more than {_gib(limit)}, the most zstfs "
+                    "decodes for a read (decode it with `zstd -d`)"
+                )
+    except zstandard.ZstdError as exc:
+        raise CorruptError(f"frame at offset {start}: {exc}") from exc
+    finally:
+        # An exception's traceback keeps this frame alive (the FUSE layer chains it): drop the
+        # decoder and its window now, not when the traceback goes.
+        reader = None
+    if expected is not None and total != expected:
+        raise CorruptError(f"frame at offset {start} decodes to {total} bytes, expected {expected}")
+    return total
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,6 +601,11 @@ class _Frame:
     log_start: int
     log_size: int
     has_checksum: bool
+    window: int = 0  # decoding window from the frame header
+    # The frame header states log_size, so the decoder itself enforces it.  False only for a
+    # seek-table claim over a frame without a content size: such a frame must be decoded once
+    # before any byte at or after it is served (every later offset depends on its length).
+    sized: bool = True
 
 
 @dataclass(frozen=True)
@@ -518,6 +614,8 @@ class _Index:
     starts: tuple[int, ...]  # frames[i].log_start, for bisect
     size: int
     seekable: bool
+    unsized: tuple[_Frame, ...] = ()  # frames (empty ones included) whose size is only claimed
+    empty: tuple[_Frame, ...] = ()  # frames that state they are empty: checked when EOF is read
 
     def frame_at(self, offset: int) -> int:
         return bisect.bisect_right(self.starts, offset) - 1
@@ -527,8 +625,9 @@ def _index_from_table(fd: int, entries: list[_TableEntry], fsize: int) -> list[_
     """Trust but check the seek table: each entry must start with a frame header that agrees.
 
     One small pread per frame (header) plus one for the trailing checksum catches a lying
-    decompressed size (our frames always state it) or a shifted compressed size before any read.
-    The full structural check of each extent happens when the frame is decoded.
+    decompressed size (when the frame states it) or a shifted compressed size before any read.
+    The full structural check of each extent happens when the frame is decoded; a frame that does
+    not state its size is marked unsized and decoded once before it (or anything after it) serves.
     """
     frames: list[_Frame] = []
     log = 0
@@ -545,17 +644,19 @@ def _index_from_table(fd: int, entries: list[_TableEntry], fsize: int) -> list[_
                 raise CorruptError(
                     f"seek table: checksum of frame {i} at offset {entry.start} does not match"
                 )
-        frames.append(_Frame(entry.start, entry.end, log, entry.size, header.has_checksum))
+        window = header.window or entry.size
+        frames.append(_Frame(entry.start, entry.end, log, entry.size, header.has_checksum,
+                             window, header.content_size is not None))
         log += entry.size
     return frames
 
 
-def _index_from_walk(fd: int, fsize: int) -> list[_Frame]:
+def _index_from_walk(fd: int, fsize: int, count: Callable[[_RawFrame], int]) -> list[_Frame]:
     """Index a file without a seek table by walking frame and block headers.
 
     A frame without a content size (``zstd`` reading stdin, codex's streaming writer) has to be
-    decoded once to learn its size; that also verifies it.  The index is cached by file identity
-    so this happens once per file, not per open.
+    decoded once to learn its size (``count``, which also verifies it).  The index is cached by
+    file identity so this happens once per file, not per open.
     """
     frames: list[_Frame] = []
     log = 0
@@ -564,15 +665,14 @@ def _index_from_walk(fd: int, fsize: int) -> list[_Frame]:
             continue
         size = raw.content_size
         if size is None:
-            size = _count_decoded(fd, raw.start, raw.end, None)
-            if raw.checksum is not None:
-                _mark_verified(_identity(fd), raw.start)
-        frames.append(_Frame(raw.start, raw.end, log, size, raw.checksum is not None))
+            size = count(raw)
+        frames.append(_Frame(raw.start, raw.end, log, size, raw.checksum is not None,
+                             raw.window or size))
         log += size
     return frames
 
 
-def _build_index(fd: int) -> _Index:
+def _build_index(fd: int, count: Callable[[_RawFrame], int]) -> _Index:
     """Build the frame index of one ``.zst`` (seek table if present, else a structural walk)."""
     fsize = os.fstat(fd).st_size
     if fsize == 0:
@@ -581,216 +681,745 @@ def _build_index(fd: int) -> _Index:
     if table is not None:
         frames = _index_from_table(fd, table[0], fsize)
     else:
-        frames = _index_from_walk(fd, fsize)
+        frames = _index_from_walk(fd, fsize, count)
     size = frames[-1].log_start + frames[-1].log_size if frames else 0
+    if size >= MAX_CONTENT_SIZE:
+        raise CorruptError(f"frames declare {size} bytes of content, beyond 2**63")
     kept = tuple(f for f in frames if f.log_size)
-    return _Index(kept, tuple(f.log_start for f in kept), size, table is not None)
+    unsized = tuple(f for f in frames if not f.sized)
+    empty = tuple(f for f in frames if f.sized and not f.log_size)
+    return _Index(kept, tuple(f.log_start for f in kept), size, table is not None, unsized,
+                  empty)
 
 
 # --------------------------------------------------------------------------------------------
-# Module caches
+# The decoder budget
 
 Identity = tuple[int, int, int, int]
 
 INDEX_CACHE_ENTRIES = 4096
 VERIFIED_ENTRIES = 4096
-# Two default (32 MiB) frames: the half rule below keeps zstfs's own frames cacheable, so readers
-# of one file share decoded frames and a sequential read decodes each frame once, while the
-# daemon stays within its memory budget (decodes in flight come on top of this).
+#: Everything decoding holds at once in the daemon: the decoded-frame cache, whole-frame decodes
+#: in flight and streaming decoders (their windows), parked or working.  With the daemon's own
+#: ~40 MB this keeps its peak RSS under 200 MB whatever the number of readers (BENCHMARKS.md).
+DEFAULT_MEMORY = 120 * 2**20
+#: The part of the budget decoded frames may keep when nobody needs the room: two default
+#: (32 MiB) frames, since frames up to half of it are cached whole and shared by all readers.
 DEFAULT_CACHE_LIMIT = 64 * 2**20
+#: The most one read decodes from a single frame (a "zeros bomb" of 20 GiB is refused at once
+#: when its header says so, and stopped here when it does not).  ~2-4 s of one core.
+MAX_FRAME_DECODE = 4 * 2**30
+#: A parked decoder nobody used for this long gives its memory back.
+IDLE_SECONDS = 30.0
+#: Resumable decoder positions kept per big frame (sequential readers, a few random ones).
+STREAMS_PER_FRAME = 4
+#: Decoded bytes a stream keeps behind its position, so reads that arrive slightly out of order
+#: (the kernel's parallel readahead) are served without restarting the frame.
+STREAM_HISTORY = 4 << 20
+#: Granularity of the budget charged by a decoder whose output size is not known in advance.
+GROW_STEP = 8 << 20
+#: Decoded bytes a sequential stream keeps ready ahead of its reader, decoded by a prefetch
+#: thread on another core while the FUSE layer ships the previous ones.
+STREAM_AHEAD = 4 << 20
+PREFETCH_CHUNK = 256 << 10
+#: Input read size of a streaming decoder.
+STREAM_READ = 1 << 18
+#: Decoder context, block buffers and bookkeeping on top of the window (zstd's DCtx is ~160 KiB).
+STREAM_OVERHEAD = (STREAM_READ + STREAM_HISTORY + STREAM_AHEAD + 2 * IO_CHUNK + MAX_BLOCK_SIZE
+                   + (256 << 10))
+#: Reservations this small never wait: the FUSE layer decodes small files on its event loop.
+SMALL_RESERVATION = 4 << 20
+#: A reservation that cannot be met for this long (the budget is pinned by work in progress)
+#: fails rather than hanging the read.
+RESERVE_TIMEOUT = 60.0
 
-_lock = threading.Lock()
-_index_cache: OrderedDict[Identity, _Index] = OrderedDict()
-_frame_cache: OrderedDict[tuple[Identity, int], bytes] = OrderedDict()
-_frame_cache_bytes = 0
-_cache_limit = DEFAULT_CACHE_LIMIT
-# Big frames are streamed, so their checksum is only checked at the frame end; (identity, frame
-# start) of big frames already decoded once in full, so later streamed reads are known good.
-_verified: OrderedDict[tuple[Identity, int], None] = OrderedDict()
-# Frames being decoded right now, so concurrent misses on one frame wait instead of re-decoding.
-_inflight: dict[tuple[Identity, int], threading.Event] = {}
+
+class DecodeLimitError(CorruptError):
+    """A valid frame that this reader will not decode: its window does not fit the decoder budget,
+    or it is too big to decode for one read.  A CorruptError, so callers answer EIO."""
+
+
+class BudgetBusyError(DecodeLimitError):
+    """The decoder budget stayed pinned by work in progress: a transient refusal, not damage."""
+
+
+def _stream_cost(window: int, size: int | None) -> int:
+    """Memory of a streaming decoder: zstd allocates min(window, content size) plus a block."""
+    need = window if size is None else min(window, size)
+    return need + STREAM_OVERHEAD
+
+
+class _Stream:
+    """A decoder positioned inside one big frame, so sequential reads continue where they ended.
+
+    It reads its own duplicate of the file descriptor, so it stays valid after the handle that
+    created it is closed, and can be resumed by any reader of the same file.  It remembers the
+    bytes it decoded last, from ``STREAM_HISTORY`` behind the end of the last read served to up
+    to ``STREAM_AHEAD`` decoded ahead of it by the prefetcher.  Only the thread that holds the
+    stream (``busy``) decodes; the remembered pieces change under ``lock`` only, so other threads
+    may serve from them (:meth:`peek`).
+    """
+
+    def __init__(self, fd: int, key: tuple[Identity, int], frame: _Frame, cost: int,
+                 lock: threading.Condition) -> None:
+        self.key = key
+        self.frame = frame
+        self.cost = cost
+        self.pos = 0
+        self.served = 0  # end of the furthest read served
+        self.queued = False  # waiting for the prefetcher
+        self.doomed = False  # dropped at the next check-in (Decoders.clear while busy)
+        self.pinned: int | None = None  # the holder's read starts here: history kept from it
+        self.lock = lock
+        # The decoded bytes [pos - _history, pos), as the pieces the decoder returned.
+        self._pieces: collections.deque[bytes] = collections.deque()
+        self._history = 0
+        self.busy = True
+        self.last_used = time.monotonic()
+        self._fd = os.dup(fd)
+        self._reader: zstandard.ZstdDecompressionReader | None = _decompressor().stream_reader(
+            _PreadSource(self._fd, frame.comp_start, frame.comp_end),
+            read_size=STREAM_READ,
+            read_across_frames=False,
+            closefd=False,
+        )
+
+    @property
+    def history_start(self) -> int:
+        return self.pos - self._history
+
+    def work(self, lo: int) -> int:
+        """Bytes to decode before this stream can serve offset ``lo`` (-1: it cannot)."""
+        if lo < self.history_start:
+            return -1
+        return max(0, lo - self.pos)
+
+    def close(self) -> None:
+        self._reader = None  # the decoder and its window go now, even if a traceback holds us
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _pull(self, n: int, keep: bool) -> list[bytes]:
+        parts: list[bytes] = []
+        while n > 0:
+            if self._reader is None:
+                raise CorruptError(f"frame at offset {self.frame.comp_start}: decoder released")
+            try:
+                data = self._reader.read(min(IO_CHUNK, n))
+            except zstandard.ZstdError as exc:
+                raise CorruptError(f"frame at offset {self.frame.comp_start}: {exc}") from exc
+            if not data:
+                raise CorruptError(
+                    f"frame at offset {self.frame.comp_start} ends at {self.pos} bytes, "
+                    f"expected {self.frame.log_size}"
+                )
+            n -= len(data)
+            if keep or n < STREAM_HISTORY:
+                parts.append(data)
+            else:
+                with self.lock:
+                    self.pos += len(data)
+                    self._pieces.clear()
+                    self._history = 0
+                continue
+            self._remember(data)
+        return parts
+
+    def _remember(self, data: bytes) -> None:
+        with self.lock:
+            self._pieces.append(data)
+            self._history += len(data)
+            self.pos += len(data)
+            self._trim_locked()
+
+    def _trim_locked(self) -> None:
+        keep_from = self.served - STREAM_HISTORY
+        if self.pinned is not None:
+            keep_from = min(keep_from, self.pinned)
+        while self._pieces and self.history_start + len(self._pieces[0]) <= keep_from:
+            self._history -= len(self._pieces.popleft())
+
+    def _recall_locked(self, lo: int, hi: int) -> list[bytes]:
+        """Slices of the remembered bytes covering ``[lo, min(hi, pos))``."""
+        out: list[bytes] = []
+        at = self.history_start
+        for piece in self._pieces:
+            end = at + len(piece)
+            if end > lo and at < hi:
+                out.append(piece[max(lo, at) - at : min(hi, end) - at])
+            at = end
+        return out
+
+    def peek(self, lo: int, hi: int) -> bytes | None:
+        """Bytes ``[lo, hi)`` if already decoded and remembered (any thread, under ``lock``)."""
+        if lo < self.history_start or hi > self.pos:
+            return None
+        out = self._recall_locked(lo, hi)
+        self.served = max(self.served, hi)
+        self._trim_locked()
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def read(self, lo: int, hi: int) -> bytes:
+        """Bytes ``[lo, hi)`` of the frame (``lo`` at or after ``history_start``); the caller
+        holds the stream."""
+        out: list[bytes] = []
+        if lo < self.pos:
+            with self.lock:
+                out = self._recall_locked(lo, hi)
+            if lo < self.history_start or sum(map(len, out)) != min(hi, self.pos) - lo:
+                raise AssertionError(f"stream history lost [{lo}, {self.pos})")  # never: pinned
+            lo = min(hi, self.pos)
+        if lo < hi:
+            if lo > self.pos:
+                self._pull(lo - self.pos, keep=False)
+            out.extend(self._pull(hi - lo, keep=True))
+        with self.lock:
+            self.served = max(self.served, hi)
+            self._trim_locked()
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def prefetch(self) -> bool:
+        """Decode one chunk ahead of the last read served; True if more would be useful."""
+        want = min(self.served + STREAM_AHEAD, self.frame.log_size) - self.pos
+        if want <= 0:
+            return False
+        self._pull(min(want, PREFETCH_CHUNK), keep=True)
+        return self.pos < min(self.served + STREAM_AHEAD, self.frame.log_size)
+
+
+class Decoders:
+    """The daemon's one decoder budget, shared by every reader and the decoded-frame cache.
+
+    Everything decoding holds counts against ``memory``: cached decoded frames, whole-frame decodes
+    in flight (output plus input) and streaming decoders (window, buffers), whether working or
+    parked between reads.  A decode that needs room first evicts cached frames, then parked
+    decoders (least recently used first), then waits for work in progress to finish; a frame
+    whose decoder alone would not fit (a window beyond what ``memory`` allows, as `zstd --long=31`
+    writes) raises :class:`DecodeLimitError` at once, naming the ``--long`` it needs.
+
+    Big frames (more than half the cache) are streamed: each keeps up to ``STREAMS_PER_FRAME``
+    resumable decoder positions, shared by all readers of the file, so a read that continues where
+    an earlier one ended continues that decoder instead of decoding from the frame start again.
+    Parked decoders unused for ``idle_seconds`` are released by a janitor thread.
+
+    Before any byte of a frame is served, the frame has been decoded in full once and found
+    consistent: checksum (when present), exact length (the seek table's or the header's claim),
+    structure.  Small frames are decoded whole anyway; a big one is decoded once to nowhere and
+    remembered as verified by file identity.
+
+    Thread-safe; one instance per daemon (``default_decoders()`` unless a caller passes its own).
+    """
+
+    def __init__(
+        self,
+        memory: int = DEFAULT_MEMORY,
+        cache: int = DEFAULT_CACHE_LIMIT,
+        *,
+        max_frame: int = MAX_FRAME_DECODE,
+        idle_seconds: float = IDLE_SECONDS,
+    ) -> None:
+        self.memory = memory
+        self.cache_limit = min(cache, memory)
+        self.max_frame = max_frame
+        self.idle_seconds = idle_seconds
+        self._cond = threading.Condition(threading.Lock())
+        self._used = 0  # cached frames + reservations (decodes in flight, streams)
+        self.peak = 0  # highest _used seen (tests, benchmarks)
+        self.streams_started = 0  # streaming decoders started at a frame start
+        self.streamed_bytes = 0  # bytes decoded by streaming decoders (skipped ones included)
+        self._index_cache: OrderedDict[Identity, _Index] = OrderedDict()
+        self._failed: OrderedDict[Identity, tuple[type[CorruptError], str]] = OrderedDict()
+        self._frames: OrderedDict[tuple[Identity, int], bytes] = OrderedDict()
+        self._frame_bytes = 0
+        self._verified: OrderedDict[tuple[Identity, int], None] = OrderedDict()
+        self._inflight: dict[tuple[object, ...], threading.Event] = {}
+        self._streams: dict[tuple[Identity, int], list[_Stream]] = {}
+        self._idle: OrderedDict[_Stream, None] = OrderedDict()  # parked streams, LRU first
+        self._janitor: threading.Thread | None = None
+        self._prefetch_queue: collections.deque[_Stream] = collections.deque()
+        self._prefetcher: threading.Thread | None = None
+
+    # ---------------------------------------------------------------- accounting
+    @property
+    def used(self) -> int:
+        with self._cond:
+            return self._used
+
+    def stream_count(self) -> int:
+        with self._cond:
+            return sum(len(v) for v in self._streams.values())
+
+    def reserve(self, nbytes: int, what: str, *, never_wait: bool = False) -> None:
+        """Take ``nbytes`` of the budget, evicting or waiting as needed (see the class doc)."""
+        if nbytes > self.memory:
+            raise DecodeLimitError(f"{what} needs {_gib(nbytes)} of decoder memory, more than "
+                                   f"the budget of {_gib(self.memory)}")
+        deadline = time.monotonic() + RESERVE_TIMEOUT
+        with self._cond:
+            while self._used + nbytes > self.memory:
+                if self._evict_one_locked():
+                    continue
+                if never_wait and nbytes <= SMALL_RESERVATION:
+                    break  # never block a small decode (it may run on the event loop)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BudgetBusyError(f"{what}: the decoder budget stayed busy for "
+                                           f"{RESERVE_TIMEOUT:.0f} s")
+                self._cond.wait(min(left, 1.0))
+            self._used += nbytes
+            self.peak = max(self.peak, self._used)
+
+    def release(self, nbytes: int) -> None:
+        with self._cond:
+            self._used -= nbytes
+            self._cond.notify_all()
+
+    def _evict_one_locked(self) -> bool:
+        if self._frames:
+            _key, data = self._frames.popitem(last=False)
+            self._frame_bytes -= len(data)
+            self._used -= len(data)
+            return True
+        if self._idle:
+            stream, _ = self._idle.popitem(last=False)
+            self._drop_stream_locked(stream)
+            return True
+        return False
+
+    def _drop_stream_locked(self, stream: _Stream) -> None:
+        streams = self._streams.get(stream.key)
+        if streams is not None and stream in streams:
+            streams.remove(stream)
+            if not streams:
+                del self._streams[stream.key]
+        self._idle.pop(stream, None)
+        stream.close()
+        self._used -= stream.cost
+        self._cond.notify_all()
+
+    # ---------------------------------------------------------------- knobs and caches
+    def set_cache_limit(self, nbytes: int) -> int:
+        """Set the decoded-frame cache bound; returns the previous one (tests restore it)."""
+        with self._cond:
+            previous, self.cache_limit = self.cache_limit, max(0, min(nbytes, self.memory))
+            self._trim_cache_locked(0)
+            self._cond.notify_all()
+        return previous
+
+    def clear(self) -> None:
+        """Forget every cached index, decoded frame, verification mark and parked decoder."""
+        with self._cond:
+            self._index_cache.clear()
+            self._failed.clear()
+            self._used -= self._frame_bytes
+            self._frames.clear()
+            self._frame_bytes = 0
+            self._verified.clear()
+            self._prefetch_queue.clear()
+            for streams in list(self._streams.values()):
+                for stream in list(streams):
+                    if stream.busy:
+                        stream.doomed = True  # dropped when its holder is done with it
+                    else:
+                        self._drop_stream_locked(stream)
+            self._cond.notify_all()
+
+    def release_idle(self, older_than: float | None = None) -> int:
+        """Drop parked decoders unused for ``older_than`` seconds (default: ``idle_seconds``)."""
+        limit = self.idle_seconds if older_than is None else older_than
+        now = time.monotonic()
+        dropped = 0
+        with self._cond:
+            for stream in list(self._idle):
+                if now - stream.last_used >= limit:
+                    self._drop_stream_locked(stream)
+                    dropped += 1
+        return dropped
+
+    def _janitor_loop(self) -> None:
+        with self._cond:
+            while self._idle:
+                oldest = next(iter(self._idle))
+                wait = oldest.last_used + self.idle_seconds - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                self._drop_stream_locked(oldest)
+            self._janitor = None
+
+    def _trim_cache_locked(self, room: int) -> None:
+        while self._frames and self._frame_bytes + room > self.cache_limit:
+            _key, data = self._frames.popitem(last=False)
+            self._frame_bytes -= len(data)
+            self._used -= len(data)
+
+    def cacheable(self, frame: _Frame) -> bool:
+        """Frames up to half the cache are decoded whole and cached; bigger ones are streamed."""
+        return frame.log_size <= self.cache_limit // 2
+
+    def cached_frame(self, key: tuple[Identity, int]) -> bytes | None:
+        with self._cond:
+            data = self._frames.get(key)
+            if data is not None:
+                self._frames.move_to_end(key)
+            return data
+
+    def is_verified(self, identity: Identity, comp_start: int) -> bool:
+        with self._cond:
+            return (identity, comp_start) in self._verified
+
+    def _mark_verified(self, identity: Identity, comp_start: int) -> None:
+        with self._cond:
+            self._verified[(identity, comp_start)] = None
+            while len(self._verified) > VERIFIED_ENTRIES:
+                self._verified.popitem(last=False)
+
+    # ---------------------------------------------------------------- index
+    def cached_index(self, identity: Identity) -> _Index | None:
+        with self._cond:
+            index = self._index_cache.get(identity)
+            if index is not None:
+                self._index_cache.move_to_end(identity)
+            return index
+
+    def index(self, fd: int, identity: Identity) -> _Index:
+        """The cached index for this file identity, built (outside the lock) on a miss."""
+        index = self.cached_index(identity)
+        if index is not None:
+            return index
+        with self._cond:
+            failed = self._failed.get(identity)
+        if failed is not None:  # the same file again: the same answer, without the work
+            raise failed[0](failed[1])
+
+        def count(raw: _RawFrame) -> int:
+            # Without a content size zstd allocates the whole window, but only the part the
+            # output reaches becomes resident: charge the budget as the output grows.
+            what = f"frame at offset {raw.start}"
+            window = raw.window or self.max_frame
+            charged = min(_stream_cost(window, GROW_STEP), self.memory)
+            self.reserve(charged, what)
+
+            def grow(total: int) -> None:
+                nonlocal charged
+                self._check_window(window, raw.start, total)
+                need = min(_stream_cost(window, total + GROW_STEP), self.memory)
+                if need > charged:
+                    self.reserve(need - charged, what)
+                    charged = need
+
+            try:
+                n = _count_frame(fd, raw.start, raw.end, None, self.max_frame, grow)
+            finally:
+                self.release(charged)
+            self._mark_verified(identity, raw.start)
+            return n
+
+        try:
+            index = _build_index(fd, count)
+        except CorruptError as e:
+            if not isinstance(e, BudgetBusyError):
+                with self._cond:
+                    self._failed[identity] = (type(e), str(e))
+                    while len(self._failed) > INDEX_CACHE_ENTRIES:
+                        self._failed.popitem(last=False)
+            raise
+        with self._cond:
+            self._index_cache[identity] = index
+            while len(self._index_cache) > INDEX_CACHE_ENTRIES:
+                self._index_cache.popitem(last=False)
+        return index
+
+    def _check_window(self, window: int, at: int, size: int | None) -> None:
+        """Refuse at once a frame whose streaming decoder could never fit the budget."""
+        cost = _stream_cost(window, size)
+        if cost <= self.memory:
+            return
+        need = window if size is None else min(window, size)
+        hint = ""
+        if window > ZSTD_DEFAULT_WINDOW:
+            bits = (window - 1).bit_length()
+            hint = f" (written with a long window: `zstd -d --long={bits}`)"
+        raise DecodeLimitError(
+            f"frame at offset {at} needs a {_gib(need)} decoding window{hint}, more than the "
+            f"decoder budget of {_gib(self.memory)}"
+        )
+
+    # ---------------------------------------------------------------- decoding
+    def _once(self, key: tuple[object, ...]) -> threading.Event | None:
+        """Claim ``key`` for this thread (returns its Event) or wait for the thread that has it
+        (returns None after it finished): concurrent misses do the work once."""
+        with self._cond:
+            waiter = self._inflight.get(key)
+            if waiter is None:
+                done = self._inflight[key] = threading.Event()
+                return done
+        waiter.wait()
+        return None
+
+    def _done(self, key: tuple[object, ...], event: threading.Event) -> None:
+        with self._cond:
+            del self._inflight[key]
+        event.set()
+
+    def frame_bytes(self, fd: int, identity: Identity, frame_no: int, frame: _Frame) -> bytes:
+        """A cacheable frame decoded whole (verified), from the cache or decoded once even when
+        several threads miss it at the same moment (the kernel's parallel readahead)."""
+        key = (identity, frame_no)
+        while True:
+            data = self.cached_frame(key)
+            if data is not None:
+                return data
+            event = self._once(("frame", identity, frame_no))
+            if event is not None:
+                break
+        try:
+            comp = frame.comp_end - frame.comp_start
+            self.reserve(frame.log_size + comp, f"frame at offset {frame.comp_start}",
+                         never_wait=True)
+            try:
+                data = _decode_whole(fd, frame)
+            except BaseException:
+                self.release(frame.log_size + comp)
+                raise
+            self._mark_verified(identity, frame.comp_start)
+            with self._cond:
+                self._used -= comp
+                if len(data) <= self.cache_limit // 2 and key not in self._frames:
+                    self._trim_cache_locked(len(data))
+                    self._frames[key] = data
+                    self._frame_bytes += len(data)
+                else:
+                    self._used -= len(data)
+                self._cond.notify_all()
+            return data
+        finally:
+            self._done(("frame", identity, frame_no), event)
+
+    def verify(self, fd: int, identity: Identity, frame: _Frame) -> None:
+        """Decode a frame once in full (to nowhere) unless already verified for this identity."""
+        while not self.is_verified(identity, frame.comp_start):
+            key = ("verify", identity, frame.comp_start)
+            event = self._once(key)
+            if event is None:
+                continue
+            try:
+                if self.is_verified(identity, frame.comp_start):
+                    return
+                self._check_window(frame.window, frame.comp_start, frame.log_size)
+                cost = _stream_cost(frame.window, frame.log_size)
+                self.reserve(cost, f"frame at offset {frame.comp_start}")
+                try:
+                    _check_extent(fd, frame)
+                    _count_frame(fd, frame.comp_start, frame.comp_end, frame.log_size,
+                                 self.max_frame)
+                finally:
+                    self.release(cost)
+                self._mark_verified(identity, frame.comp_start)
+            finally:
+                self._done(key, event)
+
+    def stream_read(self, fd: int, identity: Identity, frame_no: int, frame: _Frame,
+                    lo: int, hi: int) -> bytes:
+        """Bytes ``[lo, hi)`` of a big (verified) frame from the best resumable decoder."""
+        data = self.peek(identity, frame_no, lo, hi)
+        if data is not None:
+            return data
+        stream = self._checkout(fd, (identity, frame_no), frame, lo)
+        ok = False
+        before = stream.pos
+        sequential = lo == stream.served and lo > 0
+        try:
+            data = stream.read(lo, hi)
+            ok = True
+            return data
+        finally:
+            self.streamed_bytes += stream.pos - before  # statistics: races only blur them
+            self._checkin(stream, keep=ok, prefetch=sequential)
+
+    def peek(self, identity: Identity, frame_no: int, lo: int, hi: int) -> bytes | None:
+        """Bytes ``[lo, hi)`` of a streamed frame if a decoder already has them (decoded ahead
+        by the prefetcher, or just behind); never decodes, never waits for a decoder."""
+        with self._cond:
+            for stream in self._streams.get((identity, frame_no), ()):
+                data = stream.peek(lo, hi)
+                if data is not None:
+                    stream.last_used = time.monotonic()
+                    if stream in self._idle:
+                        self._idle.move_to_end(stream)  # least recently used stays first
+                    self._prefetch_locked(stream)
+                    return data
+        return None
+
+    def _prefetch_locked(self, stream: _Stream) -> None:
+        """Queue a sequentially read stream for decoding ahead (see :meth:`_prefetch_loop`)."""
+        if stream.queued or stream.pos >= min(stream.served + STREAM_AHEAD,
+                                              stream.frame.log_size):
+            return
+        stream.queued = True
+        self._prefetch_queue.append(stream)
+        self._cond.notify_all()
+        if self._prefetcher is None:
+            self._prefetcher = threading.Thread(target=self._prefetch_loop, daemon=True,
+                                                name="zstfs-decoder-prefetch")
+            self._prefetcher.start()
+
+    def _prefetch_loop(self) -> None:
+        """Decode ahead of sequential readers, one chunk per turn, on its own thread (the decoder
+        releases the GIL): `cat` then decodes on one core while the FUSE layer ships on the
+        other, and a reader that wants the stream waits at most one chunk."""
+        while True:
+            with self._cond:
+                idle_since = time.monotonic()
+                while not self._prefetch_queue:
+                    if time.monotonic() - idle_since > 5.0:
+                        self._prefetcher = None
+                        return
+                    self._cond.wait(1.0)
+                stream = self._prefetch_queue.popleft()
+                stream.queued = False
+                if stream.busy or stream not in self._streams.get(stream.key, ()):
+                    continue
+                stream.busy = True
+                self._idle.pop(stream, None)
+            more = drop = False
+            before = stream.pos
+            try:
+                more = stream.prefetch()
+            except CorruptError:
+                drop = True
+            self.streamed_bytes += stream.pos - before
+            with self._cond:
+                stream.busy = False
+                if drop or stream.doomed:
+                    self._drop_stream_locked(stream)
+                    continue
+                self._idle[stream] = None
+                if more:
+                    self._prefetch_locked(stream)
+                self._cond.notify_all()
+
+    def _checkout(self, fd: int, key: tuple[Identity, int], frame: _Frame, lo: int) -> _Stream:
+        deadline = time.monotonic() + RESERVE_TIMEOUT
+        while True:
+            with self._cond:
+                streams = self._streams.get(key, [])
+                best: _Stream | None = None
+                for s in streams:
+                    w = s.work(lo)
+                    if w >= 0 and (best is None or w < best.work(lo)):
+                        best = s
+                if best is not None and not best.busy:
+                    best.busy = True
+                    best.pinned = lo
+                    self._idle.pop(best, None)
+                    return best
+                if best is None and len(streams) >= STREAMS_PER_FRAME:
+                    # Make room among this frame's decoders: the parked one furthest along
+                    # is the least likely to serve a read that had to start over.
+                    parked = [s for s in streams if not s.busy]
+                    if parked:
+                        self._drop_stream_locked(max(parked, key=lambda s: s.pos))
+                        best = None
+                    else:
+                        best = streams[0]  # all busy: wait for one
+                if best is None:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BudgetBusyError(f"frame at offset {frame.comp_start}: its decoders "
+                                           f"stayed busy for {RESERVE_TIMEOUT:.0f} s")
+                self._cond.wait(min(left, 1.0))  # a busy decoder ahead of us: wait for it
+        cost = _stream_cost(frame.window, frame.log_size)
+        self.reserve(cost, f"frame at offset {frame.comp_start}")
+        try:
+            stream = _Stream(fd, key, frame, cost, self._cond)
+            stream.pinned = lo
+        except BaseException:
+            self.release(cost)
+            raise
+        with self._cond:
+            self._streams.setdefault(key, []).append(stream)
+            self.streams_started += 1
+        return stream
+
+    def _checkin(self, stream: _Stream, *, keep: bool, prefetch: bool = False) -> None:
+        with self._cond:
+            stream.busy = False
+            stream.pinned = None
+            stream.last_used = time.monotonic()
+            if not keep or stream.doomed:
+                self._drop_stream_locked(stream)
+                return
+            self._idle[stream] = None
+            if prefetch:
+                self._prefetch_locked(stream)
+            self._cond.notify_all()
+            if self._janitor is None and self.idle_seconds > 0:
+                self._janitor = threading.Thread(target=self._janitor_loop, daemon=True,
+                                                 name="zstfs-decoder-janitor")
+                self._janitor.start()
+
+
+_default_decoders: Decoders | None = None
+_default_lock = threading.Lock()
+
+
+def default_decoders() -> Decoders:
+    """The process's shared budget, used by readers that are not given their own."""
+    global _default_decoders
+    with _default_lock:
+        if _default_decoders is None:
+            _default_decoders = Decoders()
+        return _default_decoders
+
+
+def _forget_default_after_fork() -> None:
+    """A forked child (the daemon detaching after recovery) gets a fresh default budget: the
+    parent's janitor and prefetch threads do not exist in it, and its lock may have been held."""
+    global _default_decoders, _default_lock
+    old, _default_decoders, _default_lock = _default_decoders, None, threading.Lock()
+    if old is not None:
+        for streams in old._streams.values():
+            for stream in streams:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+os.register_at_fork(after_in_child=_forget_default_after_fork)
 
 
 def set_cache_limit(nbytes: int) -> int:
-    """Set the decoded-frame cache bound in bytes; returns the previous bound (tests restore it)."""
-    global _cache_limit
-    with _lock:
-        previous, _cache_limit = _cache_limit, max(0, nbytes)
-        _evict_locked()
-    return previous
+    """Set the default budget's decoded-frame cache bound; returns the previous bound."""
+    return default_decoders().set_cache_limit(nbytes)
 
 
 def clear_caches() -> None:
-    """Forget every cached index, decoded frame and verification mark (benchmarks, tests)."""
-    global _frame_cache_bytes
-    with _lock:
-        _index_cache.clear()
-        _frame_cache.clear()
-        _verified.clear()
-        _frame_cache_bytes = 0
-
-
-def _evict_locked() -> None:
-    global _frame_cache_bytes
-    while _frame_cache and _frame_cache_bytes > _cache_limit:
-        _key, data = _frame_cache.popitem(last=False)
-        _frame_cache_bytes -= len(data)
-
-
-def _cacheable(frame: _Frame) -> bool:
-    """Frames above half the cache are streamed, so one file cannot flush everyone else."""
-    return frame.log_size <= _cache_limit // 2
-
-
-def _cache_get(key: tuple[Identity, int]) -> bytes | None:
-    with _lock:
-        data = _frame_cache.get(key)
-        if data is not None:
-            _frame_cache.move_to_end(key)
-        return data
-
-
-def _cache_put(key: tuple[Identity, int], data: bytes) -> None:
-    global _frame_cache_bytes
-    with _lock:
-        if key in _frame_cache or len(data) > _cache_limit // 2:
-            return
-        _frame_cache[key] = data
-        _frame_cache_bytes += len(data)
-        _evict_locked()
-
-
-def _decode_shared(fd: int, key: tuple[Identity, int], frame: _Frame) -> bytes:
-    """Decode a cacheable frame once even when several threads miss it at the same moment.
-
-    The kernel's readahead sends parallel reads for neighbouring pages, which all land in the
-    same frame; without this each would decode the same 32 MiB.
-    """
-    while True:
-        with _lock:
-            waiter = _inflight.get(key)
-            if waiter is None:
-                done = _inflight[key] = threading.Event()
-        if waiter is None:
-            break
-        waiter.wait()
-        data = _cache_get(key)
-        if data is not None:
-            return data
-    try:
-        _make_room(frame.log_size)
-        data = _decode_whole(fd, frame)
-        _cache_put(key, data)
-        return data
-    finally:
-        with _lock:
-            del _inflight[key]
-        done.set()
-
-
-def _make_room(nbytes: int) -> None:
-    """Evict before decoding, not after: the daemon's peak memory is the cache bound plus the
-    decodes in flight, not the bound plus one more frame."""
-    global _frame_cache_bytes
-    with _lock:
-        while _frame_cache and _frame_cache_bytes + nbytes > _cache_limit:
-            _key, old = _frame_cache.popitem(last=False)
-            _frame_cache_bytes -= len(old)
-
-
-def _mark_verified(identity: Identity, comp_start: int) -> None:
-    with _lock:
-        _verified[(identity, comp_start)] = None
-        while len(_verified) > VERIFIED_ENTRIES:
-            _verified.popitem(last=False)
-
-
-def _is_verified(identity: Identity, comp_start: int) -> bool:
-    with _lock:
-        return (identity, comp_start) in _verified
-
-
-def _cached_index(identity: Identity) -> _Index | None:
-    with _lock:
-        index = _index_cache.get(identity)
-        if index is not None:
-            _index_cache.move_to_end(identity)
-        return index
-
-
-def _get_index(fd: int, identity: Identity) -> _Index:
-    """The cached index for this file identity, built (outside the lock) on a miss."""
-    index = _cached_index(identity)
-    if index is not None:
-        return index
-    index = _build_index(fd)
-    with _lock:
-        _index_cache[identity] = index
-        while len(_index_cache) > INDEX_CACHE_ENTRIES:
-            _index_cache.popitem(last=False)
-    return index
+    """Forget the default budget's cached indexes, frames, marks and parked decoders."""
+    default_decoders().clear()
 
 
 # --------------------------------------------------------------------------------------------
 # Random access
 
 
-class _Stream:
-    """A decoder positioned inside one big frame, so sequential reads continue where they ended."""
-
-    def __init__(self, fd: int, frame_no: int, frame: _Frame) -> None:
-        self.frame_no = frame_no
-        self.frame = frame
-        self.pos = 0
-        self._reader = _decompressor().stream_reader(
-            _PreadSource(fd, frame.comp_start, frame.comp_end),
-            read_size=IO_CHUNK,
-            read_across_frames=False,
-            closefd=False,
-        )
-
-    def _read(self, n: int) -> bytes:
-        try:
-            data = self._reader.read(n)
-        except zstandard.ZstdError as exc:
-            raise CorruptError(f"frame at offset {self.frame.comp_start}: {exc}") from exc
-        if not data:
-            raise CorruptError(
-                f"frame at offset {self.frame.comp_start} ends at {self.pos} bytes, "
-                f"expected {self.frame.log_size}"
-            )
-        self.pos += len(data)
-        return data
-
-    def skip_to(self, target: int) -> None:
-        while self.pos < target:
-            self._read(min(IO_CHUNK, target - self.pos))
-
-    def take(self, n: int) -> bytes:
-        parts: list[bytes] = []
-        while n > 0:
-            data = self._read(min(IO_CHUNK, n))
-            parts.append(data)
-            n -= len(data)
-        return b"".join(parts)
-
-
 class ZstReader:
     """Random-access reader over one ``.zst`` file descriptor.
 
     The caller owns ``fd`` and keeps it open while the reader is in use.  Only ``os.pread`` is used,
-    so one reader may serve several threads at once.  The frame index and decoded frames live in
-    module caches keyed by the file identity, so readers of the same unchanged file share them.
+    so one reader may serve several threads at once.  The frame index, decoded frames and resumable
+    decoders live in a :class:`Decoders` budget keyed by the file identity, so readers of the same
+    unchanged file share them; a reader itself holds no decoder between reads.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, decoders: Decoders | None = None) -> None:
         self._fd = fd
         self._identity = _identity(fd)
-        self._stream: _Stream | None = None
-        self._stream_lock = threading.Lock()
+        self._dec = decoders if decoders is not None else default_decoders()
 
     def _index(self) -> _Index:
-        return _get_index(self._fd, self._identity)
+        return self._dec.index(self._fd, self._identity)
 
     @property
     def size(self) -> int:
@@ -815,14 +1444,28 @@ class ZstReader:
     def _read(self, offset: int, length: int, *, decode: bool) -> bytes | None:
         if offset < 0 or length < 0:
             raise ValueError(f"negative offset or length: {offset}, {length}")
-        index = self._index() if decode else _cached_index(self._identity)
+        index = self._index() if decode else self._dec.cached_index(self._identity)
         if index is None:
             return None
         end = min(offset + length, index.size)
+        # Frames whose length is only the table's claim must have been checked before any byte
+        # after their start is served, and all of them before EOF is (or the table may hide
+        # bytes: short data).
+        if index.unsized and length and not self._sizes_checked(
+                index, end if offset + length <= index.size else MAX_CONTENT_SIZE, decode):
+            return None
+        # Empty frames serve no byte, so only a read that reaches EOF (claiming the file ends
+        # there) checks them: a damaged one is damage, as `zstd -d` says.
+        if index.empty and length and offset + length > index.size:
+            for frame in index.empty:
+                if not self._dec.is_verified(self._identity, frame.comp_start):
+                    if not decode:
+                        return None
+                    self._dec.verify(self._fd, self._identity, frame)
         if offset >= end:
             return b""
-        parts: list[bytes] = []
         frame_no = index.frame_at(offset)
+        parts: list[bytes] = []
         pos = offset
         while pos < end:
             frame = index.frames[frame_no]
@@ -836,19 +1479,52 @@ class ZstReader:
             frame_no += 1
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def _sizes_checked(self, index: _Index, end: int, decode: bool) -> bool:
+        """Every frame whose length is only a seek-table claim and that lies before ``end`` has
+        been decoded once and matched the claim (offsets after it depend on that length)."""
+        for frame in index.unsized:
+            if frame.log_start >= end:
+                break
+            if self._dec.is_verified(self._identity, frame.comp_start):
+                continue
+            if not decode:
+                return False
+            self._check_size(frame)
+            if frame.log_size and self._dec.cacheable(frame):
+                # Decoded whole with its exact length checked, and cached for the read itself.
+                frame_no = index.frame_at(frame.log_start)
+                self._dec.frame_bytes(self._fd, self._identity, frame_no, index.frames[frame_no])
+            else:
+                self._dec.verify(self._fd, self._identity, frame)
+        return True
+
+    def _check_size(self, frame: _Frame) -> None:
+        if frame.log_size > self._dec.max_frame:
+            raise DecodeLimitError(
+                f"frame at offset {frame.comp_start} decodes to {_gib(frame.log_size)}, more than "
+                f"the {_gib(self._dec.max_frame)} zstfs decodes for a read (decode it with "
+                "`zstd -d`, or let zstfs re-encode it)"
+            )
+
     def _frame_slice(
         self, frame_no: int, frame: _Frame, lo: int, hi: int, *, decode: bool
     ) -> bytes | None:
-        """Bytes ``[lo, hi)`` of one frame: from the shared cache, or the per-reader stream."""
-        if not _cacheable(frame):
-            return self._stream_slice(frame_no, frame, lo, hi) if decode else None
+        """Bytes ``[lo, hi)`` of one frame: from the shared cache, or a resumable stream."""
+        self._check_size(frame)
+        if not self._dec.cacheable(frame):
+            if not decode:
+                if not self._dec.is_verified(self._identity, frame.comp_start):
+                    return None
+                return self._dec.peek(self._identity, frame_no, lo, hi)
+            self._dec.verify(self._fd, self._identity, frame)
+            return self._dec.stream_read(self._fd, self._identity, frame_no, frame, lo, hi)
         key = (self._identity, frame_no)
-        data = _cache_get(key)
+        data = self._dec.cached_frame(key)
         if data is None:
             if not decode:
                 return None
             self._read_ahead(frame_no + 1)
-            data = _decode_shared(self._fd, key, frame)
+            data = self._dec.frame_bytes(self._fd, self._identity, frame_no, frame)
         if lo == 0 and hi == len(data):
             return data
         return data[lo:hi]
@@ -862,28 +1538,6 @@ class ZstReader:
             with contextlib.suppress(OSError):
                 os.posix_fadvise(self._fd, nxt.comp_start, nxt.comp_end - nxt.comp_start,
                                  os.POSIX_FADV_WILLNEED)
-
-    def _stream_slice(self, frame_no: int, frame: _Frame, lo: int, hi: int) -> bytes:
-        """Serve a big frame by streaming; restart from the frame start only when seeking back.
-
-        A streamed frame's checksum is only checked at its end, so a frame with a checksum is
-        decoded once in full before its first byte is served (remembered per file identity).
-        """
-        if frame.has_checksum and not _is_verified(self._identity, frame.comp_start):
-            _check_extent(self._fd, frame)
-            _count_decoded(self._fd, frame.comp_start, frame.comp_end, frame.log_size)
-            _mark_verified(self._identity, frame.comp_start)
-        with self._stream_lock:
-            stream = self._stream
-            if stream is None or stream.frame_no != frame_no or stream.pos > lo:
-                _check_extent(self._fd, frame)
-                stream = self._stream = _Stream(self._fd, frame_no, frame)
-            try:
-                stream.skip_to(lo)
-                return stream.take(hi - lo)
-            except CorruptError:
-                self._stream = None
-                raise
 
 
 def logical_size(fd: int) -> int:
@@ -951,33 +1605,59 @@ def decompress_file(
     the disk, not one core.  Memory: ``threads`` frames.
     """
     if threads > 1:
-        index = _get_index(src_fd, _identity(src_fd))
-        if index.seekable and len(index.frames) > 1:
+        index = default_decoders().index(src_fd, _identity(src_fd))
+        if (index.seekable and len(index.frames) > 1
+                and max(f.log_size for f in index.frames) <= PARALLEL_FRAME_LIMIT):
             return _decode_parallel(src_fd, dst_fd, index, threads, progress)
     return _decode_all(src_fd, lambda chunk: _write_all(dst_fd, chunk), progress)
+
+
+#: Frames decoded whole in parallel by promotion at most this big; bigger ones (other writers'
+#: seekable files) are streamed.
+PARALLEL_FRAME_LIMIT = 64 << 20
 
 
 def _decode_parallel(
     src_fd: int, dst_fd: int, index: _Index, threads: int, progress: ProgressFn | None
 ) -> int:
-    """Decode the frames of a seekable file `threads` at a time, in order, verified each."""
+    """Decode the frames of a seekable file `threads` at a time, in order, verified each.
+
+    The frames in flight are charged to the default decoder budget (evicting cached frames), so
+    a promotion does not add its own frames on top of everything the readers hold."""
     written = 0
     frames = list(index.frames)
+    budget = default_decoders()
+    pending: collections.deque[tuple[_Frame, concurrent.futures.Future[bytes]]] = (
+        collections.deque()
+    )
+
+    def cost(frame: _Frame) -> int:
+        return frame.log_size + frame.comp_end - frame.comp_start
+
+    def write_next() -> None:
+        nonlocal written
+        frame, future = pending.popleft()
+        try:
+            written += _write_frame(dst_fd, frame, future)
+        finally:
+            budget.release(cost(frame))
+        if progress is not None:
+            progress(written)
+
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        pending: collections.deque[tuple[_Frame, concurrent.futures.Future[bytes]]] = (
-            collections.deque()
-        )
-        for frame in frames:
-            pending.append((frame, pool.submit(_decode_whole, src_fd, frame)))
-            if len(pending) < threads:
-                continue
-            written += _write_frame(dst_fd, *pending.popleft())
-            if progress is not None:
-                progress(written)
-        while pending:
-            written += _write_frame(dst_fd, *pending.popleft())
-            if progress is not None:
-                progress(written)
+        try:
+            for frame in frames:
+                budget.reserve(cost(frame), f"frame at offset {frame.comp_start}")
+                pending.append((frame, pool.submit(_decode_whole, src_fd, frame)))
+                if len(pending) >= threads:
+                    write_next()
+            while pending:
+                write_next()
+        finally:
+            while pending:  # an error: wait for the decodes in flight, give their room back
+                frame, future = pending.popleft()
+                concurrent.futures.wait([future])
+                budget.release(cost(frame))
     if written != index.size:
         raise CorruptError(f"decoded {written} bytes, the seek table says {index.size}")
     return written
@@ -999,7 +1679,7 @@ def verify_file(src_fd: int) -> int:
     return _decode_all(src_fd, lambda chunk: None, None)
 
 
-def verify_equal(zst_fd: int, plain_fd: int) -> None:
+def verify_equal(zst_fd: int, plain_fd: int, progress: ProgressFn | None = None) -> None:
     """Check that ``zst_fd`` decodes to exactly the bytes of ``plain_fd`` (streaming).
 
     The compactor calls this before it deletes a plain file, so a bad compression can never lose
@@ -1018,6 +1698,142 @@ def verify_equal(zst_fd: int, plain_fd: int) -> None:
             raise CorruptError(f"content differs from the plain file at offset {at}")
         pos += len(chunk)
 
-    _decode_all(zst_fd, compare, None)
+    _decode_all(zst_fd, compare, progress)
     if os.pread(plain_fd, 1, pos):
         raise CorruptError(f"plain file is longer than the decoded {pos} bytes")
+
+
+# --------------------------------------------------------------------------------------------
+# Adoption of foreign .zst files
+
+
+def is_native(fd: int, params: CodecParams = CodecParams()) -> bool:
+    """True iff the file is already in zstfs's own format, as :func:`compress_file` writes it.
+
+    That is: a seek table with checksums, every frame stating its content size (equal to the
+    table's) and carrying a checksum (equal to the table's), windows zstd decodes without
+    ``--long``, and no frame bigger than ``params.frame_size``, so any read decodes at most one
+    frame.  Reads the table and the frame headers only (nothing is decoded), so it does not vouch
+    for the frames' content; a file damaged in its structure is not native (False).  Files that
+    are not native (codex's single frames, ``zstd`` CLI output, other seekable writers) are what
+    :func:`reencode` is for.
+    """
+    try:
+        fsize = os.fstat(fd).st_size
+        table = _read_seek_table(fd, fsize)
+        if table is None:
+            return False
+        entries, _table_len = table
+        if any(entry.checksum is None for entry in entries):
+            return False
+        for entry in entries:
+            header = _read_header(fd, entry.start, entry.end)
+            if (header.content_size != entry.size or not header.has_checksum
+                    or header.window > ZSTD_DEFAULT_WINDOW or entry.size > params.frame_size):
+                return False
+            trailer = _pread_exact(fd, 4, entry.end - 4, "frame checksum")
+            if int.from_bytes(trailer, "little") != entry.checksum:
+                return False
+        return True
+    except CorruptError:
+        return False
+
+
+class _DecodedSource:
+    """``read(n)`` over the decoded content of a whole ``.zst`` (every check of
+    :func:`verify_file`), n bytes at a time in bounded memory: the source of :func:`reencode`."""
+
+    def __init__(self, fd: int, max_window: int) -> None:
+        self._chunks = _decoded_chunks(fd, max_window)
+        self._buf = bytearray()
+        self._eof = False
+
+    def read(self, n: int) -> bytes:
+        while len(self._buf) < n and not self._eof:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                self._eof = True
+            else:
+                self._buf += chunk
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+
+def _decoded_chunks(fd: int, max_window: int) -> Iterator[bytes]:
+    for raw, expected in _checked_frames(fd):
+        size = raw.content_size if raw.content_size is not None else expected
+        need = raw.window if size is None else min(raw.window, size)
+        if need > max_window:
+            bits = max(need - 1, 1).bit_length()
+            raise DecodeLimitError(
+                f"frame at offset {raw.start} needs a {_gib(need)} decoding window "
+                f"(`zstd -d --long={bits}`), more than the {_gib(max_window)} allowed"
+            )
+        yield from _iter_decoded(fd, raw.start, raw.end, expected)
+
+
+def _content_size(fd: int, max_window: int) -> int:
+    """The decoded size of a whole ``.zst``: from headers and table, or by decoding it once."""
+    total = 0
+    for raw, expected in _checked_frames(fd):
+        size = raw.content_size if raw.content_size is not None else expected
+        if size is None:
+            return sum(len(chunk) for chunk in _decoded_chunks(fd, max_window))
+        total += size
+    return total
+
+
+def reencode(
+    src_fd: int,
+    dst_fd: int,
+    params: CodecParams = CodecParams(),
+    *,
+    progress: ProgressFn | None = None,
+    max_window: int = ZSTD_DEFAULT_WINDOW,
+) -> tuple[int, int]:
+    """Re-encode any valid ``.zst`` (``src_fd``) into zstfs's format in the fresh ``dst_fd``.
+
+    Streams decode -> encode in bounded memory (about two frames of ``params.frame_size`` plus the
+    source's decoding window; a window above ``max_window``, by default zstd's own limit of
+    2**27, raises :class:`DecodeLimitError`: pass more to adopt `--long` files, offline).
+    The source is fully checked while it is decoded (structure, checksums, sizes, seek table):
+    a damaged source raises :class:`CorruptError` and ``dst_fd`` must be discarded.  A source
+    whose frames do not state their sizes is decoded twice (once to learn the size, which the
+    frame plan needs).  Returns ``(logical_bytes, stored_bytes)``; check the result with
+    :func:`verify_reencoded` before replacing the source.
+    """
+    expected = _content_size(src_fd, max_window)
+    source = _DecodedSource(src_fd, max_window)
+    logical, stored = _compress_stream(source.read, expected, dst_fd, params, progress,
+                                       exact=True)
+    if logical != expected or source.read(1):
+        raise CorruptError(f"source decoded to a different length than its {expected} bytes")
+    return logical, stored
+
+
+def verify_reencoded(new_fd: int, src_fd: int, *, max_window: int = ZSTD_DEFAULT_WINDOW) -> int:
+    """Check that the ``.zst`` ``new_fd`` decodes to exactly what the ``.zst`` ``src_fd``
+    decodes to (both fully checked, streaming, bounded memory); returns the logical size.
+
+    Any difference, including length, raises :class:`CorruptError` with the first differing
+    offset.
+    """
+    source = _DecodedSource(src_fd, max_window)
+    pos = 0
+
+    def compare(chunk: bytes) -> None:
+        nonlocal pos
+        theirs = source.read(len(chunk))
+        if theirs != chunk:
+            at = pos + next(
+                (i for i, (a, b) in enumerate(zip(theirs, chunk, strict=False)) if a != b),
+                min(len(theirs), len(chunk)),
+            )
+            raise CorruptError(f"content differs from the source .zst at offset {at}")
+        pos += len(chunk)
+
+    _decode_all(new_fd, compare, None)
+    if source.read(1):
+        raise CorruptError(f"the source .zst is longer than the re-encoded {pos} bytes")
+    return pos

@@ -7,10 +7,11 @@ Scheduling: one scan of the backing tree at mount; after that the filesystem tel
 compressible file whose last handle was released (`notify`), and we keep a heap ordered by the
 time each file becomes eligible. No periodic rescans.
 
-The swap: compress and verify into a temp beside the file in a worker thread (the filesystem keeps
-serving, and may even open the file meanwhile); then, holding the file's lock so no open can
-start, check that nothing opened or changed it, rename the temp to `NAME.zst`, fsync the
-directory, unlink the plain file. That last part is shielded from cancellation.
+The swap itself (lease, compress, verify, publish) belongs to `openfiles.OpenFiles.compact`;
+this module decides *which* file and *when*, and what to do with the answer: a file open
+somewhere (under the mount or before it, which sends us no release) is retried with a backoff,
+a changed one by its new mtime, a failed one after an exponential backoff. Whatever a job
+raises is logged and backed off: the compactor, and so the mount, never dies of one file.
 """
 
 from __future__ import annotations
@@ -21,23 +22,22 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
-from zstfs import codec
-from zstfs.files import key_of
+from zstfs.openfiles import OpenFiles, Outcome
 from zstfs.stats import Census, Stats
-from zstfs.store import Changed, Prepared, Store, split
-
-if TYPE_CHECKING:
-    from zstfs.fs import Operations
+from zstfs.store import Store, join, split
 
 log = logging.getLogger(__name__)
 
 #: A file is left plain if compression saves less than this fraction (retried only once changed).
 MIN_SAVING = 0.05
 MAX_BACKOFF = 3600.0
+#: A file open outside the mount sends no release: look again after this long (doubling).
+BUSY_RETRY = 30.0
+MAX_BUSY_RETRY = 900.0
 
 
 class Compactor:
@@ -60,17 +60,22 @@ class Compactor:
         self._due: dict[bytes, float] = {}
         self._failures: dict[bytes, int] = {}
         self._retry_at: dict[bytes, float] = {}  # a failed file waits out its backoff
-        self._incompressible: set[tuple[bytes, int, int, int]] = set()
+        self._busy: dict[bytes, int] = {}  # path -> times found open elsewhere in a row
+        self._skipped: dict[bytes, tuple[int, ...]] = {}  # path -> identity left alone
         self._in_flight: set[bytes] = set()
+        #: In-flight paths renamed through the mount meanwhile: where each file is now. A job
+        #: that does not finish its file requeues it there (its own path may lead nowhere now).
+        self._moved_in_flight: dict[bytes, bytes] = {}
         self._wake = trio.Event()
         self._stopping = False
         self._idle = trio.Event()
         self._scanned = False
         self._census = CensusCache()
-        self.ops: Operations | None = None
+        self._nursery: trio.Nursery | None = None
+        self.files: OpenFiles | None = None
 
-    def attach(self, ops: Operations) -> None:
-        self.ops = ops
+    def attach(self, files: OpenFiles) -> None:
+        self.files = files
 
     @property
     def enabled(self) -> bool:
@@ -87,7 +92,46 @@ class Compactor:
             return
         # A reader closing a file that just failed (ENOSPC, EIO) must not cut its backoff short.
         due = max(st.st_mtime + (self.compress_after or 0.0), self._retry_at.get(path, 0.0))
+        self._busy.pop(path, None)
         self._schedule(path, due)
+
+    def left_alone(self, paths: tuple[bytes, ...]) -> None:
+        """Plain files beside a differing `.zst` that recovery kept and reported: skipped (not
+        reported again) until one of the pair changes."""
+        assert self.files is not None
+        for path in paths:
+            ident = self.files.identity_of(path)
+            if ident is not None:
+                self._skipped[path] = ident
+                self.stats.pairs_skipped += 1
+
+    def wake(self) -> None:
+        """Look at the queue now (after the clock moved, for instance)."""
+        self._wake.set()
+
+    def moved(self, old: bytes, new: bytes) -> None:
+        """A file or directory was renamed through the mount: what was queued under the old
+        path is queued under the new one (a renamed cold file, such as an archived rollout,
+        must not fall out of the queue)."""
+        if not self.enabled:
+            return
+        prefix = old + b"/"
+        if old + b".zst" in self._due:  # a renamed file whose .zst waits to be adopted
+            self._schedule(new + b".zst", self._due.pop(old + b".zst"))
+        for path in [p for p in self._due if p == old or p.startswith(prefix)]:
+            due = self._due.pop(path)
+            self._schedule(new + path[len(old):], due)
+        for path, now in list(self._moved_in_flight.items()):
+            if now == old or now.startswith(prefix):
+                self._moved_in_flight[path] = new + now[len(old):]
+        for path in self._in_flight:
+            if path not in self._moved_in_flight and (path == old or path.startswith(prefix)):
+                self._moved_in_flight[path] = new + path[len(old):]
+        tables: tuple[dict[bytes, Any], ...] = (self._failures, self._retry_at, self._busy,
+                                                self._skipped)
+        for table in tables:
+            for path in [p for p in table if p == old or p.startswith(prefix)]:
+                table[new + path[len(old):]] = table.pop(path)
 
     def _schedule(self, path: bytes, due: float) -> None:
         if self._due.get(path) == due:
@@ -107,6 +151,7 @@ class Compactor:
         self._scanned = True
         log.info("compactor: %d candidate files after the initial scan", len(candidates))
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             while not self._stopping:
                 self._start_due(nursery)
                 delay = self._heap[0][0] - self.clock() if self._heap else float("inf")
@@ -127,27 +172,44 @@ class Compactor:
             nursery.start_soon(self._job, path)
 
     async def stop(self) -> None:
-        """Stop taking new files and wait for the swaps in progress (they finish or abandon)."""
+        """Stop taking new files and wait for the swaps in progress, which are asked to abandon
+        (a publish already under way finishes: it is short and shielded)."""
         self._stopping = True
         self._wake.set()
+        if self.files is not None:
+            for ticket in list(self.files.swaps):
+                ticket.abandon()
         while self._in_flight:
             self._idle = trio.Event()
             await self._idle.wait()
 
     def _scan(self) -> list[tuple[bytes, float]]:
+        """Every plain file to compress, and every `.zst` not in zstfs's format to adopt."""
         found = []
         for d, entries in self.store.walk():
+            names = {name for name, _ in entries}
             for name, st in entries:
-                if self.store.eligible(name, st):
-                    found.append((d + b"/" + name if d != b"." else name, st.st_mtime))
+                adopt = (self.store.adoptable(d, name, st) and name[:-4] not in names
+                         and self.store.foreign(join(d, name)))
+                if adopt or self.store.eligible(d, name, st):
+                    found.append((join(d, name), st.st_mtime))
         return found
 
     # ------------------------------------------------------------------ one file
     async def _job(self, path: bytes) -> None:
         try:
             await self._compact(path)
+        except Exception as e:  # one file's trouble must never end the compactor (or the mount)
+            if not isinstance(e, OSError):
+                log.exception("compaction of %s failed", os.fsdecode(path))
+            self._failed(path, e)
         finally:
             self._in_flight.discard(path)
+            moved_to = self._moved_in_flight.pop(path, None)
+            if moved_to is not None and not self._stopping:
+                # Renamed (or its directory was) while in flight: if it is still plain there,
+                # it is queued under its new path (nothing happens if it was compressed).
+                self.notify(moved_to)
             if path in self._due:  # notified again while it was being compressed
                 heapq.heappush(self._heap, (self._due[path], path))
             self._wake.set()
@@ -155,78 +217,49 @@ class Compactor:
                 self._idle.set()
 
     async def _compact(self, path: bytes) -> None:
-        assert self.ops is not None
+        assert self.files is not None
         assert self.compress_after is not None
-        table = self.ops.table
-        try:
-            st = self.store.lstat(path)
-        except FileNotFoundError:
-            return
-        if not self.store.eligible(split(path)[1], st):
-            return
-        due = st.st_mtime + self.compress_after
-        if due > self.clock():
-            self._schedule(path, due)
-            return
-        if (path, st.st_ino, st.st_size, st.st_mtime_ns) in self._incompressible:
-            return
-        existing = table.by_key.get(key_of(st))
-        if existing is not None and existing.opens > 0:
-            return  # its release will schedule it again
-        node = table.claim(st)
-        try:
-            writes = node.writes
-            try:
-                prepared = await trio.to_thread.run_sync(
-                    self.store.prepare_compressed, path, limiter=self.limiter
-                )
-            except Changed as e:
-                self._abandoned(path, str(e))
-                return
-            if prepared.stored > prepared.logical * (1 - MIN_SAVING):
-                self.store.discard(prepared)
-                self._incompressible.add((path, st.st_ino, st.st_size, st.st_mtime_ns))
+        now = self.clock()
+        skipped = self._skipped.get(path)
+        if skipped is not None and skipped == self.files.identity_of(path):
+            return  # left plain or left alone before, and nothing changed since
+        parent, name = split(path)
+        outcome = await self.files.compact(
+            path, limiter=self.limiter, not_before=now - self.compress_after,
+            min_saving=MIN_SAVING, adopt=self.store.rules.is_representation(parent, name))
+        if outcome is Outcome.DONE:
+            self._forget(path)
+        elif outcome is Outcome.WAIT:
+            self.stats.swaps_abandoned += 1
+            if not self._stopping:
+                self.notify(path)  # by its (new) mtime; nothing if it is gone
+        elif outcome is Outcome.OPEN:
+            self.stats.swaps_abandoned += 1  # the release through the mount schedules it
+        elif outcome is Outcome.BUSY:
+            self.stats.swaps_busy += 1
+            n = self._busy.get(path, 0) + 1
+            self._busy[path] = n
+            if not self._stopping:
+                self._schedule(path, now + min(MAX_BUSY_RETRY, BUSY_RETRY * 2 ** (n - 1)))
+        elif outcome in (Outcome.SMALL, Outcome.PAIR, Outcome.KEEP):
+            ident = self.files.identity_of(path)
+            if ident is not None:
+                self._skipped[path] = ident
+            if outcome is Outcome.PAIR:
+                self.stats.pairs_skipped += 1
+                self.stats.error(os.fsdecode(path), "both plain and .zst exist and differ; "
+                                 "left alone until one of them changes")
+            elif outcome is Outcome.KEEP:
+                self.stats.error(os.fsdecode(path), "cannot be re-encoded (damaged, or it needs "
+                                 "a wider decoding window than the daemon allows); left as is")
+            else:
                 log.debug("%s: left plain, compression saves too little", os.fsdecode(path))
-                return
-            async with node.lock:
-                with trio.CancelScope(shield=True):
-                    await self._publish(prepared, node, writes)
-        except (OSError, codec.CorruptError) as e:
-            self._failed(path, e)
-        finally:
-            table.unclaim(node)
 
-    async def _publish(self, prepared: Prepared, node: Any, writes: int) -> None:
-        """The critical section: runs with the node's lock held (no open can start)."""
-        assert self.ops is not None
-        path = prepared.path
-        if node.opens > 0 or node.writes != writes:
-            self.store.discard(prepared)
-            self._abandoned(path, "opened or written during compression")
-            return
-        try:
-            zst_st = self.store.install(prepared)
-        except Changed as e:
-            self._abandoned(path, str(e))
-            return
-        await trio.to_thread.run_sync(self.store.fsync_dir, split(path)[0])
-        # No await between removing the plain file and rekeying the node: a lookup in between
-        # would otherwise see the .zst as a new file.
-        self.store.finish(prepared)
-        self.ops.table.rekey(node, zst_st, True)
-        self.ops.invalidate_attrs(node)
+    def _forget(self, path: bytes) -> None:
         self._failures.pop(path, None)
         self._retry_at.pop(path, None)
-        self.stats.swaps_done += 1
-        self.stats.bytes_compressed += prepared.logical
-        log.debug("compressed %s: %d -> %d bytes", os.fsdecode(path), prepared.logical,
-                  prepared.stored)
-
-    def _abandoned(self, path: bytes, why: str) -> None:
-        self.stats.swaps_abandoned += 1
-        log.debug("swap of %s abandoned: %s", os.fsdecode(path), why)
-        if not self._stopping:
-            self.notify(path)  # reschedules by the new mtime (no-op if the file is gone)
+        self._busy.pop(path, None)
+        self._skipped.pop(path, None)
 
     def _failed(self, path: bytes, e: BaseException) -> None:
         self.stats.swaps_failed += 1

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from typing import Any
 
-from zstfs.names import STATUS_XATTR, NameRules
+from zstfs import busy
+from zstfs.names import STATUS_XATTR, NameRules, Patterns
 from zstfs.stats import human_bytes
 
 
@@ -36,7 +38,8 @@ def _fusermount() -> str:
     return shutil.which("fusermount3") or shutil.which("fusermount") or "fusermount3"
 
 
-def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 600.0) -> int:
+def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 600.0,
+           stop_codex: bool = False) -> int:
     mountpoint = os.path.abspath(os.path.expanduser(mountpoint))
     info = read_status(mountpoint)
     if info is None:
@@ -44,16 +47,31 @@ def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 600.0) -> in
               file=sys.stderr)
         return 1
     pid = int(info["pid"])
+    dev = os.stat(mountpoint).st_dev
     cmd = [_fusermount(), "-u", *(["-z"] if lazy else []), mountpoint]
     if os.geteuid() == 0 and shutil.which("umount"):
         cmd = ["umount", *(["-l"] if lazy else []), mountpoint]
     r = subprocess.run(cmd, capture_output=True, text=True)
+    if (r.returncode != 0 and stop_codex and "busy" in (r.stderr or r.stdout).lower()
+            and _stop_codex_daemon(mountpoint, dev)):
+        # An exited process lets go of its files a moment after it shows as gone (its other
+        # threads are still being torn down): retry for a little while.
+        retry_until = time.monotonic() + 10
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        while (r.returncode != 0 and "busy" in (r.stderr or r.stdout).lower()
+               and time.monotonic() < retry_until):
+            time.sleep(0.1)
+            r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         msg = (r.stderr or r.stdout).strip()
         if "busy" in msg.lower():
-            users = _users_of(mountpoint)
-            print(f"zstfs: {mountpoint}: mount is busy (files or directories in use"
-                  f"{': ' + users if users else ''}); close them, or use --lazy", file=sys.stderr)
+            users = busy.users_of(mountpoint, dev=dev, exclude={pid})
+            listed = f", in use by {busy.describe_users(users)}" if users else ""
+            advice = busy.codex_advice(users, str(info.get("source") or mountpoint))
+            if advice:
+                advice += f" (or run `zstfs umount --stop-codex {mountpoint}`)"
+            print(f"zstfs: {mountpoint}: mount is busy{listed}; "
+                  f"{advice + '; ' if advice else ''}close them, or use --lazy", file=sys.stderr)
         else:
             print(f"zstfs: {mountpoint}: unmount failed: {msg}", file=sys.stderr)
         return 1
@@ -81,17 +99,42 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _users_of(mountpoint: str) -> str:
-    fuser = shutil.which("fuser")
-    if fuser is None:
-        return ""
-    r = subprocess.run([fuser, "-m", mountpoint], capture_output=True, text=True)
-    pids = r.stdout.split()
-    return "pids " + ", ".join(pids) if pids else ""
+def _stop_codex_daemon(mountpoint: str, dev: int, timeout: float = 30.0) -> bool:
+    """SIGTERM codex's background app-server and its pid-update-loop where they use the mount
+    (what `codex app-server daemon stop` does, plus the loop it leaves behind) and wait for them
+    to exit. True if there were any."""
+    daemons = [u for u in busy.users_of(mountpoint, dev=dev) if u.codex]
+    for u in daemons:
+        print(f"zstfs: {mountpoint}: stopping {u.describe()}", file=sys.stderr)
+        try:
+            os.kill(u.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while any(_running(u.pid) for u in daemons) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return bool(daemons)
+
+
+def _running(pid: int) -> bool:
+    """True while any thread of `pid` has not exited (a zombie leader can still have threads
+    holding the process's files)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                if f.read().rsplit(")", 1)[-1].split()[0] not in ("Z", "X"):
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 # ---------------------------------------------------------------------- status
-def status(path: str, *, as_json: bool, pattern: str = "*.jsonl") -> int:
+def status(path: str, *, as_json: bool, pattern: Patterns = None) -> int:
     path = os.path.abspath(os.path.expanduser(path))
     info = read_status(path)
     if info is None:
@@ -106,7 +149,7 @@ def status(path: str, *, as_json: bool, pattern: str = "*.jsonl") -> int:
     return 0
 
 
-def offline_status(source: str, pattern: str = "*.jsonl") -> dict[str, Any]:
+def offline_status(source: str, pattern: Patterns = None) -> dict[str, Any]:
     from zstfs.store import Store
 
     store = Store.open(source, NameRules(pattern))
@@ -150,6 +193,8 @@ def render(info: dict[str, Any]) -> str:
             f"swaps:       {info['swaps_done']} done, {info['swaps_abandoned']} abandoned, "
             f"{info['swaps_failed']} failed; {info['promotions']} promotions",
         ]
+        for warning in info.get("warnings", []):
+            lines.append(f"warning:     {warning}")
         for err in info.get("last_errors", [])[-5:]:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(err["time"]))
             lines.append(f"error:       {when} {err['path']}: {err['error']}")

@@ -1,16 +1,19 @@
 """The FUSE operations of zstfs: a protocol adapter only.
 
 What the store looks like is defined by `store.py` (backing names, plain-wins, promotion) and
-`files.py` (inodes, open counts, per-file locks); here we translate between those and pyfuse3's
-operations interface: inode numbers and EntryAttributes in, FUSEErrors out.
+`openfiles.py` (inodes, open counts, per-file locks, the promote and swap steps); here we
+translate between those and pyfuse3's operations interface: inode numbers and EntryAttributes
+in, FUSEErrors out.
 
 Concurrency contract: every handler runs on the trio thread. Table updates happen between awaits;
 a handler that awaits (promotion, decoding, fsync) re-reads what it needs afterwards. Namespace
-changes and opens of a file take that file's lock, so they wait for a promotion or a swap of it.
+changes and opens of a file take that file's lock, so they wait for a promotion or a swap of it;
+an open, truncation or removal of a file first abandons its compaction (`OpenFiles.settle`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -18,7 +21,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar, cast
 
 import pyfuse3
@@ -26,10 +29,10 @@ import trio
 from pyfuse3 import FileHandleT, FileInfo, FUSEError, InodeT
 
 from zstfs import codec
-from zstfs.files import ROOT_INODE, FileTable, Node
 from zstfs.names import STATUS_XATTR, zst_name
+from zstfs.openfiles import ROOT_INODE, Node, OpenFiles
 from zstfs.stats import Stats
-from zstfs.store import Entry, Store, join, split
+from zstfs.store import Entry, Leased, join, split
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +48,17 @@ INLINE_DECODE_LIMIT = 1 << 20
 RESERVED_XATTR_PREFIX = b"user.zstfs."
 #: How long the status document given to a thread bounds the length of its next one.
 STATUS_PAIR_SECONDS = 1.0
+#: Longest name component the backing filesystems take (statfs f_namemax of ext4, xfs, btrfs...).
+NAME_MAX = 255
 _OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | getattr(os, "O_DIRECT", 0)
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+def codec_problem(e: codec.CorruptError) -> str:
+    what = "cannot decode .zst" if isinstance(e, codec.DecodeLimitError) else "damaged .zst"
+    return f"{what}: {e}"
 
 
 def translate_errors(
@@ -71,7 +81,7 @@ def translate_errors(
         except codec.CorruptError as e:
             ops = cast(Operations, args[0])
             ops.stats.corrupt_reads += 1
-            ops.stats.error(getattr(e, "zstfs_path", "?"), f"damaged .zst: {e}")
+            ops.stats.error(getattr(e, "zstfs_path", "?"), codec_problem(e))
             raise FUSEError(errno.EIO) from None
         except Exception:
             log.exception("internal error in %s", fn.__name__)
@@ -83,7 +93,7 @@ def translate_errors(
 class Handle:
     """One open file description: a plain backing fd, or a `.zst` fd with its reader."""
 
-    __slots__ = ("fd", "flags", "generation", "inline", "node", "reader", "wrote")
+    __slots__ = ("fd", "flags", "generation", "inline", "node", "reader", "retired", "wrote")
 
     def __init__(self, node: Node, fd: int, flags: int, reader: codec.ZstReader | None,
                  inline: bool = False) -> None:
@@ -94,34 +104,47 @@ class Handle:
         self.inline = inline  # small compressed file: decode without a thread hop
         self.generation = node.generation
         self.wrote = False
+        #: Descriptors of earlier representations: a read on a worker thread may still be
+        #: using one, so they are closed at release, not when the handle moves on.
+        self.retired: list[int] = []
 
 
 class DirHandle:
-    __slots__ = ("entries", "node")
+    """A directory listing taken at opendir: its names are the stable offsets readdir pages
+    through; what each name is *now* is looked up again when it is returned."""
 
-    def __init__(self, node: Node, entries: list[tuple[bytes, Entry]]) -> None:
+    __slots__ = ("names", "node")
+
+    def __init__(self, node: Node, names: list[bytes]) -> None:
         self.node = node
-        self.entries = entries
+        self.names = names
 
 
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False  # appends must reach the backing file as the writer sent them
+    # The two calls into the kernel session, replaceable so that the in-process tests can drive
+    # these operations without a mount.
+    readdir_reply = staticmethod(pyfuse3.readdir_reply)
+    invalidate_inode = staticmethod(pyfuse3.invalidate_inode)
 
     def __init__(
         self,
-        store: Store,
-        stats: Stats,
+        files: OpenFiles,
         *,
         status: Callable[[], Awaitable[dict[str, Any]]] | None = None,
         on_idle: Callable[[bytes], None] | None = None,
+        on_moved: Callable[[bytes, bytes], None] | None = None,
         read_threads: int = 2,
     ) -> None:
         super().__init__()
-        self.store = store
-        self.rules = store.rules
-        self.stats = stats
-        self.table = FileTable(os.fstat(store.root_fd))
+        self.files = files
+        self.store = files.store
+        self.rules = files.store.rules
+        self.stats: Stats = files.stats
+        self.table = files.table
+        files.on_swapped = self.invalidate_attrs
+        self.on_moved = on_moved
         self.handles: dict[int, Handle] = {}
         self.dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
@@ -156,9 +179,9 @@ class Operations(pyfuse3.Operations):
         self._next_fh += 1
         return fh
 
-    def _check_name(self, name: bytes) -> None:
+    def _check_name(self, parent_ino: int, name: bytes) -> None:
         """Names the view cannot create: zstfs's own and the `.zst` representations."""
-        if not self.rules.visible(name):
+        if not self.rules.visible(self._dir_path(parent_ino), name):
             raise FUSEError(errno.EPERM)
 
     async def _logical_size(self, path: bytes, st: os.stat_result) -> int:
@@ -170,7 +193,9 @@ class Operations(pyfuse3.Operations):
                 )
             except codec.CorruptError as e:
                 # A damaged file still lists (with its stored size); reading it gives EIO.
-                self.stats.error(os.fsdecode(path), f"damaged .zst: {e}")
+                parent, name = split(path)  # named like reads name it: one line per file
+                self.stats.error(os.fsdecode(join(parent, self.rules.logical(parent, name))),
+                                 codec_problem(e))
                 self.store.remember_size(st, st.st_size)
                 size = st.st_size
         return size
@@ -252,7 +277,9 @@ class Operations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        if not self.rules.visible(name):
+        if len(name) > NAME_MAX:
+            raise FUSEError(errno.ENAMETOOLONG)
+        if not self.rules.visible(self._dir_path(parent_inode), name):
             raise FUSEError(errno.ENOENT)
         node, attrs = await self._entry(parent_inode, name)
         node.lookups += 1
@@ -282,6 +309,29 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
         handle = self.handles.get(fh) if fh is not None else None
+        if fields.update_size:
+            while node.swap is not None:
+                await self.files.settle(node)
+        for _ in range(3):
+            try:
+                # Under the file's lock: a promotion or a swap's publish step never runs
+                # meanwhile, so the change lands on the file that results (and a swap never
+                # reverts it).
+                async with self._locked(node):
+                    if fields.update_size:
+                        self.files.abandon(node)  # one that started while we waited
+                    return await self._setattr_locked(node, handle, attr, fields)
+            except Leased as e:
+                await self._unlease(node, e, os.O_WRONLY)
+        raise FUSEError(errno.EAGAIN)
+
+    async def _setattr_locked(
+        self,
+        node: Node,
+        handle: Handle | None,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+    ) -> pyfuse3.EntryAttributes:
         if fields.update_size:
             # Truncation changes content: a compressed file becomes plain first.
             await self._make_plain(node, empty=attr.st_size == 0)
@@ -315,9 +365,19 @@ class Operations(pyfuse3.Operations):
                                            follow_symlinks=False), node)
         return await self._stat_node(node)
 
+    @contextlib.asynccontextmanager
+    async def _locked(self, node: Node) -> AsyncIterator[None]:
+        """Hold the node's lock (the node is kept in the table meanwhile)."""
+        node.claims += 1
+        try:
+            async with node.lock:
+                yield
+        finally:
+            node.claims -= 1
+            self.table.maybe_drop(node)
+
     def _truncate(self, node: Node, size: int) -> None:
-        fd = os.open(self._path(node), os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW,
-                     dir_fd=self.store.root_fd)
+        fd = self.store.open_plain(self._path(node), os.O_WRONLY)
         try:
             os.ftruncate(fd, size)
         finally:
@@ -371,30 +431,52 @@ class Operations(pyfuse3.Operations):
         path = self._dir_path(inode)
         entries = self.store.listdir(path)  # one scandir: cheaper inline than a thread hop
         fh = self._new_fh()
-        self.dirs[fh] = DirHandle(node, entries)
+        self.dirs[fh] = DirHandle(node, [name for name, _ in entries])
         return FileHandleT(fh)
 
     @translate_errors
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         d = self.dirs[fh]
         parent = self._path(d.node)
-        unknown = [join(parent, e.name) for _, e in d.entries[start_id:]
-                   if e.compressed and self.store.known_size(e.st) is None]
+        unknown = []
+        for name in d.names[start_id:]:
+            entry = self.store.resolve(parent, name)
+            if entry is not None and entry.compressed and self.store.known_size(entry.st) is None:
+                unknown.append(join(parent, entry.name))
         if unknown:
             # One thread hop for the whole directory rather than one per compressed file: a
             # cold `find` or `grep -r` reads every seek table once.
             await trio.to_thread.run_sync(self.store.learn_sizes, unknown,
                                           limiter=self.read_limiter)
-        for i in range(start_id, len(d.entries)):
-            name, entry = d.entries[i]
-            size = entry.st.st_size
-            if entry.compressed:
-                size = await self._logical_size(join(parent, entry.name), entry.st)
+        for i in range(start_id, len(d.names)):
+            name = d.names[i]
+            # What the name is now, not what it was at opendir: a file swapped or promoted
+            # since has another backing inode, and a stale stat must never rekey the table.
+            found = await self._listing_entry(d.node, name)
+            if found is None:
+                continue
+            entry, size = found
             node = self.table.attach(d.node.ino, name, entry.st, entry.compressed)
-            if not pyfuse3.readdir_reply(token, name, self._attrs(node, entry.st, size), i + 1):
+            if not self.readdir_reply(token, name, self._attrs(node, entry.st, size), i + 1):
                 self.table.maybe_drop(node)
                 return
             node.lookups += 1
+
+    async def _listing_entry(self, dir_node: Node, name: bytes) -> tuple[Entry, int] | None:
+        """The current entry of a listed name and its logical size, stat'ed after the last
+        await (None if it is gone)."""
+        for _ in range(3):
+            parent = self._path(dir_node)
+            entry = self.store.resolve(parent, name)
+            if entry is None:
+                return None
+            if not entry.compressed:
+                return entry, entry.st.st_size
+            size = self.store.known_size(entry.st)
+            if size is not None:
+                return entry, size
+            await self._logical_size(join(parent, entry.name), entry.st)
+        return None  # changing faster than it can be listed
 
     @translate_errors
     async def releasedir(self, fh: FileHandleT) -> None:
@@ -409,7 +491,7 @@ class Operations(pyfuse3.Operations):
     async def mkdir(
         self, parent_inode: InodeT, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        self._check_name(name)
+        self._check_name(parent_inode, name)
         path = join(self._dir_path(parent_inode), name)
         os.mkdir(path, stat.S_IMODE(mode) & ~ctx.umask, dir_fd=self.store.root_fd)
         self._give_to_caller(path, ctx)
@@ -417,9 +499,16 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def rmdir(self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        if not self.rules.visible(name):
+        if not self.rules.visible(self._dir_path(parent_inode), name):
             raise FUSEError(errno.ENOENT)
         path = join(self._dir_path(parent_inode), name)
+        try:
+            st = self.store.lstat(path)
+        except FileNotFoundError:
+            raise FUSEError(errno.ENOENT) from None
+        # A compaction abandoned by the unlink of the directory's last file may still have
+        # its temp in there for a moment: let it clean up first.
+        await self.files.settle_dir((st.st_dev, st.st_ino))
         os.rmdir(path, dir_fd=self.store.root_fd)
         self.table.unlink(parent_inode, name)
 
@@ -431,7 +520,7 @@ class Operations(pyfuse3.Operations):
         target: bytes,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        self._check_name(name)
+        self._check_name(parent_inode, name)
         path = join(self._dir_path(parent_inode), name)
         os.symlink(target, path, dir_fd=self.store.root_fd)
         self._give_to_caller(path, ctx)
@@ -446,9 +535,9 @@ class Operations(pyfuse3.Operations):
         rdev: int,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        self._check_name(name)
+        self._check_name(parent_inode, name)
         path = join(self._dir_path(parent_inode), name)
-        if self.rules.compressible(name) and self.store.resolve(*split(path)) is not None:
+        if self.rules.compressible(*split(path)) and self.store.resolve(*split(path)) is not None:
             raise FUSEError(errno.EEXIST)
         os.mknod(path, mode & ~ctx.umask, rdev, dir_fd=self.store.root_fd)
         self._give_to_caller(path, ctx)
@@ -490,10 +579,11 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def unlink(self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        if not self.rules.visible(name):
+        if not self.rules.visible(self._dir_path(parent_inode), name):
             raise FUSEError(errno.ENOENT)
         node = await self._locked_node(parent_inode, name)
         try:
+            self.files.abandon(node)  # compressing a removed file is wasted work
             parent = self._dir_path(parent_inode)
             self._remove_forms(parent, name, missing_ok=False)
             self.table.unlink(parent_inode, name)
@@ -503,7 +593,7 @@ class Operations(pyfuse3.Operations):
     def _remove_forms(self, parent: bytes, name: bytes, *, missing_ok: bool) -> bool:
         """Remove every backing form of a logical file name; True if anything was removed."""
         removed = False
-        forms = [name, zst_name(name)] if self.rules.compressible(name) else [name]
+        forms = [name, zst_name(name)] if self.rules.compressible(parent, name) else [name]
         for form in forms:
             try:
                 os.unlink(join(parent, form), dir_fd=self.store.root_fd)
@@ -524,31 +614,57 @@ class Operations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        if not self.rules.visible(name_old):
+        if not self.rules.visible(self._dir_path(parent_inode_old), name_old):
             raise FUSEError(errno.ENOENT)
-        self._check_name(name_new)
+        self._check_name(parent_inode_new, name_new)
         src_node = await self._locked_node(parent_inode_old, name_old)
         dst_node = None
         try:
             dst_node = await self._locked_node(parent_inode_new, name_new)
             if dst_node is src_node:
                 dst_node = None
+            # A swap decided under the old name would fail to publish anyway.
+            self.files.abandon(src_node)
+            self.files.abandon(dst_node)
+            old_path = join(self._dir_path(parent_inode_old), name_old)
             await self._rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+            new_path = join(self._dir_path(parent_inode_new), name_new)
         finally:
             self._release_node(dst_node)
             self._release_node(src_node)
+        self._moved(old_path, new_path, src_node, flags)
+
+    def _moved(self, old_path: bytes, new_path: bytes, node: Node | None, flags: int) -> None:
+        """Tell the compactor where a renamed file (or directory) is now, so a cold file moved
+        by `codex archive` stays queued; an exchange moved both."""
+        if self.on_moved is None:
+            return
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            tmp = b"\0exchange"
+            self.on_moved(old_path, tmp)
+            self.on_moved(new_path, old_path)
+            self.on_moved(tmp, new_path)
+        else:
+            self.on_moved(old_path, new_path)
+        if (node is not None and node.opens == 0 and not node.compressed and not node.is_dir
+                and self.on_idle is not None and self.rules.compressible(*split(new_path))):
+            self.on_idle(new_path)
 
     async def _rename(
         self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, flags: int
     ) -> None:
         old_dir, new_dir = self._dir_path(p_old), self._dir_path(p_new)
+        if self.rules.path_aware:  # (awaits: everything below is resolved afterwards)
+            await self._check_subtree_move(old_dir, n_old, new_dir, n_new)
+            if flags & pyfuse3.RENAME_EXCHANGE:
+                await self._check_subtree_move(new_dir, n_new, old_dir, n_old)
         src = self.store.resolve(old_dir, n_old)
         if src is None:
             raise FUSEError(errno.ENOENT)
         dst = self.store.resolve(new_dir, n_new)
         if flags & pyfuse3.RENAME_NOREPLACE and dst is not None:
             raise FUSEError(errno.EEXIST)
-        if src.compressed and not self.rules.compressible(n_new):
+        if src.compressed and not self.rules.compressible(new_dir, n_new):
             # The new name cannot have a .zst form: the file becomes plain first.
             await self._make_plain(self._node_at(p_old, n_old, src))
             src = self.store.resolve(old_dir, n_old)
@@ -565,7 +681,11 @@ class Operations(pyfuse3.Operations):
             os.unlink(join(new_dir, dst.name), dir_fd=self.store.root_fd)
         self.store.rename(join(old_dir, src.name), join(new_dir, target),
                           flags & pyfuse3.RENAME_NOREPLACE)
-        if self.rules.compressible(n_new) and not src.compressed:
+        if not src.compressed and self.rules.compressible(old_dir, n_old):
+            # A differing leftover `.zst` that recovery kept hidden behind the plain file
+            # would show its old content under the old name: keep it aside, hidden.
+            self.store.set_aside(old_dir, zst_name(n_old))
+        if self.rules.compressible(new_dir, n_new) and not src.compressed:
             # A stale compressed form of the destination would resurface if the plain one went.
             try:
                 os.unlink(join(new_dir, zst_name(n_new)), dir_fd=self.store.root_fd)
@@ -604,6 +724,24 @@ class Operations(pyfuse3.Operations):
     def _node_at(self, parent_ino: int, name: bytes, entry: Entry) -> Node:
         return self.table.attach(parent_ino, name, entry.st, entry.compressed)
 
+    async def _check_subtree_move(
+        self, old_dir: bytes, old_name: bytes, new_dir: bytes, new_name: bytes
+    ) -> None:
+        """With path-dependent patterns, moving a directory can change which `.zst` files inside
+        it are compressed forms of files and which are files of their own: refuse such a move
+        with EXDEV, so that `mv` copies the files (their logical content) instead."""
+        old, new = join(old_dir, old_name), join(new_dir, new_name)
+        try:
+            if not stat.S_ISDIR(self.store.lstat(old).st_mode):
+                return
+        except FileNotFoundError:
+            return
+        changed = await trio.to_thread.run_sync(self.store.moved_representation, old, new)
+        if changed is not None:
+            log.info("rename %s -> %s refused (EXDEV): it would change what %s is",
+                     os.fsdecode(old), os.fsdecode(new), os.fsdecode(changed))
+            raise FUSEError(errno.EXDEV)
+
     @translate_errors
     async def link(
         self,
@@ -612,13 +750,13 @@ class Operations(pyfuse3.Operations):
         new_name: bytes,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        self._check_name(new_name)
+        self._check_name(new_parent_inode, new_name)
         node = self._node(inode)
         # A hard link to a compressed file would be broken by its next promotion: link the
         # plain form instead.
         await self._make_plain(node)
         new_dir = self._dir_path(new_parent_inode)
-        if self.rules.compressible(new_name) and self.store.resolve(new_dir, new_name):
+        if self.rules.compressible(new_dir, new_name) and self.store.resolve(new_dir, new_name):
             raise FUSEError(errno.EEXIST)
         os.link(self._path(node), join(new_dir, new_name), src_dir_fd=self.store.root_fd,
                 dst_dir_fd=self.store.root_fd, follow_symlinks=False)
@@ -628,6 +766,26 @@ class Operations(pyfuse3.Operations):
     @translate_errors
     async def open(self, inode: InodeT, flags: int, ctx: pyfuse3.RequestContext) -> FileInfo:
         node = self._node(inode)
+        for _ in range(3):
+            try:
+                return await self._open(node, flags)
+            except Leased as e:
+                await self._unlease(node, e, flags)
+        return await self._open(node, flags)
+
+    async def _unlease(self, node: Node, e: Leased, flags: int) -> None:
+        """A backing file is leased: a swap of ours (found by its inode, in case the kernel
+        reached it through another node) gives up; anyone else's lease is waited out in a
+        worker thread, never on the thread that serves every request."""
+        if not await self.files.settle_file(e.key):
+            await trio.to_thread.run_sync(self.store.wait_unleased, self._path(node), flags)
+
+    async def _open(self, node: Node, flags: int) -> FileInfo:
+        while node.swap is not None and not node.swap.adopt:
+            # Its compaction holds a lease: opening the backing file now would block this
+            # thread on our own lease. Make it give up first. (A re-encoding of a `.zst` holds
+            # only a read lease: readers go on, and a write promotes under the file's lock.)
+            await self.files.settle(node)
         if not node.busy and not (flags & os.O_TRUNC and node.compressed):
             # Nobody holds the lock and nothing below awaits: the open is atomic with respect
             # to swaps without taking the lock (a lock round trip per open shows in `grep -r`).
@@ -642,7 +800,7 @@ class Operations(pyfuse3.Operations):
 
     async def _open_locked(self, node: Node, flags: int) -> FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY and flags & os.O_TRUNC:
-            await self._promote_locked(node, empty=True)
+            await self._make_plain(node, empty=True)
         return self._open_now(node, flags)
 
     def _open_now(self, node: Node, flags: int) -> FileInfo:
@@ -659,9 +817,10 @@ class Operations(pyfuse3.Operations):
     def _open_handle(self, node: Node, flags: int) -> Handle:
         """A handle on the node's current representation (never decodes)."""
         backing_flags = (flags & ~_OPEN_STRIP) | os.O_CLOEXEC
-        if node.anon_fd is not None:
-            fd = os.open(f"/proc/self/fd/{node.anon_fd}", backing_flags)
-            return Handle(node, fd, flags, None)
+        same = self._current_fd(node)
+        if same is not None:
+            # Unlinked (but open elsewhere): reopen that very inode through its descriptor.
+            return Handle(node, os.open(f"/proc/self/fd/{same}", backing_flags), flags, None)
         path = self._path(node)
         parent, name = split(path)
         entry = self.store.resolve(parent, name) if node.ino != ROOT_INODE else None
@@ -672,8 +831,19 @@ class Operations(pyfuse3.Operations):
             reader = codec.ZstReader(fd)
             size = self.store.known_size(entry.st)
             return Handle(node, fd, flags, reader, size is not None and size <= INLINE_DECODE_LIMIT)
-        fd = os.open(path, backing_flags | os.O_NOFOLLOW, dir_fd=self.store.root_fd)
-        return Handle(node, fd, flags, None)
+        return Handle(node, self.store.open_plain(path, backing_flags), flags, None)
+
+    def _current_fd(self, node: Node) -> int | None:
+        """For a node with no name: a descriptor of its current plain content (its anonymous
+        promotion, or a handle opened since its last promotion), else None."""
+        if node.anon_fd is not None:
+            return node.anon_fd
+        if self.table.path(node) is not None:
+            return None
+        for h in self.handles.values():
+            if h.node is node and h.reader is None and h.generation == node.generation:
+                return h.fd
+        return None
 
     def _keep_cache(self, node: Node, handle: Handle) -> bool:
         """Keep the kernel's cached pages unless the content changed behind our back."""
@@ -684,55 +854,30 @@ class Operations(pyfuse3.Operations):
         return keep
 
     def _refresh_handle(self, handle: Handle) -> None:
-        """Point a handle at the node's current representation after a promotion."""
-        if handle.generation == handle.node.generation:
+        """Point a handle at the node's current representation after a promotion. The old
+        descriptor stays open until release: a read on a worker thread may still use it."""
+        node = handle.node
+        if handle.generation == node.generation:
             return
-        fresh = self._open_handle(handle.node, handle.flags)
-        os.close(handle.fd)
+        try:
+            fresh = self._open_handle(node, handle.flags)
+        except (FUSEError, FileNotFoundError):
+            if handle.flags & os.O_ACCMODE != os.O_RDONLY or node.compressed:
+                raise
+            # Promoted, then removed, and every descriptor of the new form is closed: nobody
+            # can see that content any more; this reader goes on with what it had.
+            handle.generation = node.generation
+            return
+        handle.retired.append(handle.fd)
         handle.fd, handle.reader, handle.generation = fresh.fd, fresh.reader, fresh.generation
+        handle.inline = fresh.inline
 
     async def _make_plain(self, node: Node, *, empty: bool = False) -> None:
-        if not node.compressed:
-            return
-        if node.lock.statistics().owner is trio.lowlevel.current_task():
-            # A rename already holds the node's lock (trio locks are not reentrant).
-            await self._promote_locked(node, empty=empty)
-            return
-        node.claims += 1
-        try:
-            async with node.lock:
-                await self._promote_locked(node, empty=empty)
-        finally:
-            node.claims -= 1
+        if node.compressed:
+            await self.files.promote(node, empty=empty, source_fd=self._any_fd(node))
 
-    async def _promote_locked(self, node: Node, *, empty: bool) -> None:
-        """Turn the node's `.zst` into a plain file (the caller holds the node's lock)."""
-        if not node.compressed:
-            return
-        path = self.table.path(node)
-        if path is None:
-            await self._promote_anonymous(node, empty=empty)
-            return
-        parent, name = split(path)
-        st = await trio.to_thread.run_sync(
-            functools.partial(self.store.promote, parent, name, empty=empty)
-        )
-        self.table.rekey(node, st, False)
-        self.stats.promotions += 1
-        log.debug("promoted %s", os.fsdecode(path))
-
-    async def _promote_anonymous(self, node: Node, *, empty: bool) -> None:
-        """A compressed file unlinked while open is being written: decode it into an unnamed
-        file that lives as long as its handles."""
-        source = next((h for h in self.handles.values() if h.node is node), None)
-        if source is None:
-            raise FUSEError(errno.ENOENT)
-        fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=self.store.root_fd)
-        if not empty:
-            await trio.to_thread.run_sync(codec.decompress_file, source.fd, fd)
-        node.anon_fd = fd
-        node.compressed = False
-        node.generation += 1
+    def _any_fd(self, node: Node) -> int | None:
+        return next((h.fd for h in self.handles.values() if h.node is node), None)
 
     @translate_errors
     async def create(
@@ -743,9 +888,10 @@ class Operations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> tuple[FileInfo, pyfuse3.EntryAttributes]:
-        self._check_name(name)
+        self._check_name(parent_inode, name)
         parent = self._dir_path(parent_inode)
-        existing = self.store.resolve(parent, name) if self.rules.compressible(name) else None
+        compressible = self.rules.compressible(parent, name)
+        existing = self.store.resolve(parent, name) if compressible else None
         if existing is not None:
             # The name exists in compressed form: O_CREAT without O_EXCL opens it.
             if flags & os.O_EXCL:
@@ -789,6 +935,8 @@ class Operations(pyfuse3.Operations):
                                                      limiter=self.read_limiter)
         except codec.CorruptError as e:
             e.zstfs_path = self._describe(h.node)  # type: ignore[attr-defined]
+            if not isinstance(e, codec.BudgetBusyError):
+                self.store.note_damaged(os.fstat(h.fd), e)
             raise
         return data
 
@@ -827,10 +975,12 @@ class Operations(pyfuse3.Operations):
             st = os.fstat(h.fd)
             node.seen = (st.st_size, st.st_mtime_ns)  # our own writes kept the page cache right
         os.close(h.fd)
+        for fd in h.retired:
+            os.close(fd)
         node.opens -= 1
         if node.opens == 0 and self.on_idle is not None and not node.compressed:
             path = self.table.path(node)
-            if path is not None and self.rules.compressible(split(path)[1]):
+            if path is not None and self.rules.compressible(*split(path)):
                 self.on_idle(path)
         self.table.maybe_drop(node)
 
@@ -889,7 +1039,9 @@ class Operations(pyfuse3.Operations):
     ) -> None:
         if self._reserved_xattr(inode, name):
             raise FUSEError(errno.EPERM)
-        self._xattr_call(self._node(inode), os.setxattr, name, value)
+        node = self._node(inode)
+        async with self._locked(node):  # never during a swap's publish, which would revert it
+            self._xattr_call(node, os.setxattr, name, value)
 
     @translate_errors
     async def listxattr(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> list[bytes]:
@@ -903,8 +1055,10 @@ class Operations(pyfuse3.Operations):
     async def removexattr(self, inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         if self._reserved_xattr(inode, name):
             raise FUSEError(errno.EPERM)
+        node = self._node(inode)
         try:
-            self._xattr_call(self._node(inode), os.removexattr, name)
+            async with self._locked(node):
+                self._xattr_call(node, os.removexattr, name)
         except OSError as e:
             if e.errno == errno.ENODATA:
                 raise FUSEError(pyfuse3.ENOATTR) from None
@@ -921,7 +1075,7 @@ class Operations(pyfuse3.Operations):
         for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
                       "f_ffree", "f_favail"):
             setattr(data, field, getattr(sv, field))
-        data.f_namemax = sv.f_namemax - len(b".zst")
+        data.f_namemax = sv.f_namemax  # names whose `.zst` would not fit just stay plain
         self._statfs = (now, data)
         return data
 
@@ -930,7 +1084,7 @@ class Operations(pyfuse3.Operations):
         """Tell the kernel that a node's attributes (st_blocks, ctime) changed under it."""
         if node.lookups > 0:
             try:
-                pyfuse3.invalidate_inode(InodeT(node.ino), attr_only=True)
+                self.invalidate_inode(InodeT(node.ino), attr_only=True)
             except OSError as e:
                 log.debug("invalidate_inode(%d): %s", node.ino, e)
 

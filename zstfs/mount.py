@@ -19,11 +19,12 @@ from typing import Any
 import pyfuse3
 import trio
 
-from zstfs import __version__, codec, control, daemon
+from zstfs import __version__, busy, codec, control, daemon
 from zstfs.compactor import Compactor
 from zstfs.fs import Operations
 from zstfs.log import below_mount, default_log_file, setup_logging
 from zstfs.names import STATUS_XATTR, NameRules
+from zstfs.openfiles import OpenFiles
 from zstfs.options import MountOptions
 from zstfs.stats import Stats
 from zstfs.store import Store, StoreError
@@ -65,6 +66,25 @@ def _mount_owner(path: str) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         return ""
     return f" (pid {pid})"
+
+
+def check_not_in_use(opts: MountOptions) -> list[str]:
+    """Refuse a SOURCE that processes use (open files, cwd, mappings, executables): they would
+    keep using the directory underneath the mount while new processes use the mount, and an
+    SQLite database seen through both is two files with separate locks. With --force, mount
+    anyway; the returned warnings stay in the status."""
+    source = os.path.abspath(opts.source)
+    users = [u for u in busy.users_of(source) if u.uses_files]
+    if not users:
+        return []
+    what = f"{source}: in use by {busy.describe_users(users)}"
+    advice = busy.codex_advice(users, source)
+    if not opts.force:
+        raise MountError(f"{what}; they would keep using the directory underneath the mount"
+                         f"{'; ' + advice if advice else ''}; stop them (or mount with --force)")
+    warning = f"mounted with --force while {what}: they still use the directory underneath"
+    log.warning("%s", warning)
+    return [warning]
 
 
 def tune_readahead(real_mountpoint: str, kib: int = 1024) -> None:
@@ -124,7 +144,7 @@ def mount(opts: MountOptions) -> int:
     # Files are created with exactly the mode the caller asked for (the kernel and `fs.py`
     # apply the caller's umask; the daemon's own must not apply a second time).
     os.umask(0)
-    rules = NameRules(opts.pattern)
+    rules = NameRules(opts.patterns)
     params = codec.CodecParams(level=opts.level)
     try:
         store = Store.open(opts.source, rules, params)
@@ -132,14 +152,17 @@ def mount(opts: MountOptions) -> int:
         raise MountError(str(e)) from None
     try:
         store.lock()
+        warnings = check_not_in_use(opts)
         recovery = store.recover()
-    except StoreError as e:
+    except (StoreError, MountError) as e:
         store.close()
         raise MountError(str(e)) from None
     stats = Stats()
     compactor = Compactor(store, stats, compress_after=opts.compress_after, jobs=opts.jobs)
-    ops = Operations(store, stats, on_idle=compactor.notify)
-    compactor.attach(ops)
+    files = OpenFiles(store, stats)
+    ops = Operations(files, on_idle=compactor.notify, on_moved=compactor.moved)
+    compactor.attach(files)
+    compactor.left_alone(recovery.kept_pairs)
     started = time.time()
     source, mountpoint = os.path.abspath(opts.source), os.path.abspath(opts.mountpoint)
 
@@ -151,11 +174,14 @@ def mount(opts: MountOptions) -> int:
             "source": source,
             "mountpoint": mountpoint,
             "started": started,
-            "pattern": opts.pattern,
+            "pattern": rules.pattern,
+            "patterns": list(rules.patterns),
+            "warnings": warnings,
             "compress_after": opts.compress_after,
             "level": opts.level,
             "jobs": opts.jobs,
             "open_files": sum(1 for n in ops.table if n.opens > 0),
+            "open_file_accounting": store.accounting.mode,
             "known_inodes": len(ops.table.nodes),
             "recovery": {"temps_removed": recovery.temps_removed,
                          "leftovers_removed": recovery.leftovers_removed,
@@ -242,16 +268,26 @@ async def unmount(mountpoint: str) -> str | None:
     while everyone else sees the backing files). A mount busy for a moment (a `grep` finishing)
     is tried again a few times. Returns why it failed, or None.
 
-    The unmount and `fuser` run off the trio thread: they make requests that this thread
-    answers."""
+    The unmount and the search for its users run off the trio thread: they make requests that
+    this thread answers."""
     for attempt in range(UNMOUNT_ATTEMPTS):
         if attempt:
             await trio.sleep(UNMOUNT_RETRY_DELAY)
-        busy, why = await trio.to_thread.run_sync(_unmount_once, mountpoint)
-        if not busy:
+        in_use, why = await trio.to_thread.run_sync(_unmount_once, mountpoint)
+        if not in_use:
             return why
-    users = await trio.to_thread.run_sync(control._users_of, mountpoint)
-    return f"{mountpoint} is busy, not unmounted (in use by {users or 'unknown processes'})"
+    return await trio.to_thread.run_sync(_busy_message, mountpoint)
+
+
+def _busy_message(mountpoint: str) -> str:
+    try:
+        users = busy.users_of(mountpoint, dev=os.stat(mountpoint).st_dev)
+    except OSError:
+        users = []
+    what = busy.describe_users(users) if users else "processes that could not be identified"
+    advice = busy.codex_advice(users, mountpoint)
+    return (f"{mountpoint} is busy, not unmounted (in use by {what})"
+            + (f"; {advice}" if advice else ""))
 
 
 def _unmount_once(mountpoint: str) -> tuple[bool, str | None]:

@@ -25,10 +25,22 @@ from typing import TextIO
 
 from zstfs import codec
 from zstfs.compactor import MIN_SAVING
-from zstfs.names import NameRules, zst_name
+from zstfs.names import NameRules, Patterns, zst_name
 from zstfs.stats import human_bytes
-from zstfs.store import Changed, Store, StoreError, StoreLocked, join, split
+from zstfs.store import (
+    Busy,
+    Changed,
+    PairExists,
+    Store,
+    StoreError,
+    StoreLocked,
+    Unadoptable,
+    join,
+    split,
+)
 
+#: Offline, a foreign .zst may need any window zstd allows (`--long=31`): memory is ours alone.
+ADOPT_MAX_WINDOW = 1 << 31
 #: Redraw the bar at most this often: a terminal repaints slower than files complete.
 REDRAW_INTERVAL = 0.1
 
@@ -141,6 +153,8 @@ class Tally:
 
     done: int = 0
     skipped: int = 0
+    busy: int = 0  # open in another process: left plain, not an error
+    adopted: int = 0  # foreign .zst files re-encoded
     failed: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
@@ -158,7 +172,7 @@ class Tally:
 
 
 @contextlib.contextmanager
-def locked_store(source: str, pattern: str, level: int = 3) -> Iterator[Store]:
+def locked_store(source: str, pattern: Patterns, level: int = 3) -> Iterator[Store]:
     """The store opened and locked for exclusive offline use; StoreError if that is not possible.
 
     A store mounted over itself hides its lock file behind the mount, so the lock alone would
@@ -211,7 +225,7 @@ def run_guarded(body: Callable[[], int]) -> int:
 
 # ---------------------------------------------------------------------- compress
 def compress(
-    source: str, *, older_than: float, pattern: str, level: int, jobs: int, progress: bool
+    source: str, *, older_than: float, pattern: Patterns, level: int, jobs: int, progress: bool
 ) -> int:
     """Compress every eligible plain file of an unmounted store now, `jobs` at a time.
 
@@ -223,7 +237,7 @@ def compress(
 
 
 def _compress(
-    source: str, older_than: float, pattern: str, level: int, jobs: int, progress: bool
+    source: str, older_than: float, pattern: Patterns, level: int, jobs: int, progress: bool
 ) -> int:
     with locked_store(source, pattern, level) as store:
         bar = Progress("compress", 0, 0, enabled=progress)
@@ -254,8 +268,10 @@ def _compress(
         bar.close()
         ratio = tally.bytes_in / tally.bytes_out if tally.bytes_out else 1.0
         _summary(
-            f"compress: {tally.done} files compressed, {tally.skipped} left plain "
-            f"(compression saves less than {MIN_SAVING:.0%}), {tally.failed} failed; "
+            f"compress: {tally.done} files compressed, {tally.adopted} .zst files re-encoded, "
+            f"{tally.skipped} left plain "
+            f"(compression saves less than {MIN_SAVING:.0%}), {tally.busy} in use by "
+            f"another process left plain, {tally.failed} failed; "
             f"{human_bytes(tally.bytes_in)} -> {human_bytes(tally.bytes_out)} "
             f"(ratio {ratio:.2f}x, saved {human_bytes(tally.bytes_in - tally.bytes_out)}) "
             f"in {tally.elapsed():.1f}s."
@@ -267,8 +283,13 @@ def _compress_candidates(store: Store, cutoff: float) -> list[tuple[bytes, int]]
     """(path, size) of every file the compactor would compress, with mtime at or before cutoff."""
     found = []
     for d, entries in store.walk():
+        names = {name for name, _ in entries}
         for name, st in entries:
-            if store.eligible(name, st) and st.st_mtime <= cutoff:
+            if st.st_mtime > cutoff:
+                continue
+            if store.eligible(d, name, st) or (
+                    store.adoptable(d, name, st) and name[:-4] not in names
+                    and store.foreign(join(d, name))):
                 found.append((join(d, name), st.st_size))
     return found
 
@@ -285,14 +306,31 @@ def _compress_one(
         seen = consumed
 
     try:
-        prepared = store.prepare_compressed(path, progress=advance)
-        if prepared.stored > prepared.logical * (1 - MIN_SAVING):
-            store.discard(prepared)
+        if store.rules.is_representation(*split(path)):
+            # A .zst not in zstfs's format (codex's own, the zstd CLI's): re-encoded for random
+            # access and the better ratio. Offline there is memory for any window zstd allows.
+            adopted = store.adopt(path, max_window=ADOPT_MAX_WINDOW)
+            if adopted is not None:
+                with tally.lock:
+                    tally.adopted += 1
+            return
+        swap = store.swap(path, progress=advance, min_saving=MIN_SAVING)
+        if swap is None:
             with tally.lock:
                 tally.skipped += 1
         else:
-            store.publish(prepared)
-            tally.record(prepared.logical, prepared.stored)
+            tally.record(swap.logical, swap.stored)
+    except Busy:
+        # A writer without a mount (a codex session running with the store unmounted) holds
+        # it, or opened it meanwhile: compressing it would lose what it writes next.
+        with tally.lock:
+            tally.busy += 1
+        bar.note(f"zstfs: {display(source, path)}: open in another process; left plain")
+    except Unadoptable as e:
+        _fail(bar, tally, source, path, f"cannot be re-encoded ({e}); left as it is")
+    except PairExists:
+        _fail(bar, tally, source, path,
+              f"{os.fsdecode(zst_name(split(path)[1]))} already exists; left plain")
     except Changed as e:
         # Only something bypassing the lock (writing to the backing directory) gets here.
         _fail(bar, tally, source, path, f"changed while being compressed, left plain ({e})")
@@ -319,14 +357,14 @@ def _summary(text: str) -> None:
 
 
 # ---------------------------------------------------------------------- expand
-def expand(source: str, *, pattern: str, progress: bool) -> int:
+def expand(source: str, *, pattern: Patterns, progress: bool) -> int:
     """Turn every `NAME.zst` of an unmounted store back into plain `NAME` (mode, owner, xattrs
     and mtime kept), so that a user can stop using zstfs at any time. A damaged `.zst` is
     reported and left as it is."""
     return run_guarded(lambda: _expand(source, pattern, progress))
 
 
-def _expand(source: str, pattern: str, progress: bool) -> int:
+def _expand(source: str, pattern: Patterns, progress: bool) -> int:
     with locked_store(source, pattern) as store:
         bar = Progress("expand", 0, 0, enabled=progress)
         recover(store, bar)
@@ -336,7 +374,7 @@ def _expand(source: str, pattern: str, progress: bool) -> int:
         tally = Tally()
         for path, shadowed, stored in packed:
             parent, zname = split(path)
-            name = store.rules.logical(zname)
+            name = store.rules.logical(parent, zname)
             if shadowed:
                 # Recovery keeps a .zst beside a plain file only when they differ.
                 _fail(bar, tally, source, path,
@@ -367,20 +405,20 @@ def _zst_files(store: Store) -> list[tuple[bytes, bool, int]]:
     for d, entries in store.walk():
         names = {n for n, _ in entries}
         for name, st in entries:
-            if stat.S_ISREG(st.st_mode) and store.rules.is_representation(name):
-                shadowed = store.rules.logical(name) in names
+            if stat.S_ISREG(st.st_mode) and store.rules.is_representation(d, name):
+                shadowed = store.rules.logical(d, name) in names
                 found.append((join(d, name), shadowed, st.st_size))
     return found
 
 
 # ---------------------------------------------------------------------- verify
-def verify(source: str, *, pattern: str, progress: bool) -> int:
+def verify(source: str, *, pattern: Patterns, progress: bool) -> int:
     """Decode every `.zst` of an unmounted store and report the damaged ones; changes nothing
     (no recovery), so it is safe to run on a store one is worried about."""
     return run_guarded(lambda: _verify(source, pattern, progress))
 
 
-def _verify(source: str, pattern: str, progress: bool) -> int:
+def _verify(source: str, pattern: Patterns, progress: bool) -> int:
     with locked_store(source, pattern) as store:
         packed = _zst_files(store)
         bar = Progress("verify", len(packed), sum(s for _, _, s in packed), enabled=progress)

@@ -6,7 +6,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from zstfs.names import DEFAULT_PATTERN
+from zstfs.names import DEFAULT_PATTERNS
 
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -33,8 +33,9 @@ class MountOptions:
     allow_root: bool = False
     debug: bool = False
     log_file: str | None = None
-    pattern: str = DEFAULT_PATTERN
+    patterns: tuple[str, ...] = DEFAULT_PATTERNS
     compress_after: float | None = None  # seconds; None: never compress in the background
     level: int = 3
     jobs: int = field(default_factory=default_jobs)
     fsname: str | None = None
+    force: bool = False  # mount even if processes use the source

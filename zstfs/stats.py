@@ -30,6 +30,9 @@ class Stats:
     swaps_done: int = 0
     swaps_abandoned: int = 0
     swaps_failed: int = 0
+    swaps_busy: int = 0  # found open (anywhere) when its turn came, or opened during it
+    pairs_skipped: int = 0  # a plain file beside a different .zst: left alone, reported
+    adopted: int = 0  # foreign .zst files re-encoded into zstfs's format
     promotions: int = 0
     bytes_compressed: int = 0
     corrupt_reads: int = 0
@@ -53,6 +56,9 @@ class Stats:
             "swaps_done": self.swaps_done,
             "swaps_abandoned": self.swaps_abandoned,
             "swaps_failed": self.swaps_failed,
+            "swaps_busy": self.swaps_busy,
+            "pairs_skipped": self.pairs_skipped,
+            "adopted": self.adopted,
             "promotions": self.promotions,
             "bytes_compressed": self.bytes_compressed,
             "corrupt_reads": self.corrupt_reads,
@@ -70,6 +76,7 @@ class Census:
     compressed_logical_bytes: int = 0
     compressed_stored_bytes: int = 0
     damaged_files: int = 0
+    kept_files: int = 0  # `.zstfs-kept.*`: set aside rather than lost
 
     def as_dict(self) -> dict[str, Any]:
         logical = self.plain_bytes + self.compressed_logical_bytes
@@ -84,4 +91,5 @@ class Census:
             "compressed_logical_bytes": self.compressed_logical_bytes,
             "compressed_stored_bytes": self.compressed_stored_bytes,
             "damaged_files": self.damaged_files,
+            "kept_files": self.kept_files,
         }

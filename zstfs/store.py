@@ -21,13 +21,15 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
-from zstfs import codec
+from zstfs import codec, leases
 from zstfs.names import (
     LOCK_NAME,
+    ZST_SUFFIX_B,
     NameRules,
     is_reserved,
     is_temp,
@@ -46,6 +48,26 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _renameat2 = _libc.renameat2
 _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 _renameat2.restype = ctypes.c_int
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+SYS_OPENAT2: Final = 437  # the same number on every architecture (asm-generic)
+RESOLVE_NO_MAGICLINKS: Final = 0x02
+RESOLVE_NO_SYMLINKS: Final = 0x04
+RESOLVE_BENEATH: Final = 0x08
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+_openat2_missing = False
+#: After unlinking the plain name, how long a swap keeps the way back open before it trusts an
+#: intact lease: an opener that resolved the name just before the unlink reaches the lease
+#: check within the same system call, microseconds later unless it is descheduled in between.
+LEASE_GRACE = 0.01
+#: A plain file that had to be set aside (never removed by recovery; reported).
+KEPT_PREFIX: Final = b".zstfs-kept."
 
 
 #: Frames decoded at once when a big file is promoted (the writer waits for it).
@@ -70,6 +92,31 @@ class Changed(Exception):
     """The file changed (or vanished) while a swap was being prepared; the swap was abandoned."""
 
 
+class Busy(Changed):
+    """Some process (through the mount, under it, or from before it) has the file open or
+    mapped, or opened it while the swap was in progress."""
+
+
+class Abandoned(Busy):
+    """The daemon asked the swap to give up (an open, removal or rename through the mount)."""
+
+
+class Leased(Exception):
+    """A backing file cannot be opened without waiting: a lease on it is being broken."""
+
+    def __init__(self, key: tuple[int, int]) -> None:
+        super().__init__(f"file {key} is leased")
+        self.key = key
+
+
+class Unadoptable(Exception):
+    """A foreign `.zst` that cannot be re-encoded here (damaged, or a window too wide)."""
+
+
+class PairExists(Exception):
+    """`NAME.zst` already exists beside the plain `NAME` being swapped."""
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     """What a logical name currently is in the backing store."""
@@ -84,6 +131,8 @@ class Recovery:
     temps_removed: int = 0
     leftovers_removed: int = 0
     leftovers_kept: int = 0
+    #: The plain files whose differing `.zst` was kept (reported here, once).
+    kept_pairs: tuple[bytes, ...] = ()
 
 
 def join(parent: bytes, name: bytes) -> bytes:
@@ -96,8 +145,15 @@ def split(path: bytes) -> tuple[bytes, bytes]:
 
 
 def identity(st: os.stat_result) -> tuple[int, int, int, int]:
-    """What must not change between preparing and publishing a swap."""
+    """The key of the size cache: a `.zst` file's content is fixed while these are."""
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_nlink)
+
+
+def full_identity(st: os.stat_result) -> tuple[int, int, int, int, int, int]:
+    """What must not change between deciding on a swap and publishing it: the same file
+    (device, inode), the same content (size, mtime), the same metadata (ctime covers mode,
+    owner, xattrs and times) and still one name."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink)
 
 
 class Store:
@@ -118,6 +174,11 @@ class Store:
         self._lock_fd: int | None = None
         self._sizes: dict[tuple[int, int, int, int], int] = {}
         self._sizes_lock = threading.Lock()
+        self.accounting = leases.Accounting()
+        leases.ignore_lease_signal()
+        # `.zst` files found damaged (by identity): counted from the first time seen, even after
+        # the view remembers their stored size as their size.
+        self._damaged: dict[tuple[int, int, int, int], codec.CorruptError] = {}
 
     # ----------------------------------------------------------------- lifecycle
     @classmethod
@@ -176,20 +237,24 @@ class Store:
             return Entry(name, self.lstat(join(parent, name)), False)
         except FileNotFoundError:
             pass
-        if not self.rules.compressible(name):
+        if not self.rules.compressible(parent, name):
             return None
         zname = zst_name(name)
         try:
             st = self.lstat(join(parent, zname))
         except FileNotFoundError:
             return None
+        except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:  # a name that fits, whose `.zst` would not
+                return None
+            raise
         if not stat.S_ISREG(st.st_mode):
             return None
         return Entry(zname, st, True)
 
     def listdir(self, path: bytes) -> list[tuple[bytes, Entry]]:
         """The logical listing of a directory: (logical name, entry), plain winning over `.zst`."""
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.root_fd)
+        fd = self.open_dir(path)
         try:
             with os.scandir(fd) as it:
                 raw = [(os.fsencode(e.name), e.stat(follow_symlinks=False)) for e in it]
@@ -200,9 +265,9 @@ class Store:
         for name, st in raw:
             if is_reserved(name):
                 continue
-            if self.rules.is_representation(name) and stat.S_ISREG(st.st_mode):
-                packed[self.rules.logical(name)] = Entry(name, st, True)
-            elif not self.rules.is_representation(name):
+            if self.rules.is_representation(path, name) and stat.S_ISREG(st.st_mode):
+                packed[self.rules.logical(path, name)] = Entry(name, st, True)
+            elif not self.rules.is_representation(path, name):
                 plain[name] = Entry(name, st, False)
         for logical, entry in packed.items():
             plain.setdefault(logical, entry)
@@ -217,36 +282,77 @@ class Store:
         """Decoded size of the `.zst` at `path` (reads its seek table or frame headers, cached)."""
         key = identity(st)
         with self._sizes_lock:
+            why = self._damaged.get(key)
             size = self._sizes.get(key)
+        if why is not None:
+            raise type(why)(*why.args)
         if size is not None:
             return size
         fd = self.open_compressed(path, st)
         try:
             size = codec.ZstReader(fd).size
+        except codec.CorruptError as e:
+            if not isinstance(e, codec.BudgetBusyError):
+                self.note_damaged(st, e)
+            raise
         finally:
             os.close(fd)
         self.remember_size(st, size)
         return size
 
+    def note_damaged(self, st: os.stat_result, why: codec.CorruptError) -> None:
+        """Remember a damaged `.zst` (any stat of it) so that the census counts it from now on."""
+        with self._sizes_lock:
+            if len(self._damaged) > 100_000:
+                self._damaged.clear()
+            self._damaged.setdefault(identity(st), type(why)(*why.args))
+
+    def open_plain(self, path: bytes, flags: int) -> int:
+        """Open a plain backing file for the daemon's own use, never waiting on a lease (the
+        daemon's thread must not block on its own swap's lease): Leased instead."""
+        try:
+            fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=self.root_fd)
+        except BlockingIOError:
+            st = self.lstat(path)
+            raise Leased((st.st_dev, st.st_ino)) from None
+        if not flags & os.O_NONBLOCK:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        return fd
+
+    def wait_unleased(self, path: bytes, flags: int) -> None:
+        """Wait (in a worker thread) until someone else's lease on `path` lets us open it."""
+        with contextlib.suppress(OSError):
+            os.close(os.open(path, (flags & os.O_ACCMODE) | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=self.root_fd))
+
     def open_compressed(self, path: bytes, st: os.stat_result) -> int:
         """Open a `.zst` for reading. A small one is read ahead whole, in the background: its
         seek table, header and frames would otherwise be several small reads waiting on the disk
         one after another, on the thread that serves every request."""
+        if st.st_size == 0:
+            # zstd calls an empty file damaged; the kernel would never ask us to read a file whose
+            # size is 0, so say it here.
+            error = codec.CorruptError("not zstd: empty file")
+            self.note_damaged(st, error)
+            error.zstfs_path = os.fsdecode(path)  # type: ignore[attr-defined]
+            raise error
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.root_fd)
         if st.st_size <= READAHEAD_LIMIT:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         return fd
 
-    def eligible(self, name: bytes, st: os.stat_result) -> bool:
-        """May this backing entry be compressed (by the compactor or `zstfs compress`)? A plain
-        regular file with one link (a swap would split a hard link), whose name matches the
-        pattern and can still carry the `.zst` suffix. Age and open handles are the caller's."""
+    def eligible(self, parent: bytes, name: bytes, st: os.stat_result) -> bool:
+        """May this backing entry (`name` in directory `parent`) be compressed (by the compactor
+        or `zstfs compress`)? A plain regular file with one link (a swap would split a hard link),
+        which matches the patterns and whose name can still carry the `.zst` suffix. Age and open
+        handles are the caller's."""
         return (
             stat.S_ISREG(st.st_mode)
             and st.st_nlink == 1
             and len(name) + len(b".zst") <= 255
-            and self.rules.compressible(name)
-            and not self.rules.is_representation(name)
+            and self.rules.compressible(parent, name)
+            and not self.rules.is_representation(parent, name)
         )
 
     def learn_sizes(self, paths: list[bytes]) -> None:
@@ -271,12 +377,33 @@ class Store:
 
     # ----------------------------------------------------------------- renames
     def rename(self, old: bytes, new: bytes, flags: int = 0) -> None:
-        if flags == 0:
-            os.rename(old, new, src_dir_fd=self.root_fd, dst_dir_fd=self.root_fd)
-            return
-        if _renameat2(self.root_fd, old, self.root_fd, new, flags) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), old, None, new)
+        rename_at(self.root_fd, old, self.root_fd, new, flags)
+
+    def set_aside(self, parent: bytes, name: bytes) -> bytes | None:
+        """Rename `parent/name`, if it exists, to a hidden name that nothing removes (a kept
+        leftover whose plain sibling went); returns the new name."""
+        kept = KEPT_PREFIX + os.urandom(6).hex().encode() + b"." + name[-100:]
+        try:
+            rename_at(self.root_fd, join(parent, name), self.root_fd, join(parent, kept),
+                      RENAME_NOREPLACE)
+        except FileNotFoundError:
+            return None
+        log.warning("%s: a leftover that differs from its plain file is kept as %s",
+                    os.fsdecode(join(parent, name)), os.fsdecode(kept))
+        return kept
+
+    def moved_representation(self, old: bytes, new: bytes) -> bytes | None:
+        """If directory `old` were renamed to `new`, the first `.zst` inside it (path under `old`)
+        that would change between being a file's compressed form and a file of its own (the
+        patterns can depend on the path); None if nothing would."""
+        for d, entries in self.walk(old):
+            moved = new + d[len(old):]
+            for n, st in entries:
+                if (n.endswith(ZST_SUFFIX_B) and stat.S_ISREG(st.st_mode)
+                        and self.rules.is_representation(d, n)
+                        != self.rules.is_representation(moved, n)):
+                    return join(d, n)
+        return None
 
     def fsync_dir(self, path: bytes) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.root_fd)
@@ -285,118 +412,430 @@ class Store:
         finally:
             os.close(fd)
 
+    # ----------------------------------------------------------------- directories
+    def open_dir(self, path: bytes) -> int:
+        """A descriptor of directory `path`, resolved beneath the store root following no
+        symlink at any component (a directory swapped for a link, or a link left where a
+        directory was moved to another disk, is refused with ELOOP/EXDEV, never followed)."""
+        global _openat2_missing
+        if path in (b".", b""):
+            return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.root_fd)
+        if not _openat2_missing:
+            how = _OpenHow(os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, 0,
+                           RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
+            fd = _syscall(SYS_OPENAT2, self.root_fd, path, ctypes.byref(how),
+                          ctypes.sizeof(how))
+            if fd >= 0:
+                return int(fd)
+            err = ctypes.get_errno()
+            if err != errno.ENOSYS:
+                raise OSError(err, os.strerror(err), path)
+            _openat2_missing = True
+        return self._walk_to(path)
+
+    def _walk_to(self, path: bytes) -> int:
+        """`open_dir` without openat2: one component at a time, O_NOFOLLOW each."""
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.root_fd)
+        try:
+            for part in path.split(b"/"):
+                if part in (b"", b"."):
+                    continue
+                if part == b"..":
+                    raise OSError(errno.EXDEV, "path leaves the store", path)
+                nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=fd)
+                os.close(fd)
+                fd = nxt
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     # ----------------------------------------------------------------- promotion
-    def promote(self, parent: bytes, name: bytes, *, empty: bool = False) -> os.stat_result:
-        """Turn `name.zst` into plain `name`, atomically; return the plain file's stat.
+    def promote(self, parent: bytes, name: bytes, *, empty: bool = False,
+                expect: tuple[int, int] | None = None) -> os.stat_result:
+        """Turn `name.zst` in directory `parent` into plain `name`, atomically; return the plain
+        file's stat. See `promote_at`."""
+        dir_fd = self.open_dir(parent)
+        try:
+            return self.promote_at(dir_fd, name, empty=empty, expect=expect)
+        finally:
+            os.close(dir_fd)
+
+    def promote_at(self, dir_fd: int, name: bytes, *, empty: bool = False,
+                   expect: tuple[int, int] | None = None) -> os.stat_result:
+        """Turn `name.zst` in the directory `dir_fd` into plain `name`, atomically.
 
         Decode into a temp file beside it, copy mode/owner/xattrs/times, fsync, rename over the
-        plain name, fsync the directory, then remove the `.zst`. A crash at any point leaves either
-        the `.zst` alone or a complete plain file (plus a `.zst` leftover that recovery removes).
-        With `empty`, the content is not decoded (the caller is truncating it to zero anyway).
+        plain name, fsync the directory, then remove the `.zst`. Everything is relative to the
+        directory descriptor, so a rename of the directory meanwhile changes nothing. With
+        `expect` (device, inode), the `.zst` must be that file (else Changed). A crash at any
+        point leaves either the `.zst` alone or a complete plain file (plus a `.zst` leftover
+        that recovery removes). With `empty`, the content is not decoded (the caller is
+        truncating it to zero anyway).
         """
-        zpath = join(parent, zst_name(name))
-        src = os.open(zpath, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.root_fd)
+        zname = zst_name(name)
+        src = os.open(zname, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dir_fd)
         try:
             st = os.fstat(src)
-            with self._temp_beside(parent, name) as (tmp_path, tmp):
+            if expect is not None and (st.st_dev, st.st_ino) != expect:
+                raise Changed(f"{name!r}: the compressed file was replaced")
+            with self._temp_in(dir_fd, name) as (tmp_name, tmp):
                 if not empty:
                     codec.decompress_file(src, tmp, threads=PROMOTE_THREADS)
                 copy_metadata(src, tmp, st)
                 os.fsync(tmp)
-                self.rename(tmp_path, join(parent, name), RENAME_NOREPLACE)
+                rename_at(dir_fd, tmp_name, dir_fd, name, RENAME_NOREPLACE)
         finally:
             os.close(src)
-        self.fsync_dir(parent)
-        os.unlink(zpath, dir_fd=self.root_fd)
-        return self.lstat(join(parent, name))
+        os.fsync(dir_fd)
+        os.unlink(zname, dir_fd=dir_fd)
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
 
     @contextlib.contextmanager
-    def _temp_beside(self, parent: bytes, name: bytes) -> Iterator[tuple[bytes, int]]:
-        """A new temp file in `parent`, removed again unless the body renamed it away."""
-        tmp_path = join(parent, temp_name(name))
+    def _temp_in(self, dir_fd: int, name: bytes) -> Iterator[tuple[bytes, int]]:
+        """A new temp file in `dir_fd`, removed again unless the body renamed it away."""
+        tmp_name = temp_name(name)
         fd = os.open(
-            tmp_path,
+            tmp_name,
             os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
             0o600,
-            dir_fd=self.root_fd,
+            dir_fd=dir_fd,
         )
         try:
-            yield tmp_path, fd
+            yield tmp_name, fd
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_path, dir_fd=self.root_fd)
+                os.unlink(tmp_name, dir_fd=dir_fd)
             raise
         finally:
             os.close(fd)
 
     # ----------------------------------------------------------------- compression
-    def prepare_compressed(
-        self, path: bytes, *, progress: Callable[[int], None] | None = None
-    ) -> Prepared:
-        """Compress plain `path` into a verified temp `.zst` beside it (the slow part of a swap).
+    def begin_swap(self, path: bytes) -> Swap:
+        """Decide on compressing plain `path` (see `begin_swap_at`)."""
+        return self.begin_swap_at(path, self.open_dir(split(path)[0]))
 
-        Nothing visible changes; the caller publishes with `publish` (or discards) once it has
-        checked, under its own lock, that nobody opened or changed the file meanwhile.
-        """
-        parent, name = split(path)
-        src = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=self.root_fd)
+    def adoptable(self, parent: bytes, name: bytes, st: os.stat_result) -> bool:
+        """May this backing `NAME.zst` be re-encoded into zstfs's format (if it is not in it
+        yet)? A regular file with one link that represents a compressible name."""
+        return (stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+                and self.rules.is_representation(parent, name))
+
+    def foreign(self, path: bytes) -> bool:
+        """True if the `.zst` at `path` is not in zstfs's own format (reads headers only)."""
         try:
-            st = os.fstat(src)
-            if not stat.S_ISREG(st.st_mode):
-                raise Changed(f"{path!r} is not a regular file")
-            with self._temp_beside(parent, name) as (tmp_path, tmp):
-                logical, stored = codec.compress_file(src, tmp, self.params, progress=progress)
-                if logical != st.st_size:
-                    raise Changed(f"{path!r} changed size while being compressed")
-                try:
-                    codec.verify_equal(tmp, src)
-                except codec.CorruptError:
-                    # A write through the mount between compressing and verifying (allowed:
-                    # the file is not locked yet) is a change to retry, not a broken codec.
-                    if identity(os.fstat(src)) != identity(st):
-                        raise Changed(f"{path!r} changed while being verified") from None
-                    raise
-                copy_metadata(src, tmp, st)
-                os.fsync(tmp)
-                tmp_st = os.fstat(tmp)
-                self.remember_size(tmp_st, logical)
-                return Prepared(path, tmp_path, st, logical, stored)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
+                         dir_fd=self.root_fd)
+        except OSError:
+            return False
+        try:
+            return not codec.is_native(fd, self.params)
         finally:
-            os.close(src)
+            os.close(fd)
 
-    def publish(self, prepared: Prepared) -> os.stat_result:
-        """Install a prepared `.zst` and remove the plain file (for offline use: no mount, no
-        concurrent opens). The mounted compactor calls the three steps itself, under its lock."""
-        zst_st = self.install(prepared)
-        self.fsync_dir(split(prepared.path)[0])
-        self.finish(prepared)
-        return zst_st
+    def begin_swap_at(
+        self,
+        path: bytes,
+        dir_fd: int,
+        *,
+        expect: os.stat_result | None = None,
+        abandon: Callable[[], bool] | None = None,
+        adopt: bool = False,
+    ) -> Swap:
+        """Open the plain file `path` names in the directory `dir_fd` (resolved beneath the
+        root, no symlinks: `open_dir`) and take a write lease on it. Raises Busy if any process
+        has it open or mapped, Changed if it is not (`expect`, if given) an eligible file.
+        With `adopt`, `path` is a foreign `NAME.zst` to re-encode (see `adopt_swap`).
+        The Swap owns `dir_fd` from here on; the caller must `end_swap` what this returns."""
+        name = split(path)[1]
+        try:
+            src = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
+                          dir_fd=dir_fd)
+        except BlockingIOError:
+            os.close(dir_fd)
+            raise Busy(f"{path!r} is leased by another process") from None
+        except FileNotFoundError:
+            os.close(dir_fd)
+            raise Changed(f"{path!r} was removed or renamed") from None
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        swap = Swap(path, dir_fd, name, src, os.fstat(src),
+                    lease=leases.READ if adopt else leases.WRITE)
+        try:
+            ok = (self.adoptable if adopt else self.eligible)(split(path)[0], name, swap.source)
+            if not ok:
+                raise Changed(f"{path!r} is not an eligible file")
+            if expect is not None and full_identity(expect) != full_identity(swap.source):
+                raise Changed(f"{path!r} changed since it was chosen")
+            try:
+                if not leases.take(src, swap.lease):
+                    raise Busy(f"{path!r} is open in another process")
+            except leases.Unsupported as e:
+                self.accounting.fell_back(os.fsdecode(path), str(e))
+                swap.leased = False
+                if leases.open_elsewhere(swap.source, frozenset({src})):
+                    raise Busy(f"{path!r} is open in another process") from None
+            self.check_swap(swap, abandon)
+        except BaseException:
+            self.end_swap(swap)
+            raise
+        return swap
 
-    def install(self, prepared: Prepared) -> os.stat_result:
-        """Rename the verified temp to `NAME.zst` if the plain file is still exactly what was
-        compressed; else remove the temp and raise Changed. Until `finish`, plain still wins."""
-        parent, name = split(prepared.path)
-        zpath = join(parent, zst_name(name))
+    def leftover_superseded(self, swap: Swap) -> bool:
+        """True if the `NAME.zst` beside the file being swapped holds nothing the plain file
+        lacks (it decodes to a prefix of it: an earlier swap's, interrupted after its rename)."""
+        try:
+            zfd = os.open(zst_name(swap.name), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW,
+                          dir_fd=swap.dir_fd)
+        except OSError:
+            return False
+        try:
+            return _decodes_to_prefix(zfd, swap.src_fd)
+        finally:
+            os.close(zfd)
+
+    def check_swap(self, swap: Swap, abandon: Callable[[], bool] | None = None) -> None:
+        """Raise Changed (Busy) unless the swap may go on: nobody asked to abandon it, our lease
+        is intact (nobody started opening the file) and the file still has its name."""
+        if abandon is not None and abandon():
+            raise Abandoned(f"{swap.path!r} was opened, removed or renamed through the mount")
+        if swap.leased and not leases.intact(swap.src_fd, swap.lease):
+            raise Busy(f"{swap.path!r} was opened by another process")
+        if os.fstat(swap.src_fd).st_nlink == 0:
+            raise Changed(f"{swap.path!r} was removed")
+
+    def compress_swap(
+        self,
+        swap: Swap,
+        *,
+        abandon: Callable[[], bool] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Compress the leased file into a verified temp `.zst` beside it, with its metadata
+        (the slow part of a swap, for a worker thread). Nothing visible changes."""
+
+        def step(done: int) -> None:
+            self.check_swap(swap, abandon)
+            if progress is not None:
+                progress(done)
+
+        swap.temp = temp_name(swap.name)
+        tmp = os.open(swap.temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                      | os.O_NOFOLLOW, 0o600, dir_fd=swap.dir_fd)
+        try:
+            logical, stored = codec.compress_file(swap.src_fd, tmp, self.params, progress=step)
+            self.check_swap(swap, abandon)
+            if logical != swap.source.st_size:
+                raise Changed(f"{swap.path!r} changed size while being compressed")
+            codec.verify_equal(tmp, swap.src_fd,
+                               progress=lambda _n: self.check_swap(swap, abandon))
+            self.check_swap(swap, abandon)
+            copy_metadata(swap.src_fd, tmp, swap.source)
+            os.fsync(tmp)
+            self.remember_size(os.fstat(tmp), logical)
+            swap.logical, swap.stored = logical, stored
+        finally:
+            os.close(tmp)
+
+    def adopt_swap(
+        self,
+        swap: Swap,
+        *,
+        abandon: Callable[[], bool] | None = None,
+        progress: Callable[[int], None] | None = None,
+        max_window: int = codec.ZSTD_DEFAULT_WINDOW,
+    ) -> bool:
+        """Re-encode the leased foreign `.zst` into a verified temp in zstfs's format, with its
+        metadata. False (nothing done) if it is in our format already; Unadoptable if it is
+        damaged or needs a window wider than `max_window`."""
+        if codec.is_native(swap.src_fd, self.params):
+            return False
+
+        def step(done: int) -> None:
+            self.check_swap(swap, abandon)
+            if progress is not None:
+                progress(done)
+
+        swap.temp = temp_name(swap.name)
+        tmp = os.open(swap.temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                      | os.O_NOFOLLOW, 0o600, dir_fd=swap.dir_fd)
         try:
             try:
-                current = self.lstat(prepared.path)
+                logical, stored = codec.reencode(swap.src_fd, tmp, self.params, progress=step,
+                                                 max_window=max_window)
+                self.check_swap(swap, abandon)
+                codec.verify_reencoded(tmp, swap.src_fd, max_window=max_window)
+            except codec.CorruptError as e:
+                raise Unadoptable(str(e)) from None
+            self.check_swap(swap, abandon)
+            copy_metadata(swap.src_fd, tmp, swap.source)
+            os.fsync(tmp)
+            self.remember_size(os.fstat(tmp), logical)
+            swap.logical, swap.stored = logical, stored
+        finally:
+            os.close(tmp)
+        return True
+
+    def publish_adopt(
+        self, swap: Swap, *, abandon: Callable[[], bool] | None = None
+    ) -> os.stat_result:
+        """Replace the foreign `.zst` with its re-encoded temp, if the name still holds the
+        file that was read and no plain file has appeared beside it. An opener that was
+        waiting on the lease gets the old file, whose content is the same. Returns the stat."""
+        self.check_swap(swap, abandon)
+        try:
+            current = os.stat(swap.name, dir_fd=swap.dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            raise Changed(f"{swap.path!r} was removed or renamed") from None
+        now = os.fstat(swap.src_fd)
+        if not (full_identity(current) == full_identity(now) == full_identity(swap.source)):
+            raise Changed(f"{swap.path!r} changed while being re-encoded")
+        plain = swap.name[: -len(b".zst")]
+        try:
+            os.stat(plain, dir_fd=swap.dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        else:
+            raise PairExists(f"{swap.path!r}: a plain file appeared beside it")
+        rename_at(swap.dir_fd, swap.temp, swap.dir_fd, swap.name)
+        swap.temp = b""
+        os.fsync(swap.dir_fd)
+        return os.stat(swap.name, dir_fd=swap.dir_fd, follow_symlinks=False)
+
+    def adopt(self, path: bytes, *, progress: Callable[[int], None] | None = None,
+              max_window: int = codec.ZSTD_DEFAULT_WINDOW) -> Swap | None:
+        """Re-encode a foreign `.zst` at once, for offline use; None if it is ours already."""
+        swap = self.begin_swap_at(path, self.open_dir(split(path)[0]), adopt=True)
+        try:
+            if not self.adopt_swap(swap, progress=progress, max_window=max_window):
+                return None
+            self.publish_adopt(swap)
+            return swap
+        finally:
+            self.end_swap(swap)
+
+    def publish_swap(
+        self, swap: Swap, *, abandon: Callable[[], bool] | None = None, replace: bool = False
+    ) -> os.stat_result:
+        """Install the verified `.zst` and remove the plain file, acting only on the file that
+        was compressed: the name must still hold it (device, inode, size, mtime, ctime, one
+        link) and the lease must still be intact. Returns the `.zst`'s stat.
+
+        The plain inode keeps a hidden second name until, after the unlink, the lease is known
+        unbroken: an opener that resolved the plain name just before the unlink blocks on the
+        lease, and then gets the plain file back under its name (the swap is undone) instead
+        of an unlinked inode that nobody would ever read again. With `replace`, an existing
+        `NAME.zst` (a leftover the caller checked holds nothing the plain file lacks) is
+        replaced; else it raises PairExists.
+        """
+        self.check_swap(swap, abandon)
+        try:
+            current = os.stat(swap.name, dir_fd=swap.dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            raise Changed(f"{swap.path!r} was removed or renamed") from None
+        now = os.fstat(swap.src_fd)
+        if not (full_identity(current) == full_identity(now) == full_identity(swap.source)):
+            raise Changed(f"{swap.path!r} changed while being compressed")
+        if not swap.leased and leases.open_elsewhere(now, frozenset({swap.src_fd})):
+            raise Busy(f"{swap.path!r} was opened by another process")
+        zname = zst_name(swap.name)
+        if not replace:
+            try:
+                os.stat(zname, dir_fd=swap.dir_fd, follow_symlinks=False)
             except FileNotFoundError:
-                raise Changed(f"{prepared.path!r} was removed or renamed") from None
-            if identity(current) != identity(prepared.source):
-                raise Changed(f"{prepared.path!r} changed while being compressed")
-            self.rename(prepared.temp, zpath, RENAME_NOREPLACE)
-        except BaseException:
-            self.discard(prepared)
-            raise
-        return self.lstat(zpath)
+                pass
+            else:
+                raise PairExists(f"{swap.path!r}: a .zst of it already exists")
+        keep = temp_name(swap.name)
+        os.link(swap.name, keep, src_dir_fd=swap.dir_fd, dst_dir_fd=swap.dir_fd,
+                follow_symlinks=False)
+        done = False
+        try:
+            try:
+                rename_at(swap.dir_fd, swap.temp, swap.dir_fd, zname,
+                          0 if replace else RENAME_NOREPLACE)
+            except FileExistsError:
+                raise PairExists(f"{swap.path!r}: a .zst of it already exists") from None
+            swap.temp = b""
+            zst_st = os.stat(zname, dir_fd=swap.dir_fd, follow_symlinks=False)
+            os.fsync(swap.dir_fd)  # the .zst is durable before the plain file goes
+            os.unlink(swap.name, dir_fd=swap.dir_fd)
+            if swap.leased:
+                time.sleep(LEASE_GRACE)
+            if (swap.leased and not leases.intact(swap.src_fd)) or (
+                    not swap.leased and leases.open_elsewhere(now, frozenset({swap.src_fd}))):
+                self._undo_publish(swap, keep, zname)
+                raise Busy(f"{swap.path!r} was opened while its swap was published")
+            done = True
+        finally:
+            self._drop_keep(swap, keep, done)
+        if swap.leased and not leases.intact(swap.src_fd, swap.lease):
+            # An opener resolved the name before the unlink yet reached the lease only after
+            # the grace: it will get the unlinked inode. Nothing to restore it with; say so.
+            log.error("%s: a process opened it in the last instant of its swap; what it "
+                      "writes through that descriptor is not in the store",
+                      os.fsdecode(swap.path))
+        return zst_st
 
-    def finish(self, prepared: Prepared) -> None:
-        """The last step of a swap: the plain file goes, the `.zst` (already durable) shows."""
-        os.unlink(prepared.path, dir_fd=self.root_fd)
+    def _drop_keep(self, swap: Swap, keep: bytes, done: bool) -> None:
+        """Remove the hidden second link, unless it became the plain file's only name in a swap
+        that did not finish (an error while undoing it): then it is set aside where recovery
+        keeps it."""
+        try:
+            kst = os.stat(keep, dir_fd=swap.dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return  # renamed back to its name by the undo
+        if done or kst.st_nlink > 1:
+            os.unlink(keep, dir_fd=swap.dir_fd)
+            return
+        kept = KEPT_PREFIX + os.urandom(6).hex().encode() + b"." + swap.name[-100:]
+        rename_at(swap.dir_fd, keep, swap.dir_fd, kept, RENAME_NOREPLACE)
+        log.error("%s: its swap failed half way; the plain file is kept as %s",
+                  os.fsdecode(swap.path), os.fsdecode(kept))
 
-    def discard(self, prepared: Prepared) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(prepared.temp, dir_fd=self.root_fd)
+    def _undo_publish(self, swap: Swap, keep: bytes, zname: bytes) -> None:
+        """Someone is opening the plain inode we just unlinked: give it its name back (plain
+        wins, and it holds the same bytes as the `.zst`, which goes)."""
+        try:
+            rename_at(swap.dir_fd, keep, swap.dir_fd, swap.name, RENAME_NOREPLACE)
+        except FileExistsError:
+            # A new file took the name in between: keep the old one where recovery keeps it.
+            kept = KEPT_PREFIX + os.urandom(6).hex().encode() + b"." + swap.name[-100:]
+            rename_at(swap.dir_fd, keep, swap.dir_fd, kept, RENAME_NOREPLACE)
+            log.error("%s: opened during its swap while a new file took its name; the old "
+                      "file is kept as %s", os.fsdecode(swap.path), os.fsdecode(kept))
+            return
+        os.fsync(swap.dir_fd)
+        os.unlink(zname, dir_fd=swap.dir_fd)
+
+    def end_swap(self, swap: Swap) -> None:
+        """Remove what is left of a swap (its temp), give up the lease, close descriptors."""
+        if swap.temp:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(swap.temp, dir_fd=swap.dir_fd)
+            swap.temp = b""
+        if swap.leased:
+            leases.release(swap.src_fd)
+        for fd in (swap.src_fd, swap.dir_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        swap.src_fd = swap.dir_fd = -1
+
+    def swap(self, path: bytes, *, progress: Callable[[int], None] | None = None,
+             min_saving: float = 0.0) -> Swap | None:
+        """The whole swap at once, for offline use (no mount): returns the finished Swap, or
+        None if compression saved less than `min_saving` (the file stays plain)."""
+        swap = self.begin_swap(path)
+        try:
+            self.compress_swap(swap, progress=progress)
+            if swap.stored > swap.logical * (1 - min_saving):
+                return None
+            self.publish_swap(swap)
+            return swap
+        finally:
+            self.end_swap(swap)
 
     # ----------------------------------------------------------------- census
     def census(self) -> Census:
@@ -406,10 +845,12 @@ class Store:
         for d, entries in self.walk():
             names = {n for n, _ in entries}
             for n, st in entries:
+                if n.startswith(KEPT_PREFIX):
+                    c.kept_files += 1  # set aside, never removed: the user should look
                 if is_reserved(n) or not stat.S_ISREG(st.st_mode):
                     continue
-                if self.rules.is_representation(n):
-                    if self.rules.logical(n) in names:
+                if self.rules.is_representation(d, n):
+                    if self.rules.logical(d, n) in names:
                         continue  # a hidden leftover: the plain file is the one shown
                     c.compressed_files += 1
                     c.compressed_stored_bytes += st.st_size
@@ -418,7 +859,7 @@ class Store:
                     except (codec.CorruptError, OSError):
                         c.damaged_files += 1
                         c.compressed_logical_bytes += st.st_size
-                elif self.rules.compressible(n):
+                elif self.rules.compressible(d, n):
                     c.plain_files += 1
                     c.plain_bytes += st.st_size
         return c
@@ -430,9 +871,9 @@ class Store:
         while stack:
             d = stack.pop()
             try:
-                fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.root_fd)
-            except (FileNotFoundError, NotADirectoryError, PermissionError):
-                continue
+                fd = self.open_dir(d)
+            except OSError:
+                continue  # gone, not a directory (any more), a symlink now, unreadable
             try:
                 with os.scandir(fd) as it:
                     entries = []
@@ -452,6 +893,7 @@ class Store:
         (its first bytes decode-equal the `.zst`); a `.zst` that does not match is kept hidden
         and reported."""
         temps = removed = kept = 0
+        pairs: list[bytes] = []
         for d, entries in self.walk():
             names = {n for n, _ in entries}
             for n, st in entries:
@@ -459,18 +901,19 @@ class Store:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(join(d, n), dir_fd=self.root_fd)
                         temps += 1
-                elif self.rules.is_representation(n) and self.rules.logical(n) in names:
-                    if self._plain_supersedes(join(d, self.rules.logical(n)), join(d, n)):
+                elif self.rules.is_representation(d, n) and self.rules.logical(d, n) in names:
+                    if self._plain_supersedes(join(d, self.rules.logical(d, n)), join(d, n)):
                         os.unlink(join(d, n), dir_fd=self.root_fd)
                         removed += 1
                     else:
                         kept += 1
+                        pairs.append(join(d, self.rules.logical(d, n)))
                         log.warning(
                             "%s: both plain and .zst exist and differ; keeping both, the plain "
                             "file is shown", os.fsdecode(join(d, n)))
         if temps or removed:
             log.info("recovery: removed %d temp files and %d superseded .zst files", temps, removed)
-        return Recovery(temps, removed, kept)
+        return Recovery(temps, removed, kept, tuple(pairs))
 
     def _plain_supersedes(self, plain: bytes, zpath: bytes) -> bool:
         """True if the plain file holds everything the `.zst` holds (it may have grown since)."""
@@ -484,39 +927,62 @@ class Store:
             os.close(pfd)
             return False
         try:
-            reader = codec.ZstReader(zfd)
-            size = reader.size
-            if os.fstat(pfd).st_size < size:
-                return False
-            pos = 0
-            while pos < size:
-                n = min(8 << 20, size - pos)
-                if reader.read(pos, n) != os.pread(pfd, n, pos):
-                    return False
-                pos += n
-            return True
-        except codec.CorruptError:
-            # A damaged .zst beside a plain file holds nothing the plain file needs.
-            return True
+            return _decodes_to_prefix(zfd, pfd)
         finally:
             os.close(pfd)
             os.close(zfd)
 
 
-@dataclass(frozen=True, slots=True)
-class Prepared:
-    path: bytes  # the plain file
-    temp: bytes  # the verified compressed temp beside it
-    source: os.stat_result  # the plain file as it was read
-    logical: int
-    stored: int
+def _decodes_to_prefix(zfd: int, pfd: int) -> bool:
+    """True if the `.zst` at `zfd` decodes to a prefix of the plain file at `pfd` (which may
+    have grown since). A damaged `.zst` cannot be shown to hold nothing more: False."""
+    try:
+        reader = codec.ZstReader(zfd)
+        size = reader.size
+        if os.fstat(pfd).st_size < size:
+            return False
+        pos = 0
+        while pos < size:
+            n = min(8 << 20, size - pos)
+            if reader.read(pos, n) != os.pread(pfd, n, pos):
+                return False
+            pos += n
+        return True
+    except codec.CorruptError:
+        return False
+
+
+@dataclass(slots=True)
+class Swap:
+    """One swap in progress: the plain file (leased), its directory, the temp `.zst`."""
+
+    path: bytes  # relative to the store root when the swap was decided (for messages)
+    dir_fd: int  # the directory the file was in then, wherever it is now
+    name: bytes
+    src_fd: int
+    source: os.stat_result  # the plain file when the lease was taken
+    leased: bool = True  # False: the /proc scan stands in for a lease
+    lease: int = leases.WRITE  # a read lease for a `.zst` being re-encoded (readers may stay)
+    temp: bytes = b""
+    logical: int = 0
+    stored: int = 0
+
+
+def rename_at(old_dir: int, old: bytes, new_dir: int, new: bytes, flags: int = 0) -> None:
+    if flags == 0:
+        os.rename(old, new, src_dir_fd=old_dir, dst_dir_fd=new_dir)
+        return
+    if _renameat2(old_dir, old, new_dir, new, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), old, None, new)
 
 
 def copy_metadata(src_fd: int, dst_fd: int, st: os.stat_result) -> None:
-    """Give `dst_fd` the owner, mode, xattrs and times of `src_fd` (stat `st`)."""
-    if os.geteuid() == 0 or st.st_uid == os.geteuid():
-        with contextlib.suppress(PermissionError):
-            os.fchown(dst_fd, st.st_uid, st.st_gid)
+    """Give `dst_fd` the owner, mode, xattrs and times of `src_fd` (stat `st`), all of them or
+    none: any failure raises, and the caller keeps the original file."""
+    dst = os.fstat(dst_fd)
+    if (dst.st_uid, dst.st_gid) != (st.st_uid, st.st_gid):
+        os.fchown(dst_fd, st.st_uid, st.st_gid)
     os.fchmod(dst_fd, stat.S_IMODE(st.st_mode))
     try:
         names = os.listxattr(src_fd)
@@ -525,6 +991,5 @@ def copy_metadata(src_fd: int, dst_fd: int, st: os.stat_result) -> None:
             raise
         names = []
     for attr in names:
-        with contextlib.suppress(OSError):
-            os.setxattr(dst_fd, attr, os.getxattr(src_fd, attr))
+        os.setxattr(dst_fd, attr, os.getxattr(src_fd, attr))
     os.utime(dst_fd, ns=(st.st_atime_ns, st.st_mtime_ns))

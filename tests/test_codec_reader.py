@@ -1,0 +1,727 @@
+"""The reader against hostile files (issue 11): a fuzz test against the reference decoder, lying
+seek tables, absurd sizes, the decoder budget, resumable streams, and the adoption primitives."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import shutil
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zstandard
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from zstfs import codec
+from zstfs.codec import CodecParams, CorruptError, DecodeLimitError, Decoders, ZstReader
+
+HAS_ZSTD = shutil.which("zstd") is not None
+needs_zstd = pytest.mark.skipif(not HAS_ZSTD, reason="zstd CLI not installed")
+
+
+def text(n: int, seed: int = 0) -> bytes:
+    rng = random.Random(seed)
+    words = [b"alpha", b"beta", b'"type":"event_msg"', b"{", b"}", b"0123", b"\n"]
+    out = bytearray()
+    while len(out) < n:
+        out += rng.choice(words)
+        if rng.random() < 0.01:
+            out += rng.randbytes(rng.randrange(1, 64))
+    return bytes(out[:n])
+
+
+@pytest.fixture
+def fds() -> Iterator[list[int]]:
+    opened: list[int] = []
+    yield opened
+    for fd in opened:
+        os.close(fd)
+
+
+def open_blob(tmp_path: Path, fds: list[int], blob: bytes, name: str = "f.zst") -> int:
+    path = tmp_path / name
+    path.write_bytes(blob)
+    fd = os.open(path, os.O_RDONLY)
+    fds.append(fd)
+    return fd
+
+
+def ours(data: bytes, frame_size: int = 4096) -> bytes:
+    """zstfs's own format, in memory."""
+    with tempfile.TemporaryFile() as plain, tempfile.TemporaryFile() as out:
+        plain.write(data)
+        plain.flush()
+        codec.compress_file(plain.fileno(), out.fileno(), CodecParams(frame_size=frame_size))
+        out.seek(0)
+        return out.read()
+
+
+def frame(data: bytes, *, checksum: bool = True, size: bool = True, level: int = 3) -> bytes:
+    cctx = zstandard.ZstdCompressor(level=level, write_checksum=checksum, write_content_size=size)
+    if size:
+        return cctx.compress(data)
+    out = io.BytesIO()
+    with cctx.stream_writer(out, closefd=False) as w:  # streaming: no content size
+        w.write(data)
+    return out.getvalue()
+
+
+def seekable(chunks: list[bytes], *, checksum: bool, size: bool,
+             claims: list[int] | None = None) -> bytes:
+    """A seekable file from another writer: frames with or without checksums and content sizes,
+    and a seek table whose decompressed sizes may lie (``claims``)."""
+    frames = [frame(c, checksum=checksum, size=size) for c in chunks]
+    sizes = claims if claims is not None else [len(c) for c in chunks]
+    entries = b"".join(struct.pack("<II", len(f), d) for f, d in zip(frames, sizes, strict=True))
+    footer = struct.pack("<IBI", len(frames), 0, 0x8F92EAB1)
+    table = struct.pack("<II", 0x184D2A5E, len(entries) + len(footer)) + entries + footer
+    return b"".join(frames) + table
+
+
+def skippable(payload: bytes) -> bytes:
+    return struct.pack("<II", 0x184D2A53, len(payload)) + payload
+
+
+def reference_prefix(blob: bytes) -> bytes:
+    """What libzstd's streaming decoder emits before it fails (all of it if it does not): what
+    `zstd -d` prints of a damaged file."""
+    out = bytearray()
+    reader = zstandard.ZstdDecompressor(max_window_size=1 << 31).stream_reader(
+        io.BytesIO(blob), read_across_frames=True)
+    try:
+        while chunk := reader.read(1024):
+            out += chunk
+    except zstandard.ZstdError:
+        pass
+    return bytes(out)
+
+
+def reference(blob: bytes) -> bytes | None:
+    """What libzstd's own streaming decoder makes of the whole file (None: it fails)."""
+    if not blob:
+        return None
+    try:
+        reader = zstandard.ZstdDecompressor(max_window_size=1 << 31).stream_reader(
+            io.BytesIO(blob), read_across_frames=True)
+        out = reader.read()
+        if reader.read(1):
+            return None
+        return out
+    except zstandard.ZstdError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Fuzz: random valid and mutated files, random reads; bytes are the reference's or CorruptError
+
+
+KINDS = ["ours", "ours-big", "single", "single-nosize", "single-nocheck", "concat",
+         "seek-plain", "seek-nosize", "seek-lying"]
+UNCHECKED = {"single-nocheck", "seek-nosize", "seek-lying"}  # frames without a checksum
+
+
+def make_file(kind: str, data: bytes, rng: random.Random) -> bytes:
+    cut = sorted(rng.randrange(len(data) + 1) for _ in range(3))
+    chunks = [data[a:b] for a, b in zip([0, *cut], [*cut, len(data)], strict=True)]
+    if kind == "ours":
+        return ours(data, 512)
+    if kind == "ours-big":
+        return ours(data, 1 << 20)  # one big frame: streamed under the small cache below
+    if kind == "single":
+        return frame(data)
+    if kind == "single-nosize":
+        return frame(data, size=False)
+    if kind == "single-nocheck":
+        return frame(data, checksum=False, size=False)
+    if kind == "concat":
+        return skippable(b"x") + b"".join(frame(c, size=bool(i % 2)) for i, c in enumerate(chunks))
+    if kind == "seek-plain":
+        return seekable(chunks, checksum=True, size=True)
+    if kind == "seek-nosize":
+        return seekable(chunks, checksum=False, size=False)
+    # A table that lies about frames that state neither size nor checksum.
+    claims = [len(c) for c in chunks]
+    i = rng.randrange(len(claims))
+    claims[i] = max(0, claims[i] + rng.choice([-5000, -7, -1, 1, 9, 4096]))
+    return seekable(chunks, checksum=False, size=False, claims=claims)
+
+
+def mutate(blob: bytes, how: str, rng: random.Random) -> bytes:
+    if not blob or how == "none":
+        return blob
+    out = bytearray(blob)
+    if how == "flip":
+        for _ in range(rng.randrange(1, 4)):
+            out[rng.randrange(len(out))] ^= 1 << rng.randrange(8)
+        return bytes(out)
+    if how == "truncate":
+        return bytes(out[: rng.randrange(len(out))])
+    if how == "extend":
+        return bytes(out) + rng.randbytes(rng.randrange(1, 20))
+    # "table": lie about one size field in a trailing seek table, if any
+    if len(out) >= 17 and struct.unpack_from("<I", out, len(out) - 4)[0] == 0x8F92EAB1:
+        count, desc = struct.unpack_from("<IB", out, len(out) - 9)
+        esize = 12 if desc & 0x80 else 8
+        if count:
+            at = len(out) - 9 - esize * count + esize * rng.randrange(count) + rng.choice([0, 4])
+            value = struct.unpack_from("<I", out, at)[0]
+            struct.pack_into("<I", out, at, max(0, value + rng.choice([-3, -1, 1, 100])))
+    return bytes(out)
+
+
+def check_reads(fd: int, blob: bytes, data: bytes, reads: list[tuple[int, int]],
+                dec: Decoders, *, unchecked_frames: bool) -> None:
+    """Every read is CorruptError or the reference's bytes.  When libzstd fails on the whole
+    file, the reference is what it emitted before failing; beyond that, a seekable reader may
+    still serve intact frames: their original bytes, unless the file has frames without a
+    checksum (a flipped literal there is undetectable by anyone, zstd included)."""
+    ref = reference(blob)
+    prefix = reference_prefix(blob) if ref is None else ref
+    reader = ZstReader(fd, dec)
+    for offset, length in reads:
+        try:
+            got = reader.read(offset, length)
+        except CorruptError:
+            continue
+        if ref is not None or offset + len(got) <= len(prefix):
+            assert got == prefix[offset : offset + length], (offset, length, len(prefix))
+        elif not unchecked_frames:
+            assert got == data[offset : offset + length], (offset, length, len(data))
+
+
+FUZZ = settings(max_examples=150, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@FUZZ
+@given(
+    kind=st.sampled_from(KINDS),
+    n=st.integers(0, 12_000),
+    seed=st.integers(0, 2**16),
+    how=st.sampled_from(["none", "none", "flip", "truncate", "extend", "table"]),
+    reads=st.lists(st.tuples(st.integers(0, 13_000), st.integers(0, 6000)), min_size=1,
+                   max_size=12),
+)
+@example(kind="seek-lying", n=10_000, seed=1, how="none", reads=[(0, 13_000), (9000, 1000)])
+@example(kind="single-nocheck", n=9000, seed=2, how="flip", reads=[(8000, 1000), (0, 9000)])
+# Found by this test: a silent flip in a frame without checksum, other damage after it; a
+# flipped checksum of an empty frame.
+@example(kind="seek-nosize", n=1591, seed=6323, how="flip", reads=[(0, 351)])
+@example(kind="concat", n=0, seed=1, how="flip", reads=[(0, 0)])
+def test_fuzz_reader(tmp_path: Path, fds: list[int], kind: str, n: int, seed: int, how: str,
+                     reads: list[tuple[int, int]]) -> None:
+    rng = random.Random(seed)
+    data = text(n, seed)
+    blob = mutate(make_file(kind, data, rng), how, rng)
+    fd = open_blob(tmp_path, fds, blob, f"{len(fds)}.zst")
+    # A small cache: frames above 2 KiB are streamed, so both paths are fuzzed.
+    dec = Decoders(memory=64 << 20, cache=4096, idle_seconds=0)
+    check_reads(fd, blob, data, reads, dec, unchecked_frames=kind in UNCHECKED)
+    # Sequential reads through one budget, as `cat` does, then the whole file at once.
+    pos, seen = 0, bytearray()
+    try:
+        while True:
+            chunk = ZstReader(fd, dec).read(pos, 1000)
+            if not chunk:
+                break
+            seen += chunk
+            pos += len(chunk)
+    except CorruptError:
+        return
+    ref = reference(blob)
+    assert ref is not None, "a full read succeeded on a file zstd rejects"
+    assert bytes(seen) == ref
+
+
+@needs_zstd
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(
+    flags=st.sampled_from([["-3"], ["-1", "--no-check"], ["-19", "--long=27"], ["-3", "-B2048"]]),
+    stdin=st.booleans(),
+    how=st.sampled_from(["none", "flip", "truncate"]),
+    seed=st.integers(0, 2**16),
+)
+def test_fuzz_zstd_cli_files(tmp_path: Path, fds: list[int], flags: list[str], stdin: bool,
+                             how: str, seed: int) -> None:
+    rng = random.Random(seed)
+    data = text(rng.randrange(0, 40_000), seed)
+    plain = tmp_path / f"p{seed}"
+    plain.write_bytes(data)
+    cmd = ["zstd", "-q", "-c", *flags] + ([] if stdin else [str(plain)])
+    blob = subprocess.run(cmd, input=data if stdin else None, capture_output=True,
+                          check=True).stdout
+    blob = mutate(blob, how, rng)
+    fd = open_blob(tmp_path, fds, blob, f"{len(fds)}.zst")
+    reads = [(rng.randrange(len(data) + 10), rng.randrange(1, 9000)) for _ in range(10)]
+    check_reads(fd, blob, data, reads, Decoders(memory=64 << 20, cache=8192, idle_seconds=0),
+                unchecked_frames="--no-check" in flags)
+
+
+# --------------------------------------------------------------------------------------------
+# Lying seek tables (issue 11 item 3), absurd sizes (item 4), empty files (item 5)
+
+
+def test_lying_table_over_unsized_frames_is_eio_not_short(tmp_path: Path, fds: list[int]) -> None:
+    """The issue's case: frames with neither content size nor checksum, a table 4 MiB short."""
+    chunks = [text(1 << 20, i) for i in range(6)]
+    claims = [len(c) for c in chunks]
+    claims[2] = 0  # the table "loses" a whole frame's bytes
+    fd = open_blob(tmp_path, fds, seekable(chunks, checksum=False, size=False, claims=claims))
+    reader = ZstReader(fd, Decoders())
+    assert reader.size == sum(claims)  # stat shows the claim (nothing decoded at lookup) ...
+    with pytest.raises(CorruptError):  # ... but cat never gets shifted bytes
+        reader.read(0, reader.size)
+    with pytest.raises(CorruptError):
+        reader.read(reader.size - 100, 100)  # tail either
+    assert reader.read(0, 1000) == chunks[0][:1000]  # before the lie: the true bytes
+
+
+def test_table_5000_bytes_short_tail_is_eio(tmp_path: Path, fds: list[int]) -> None:
+    chunks = [text(200_000, i) for i in range(4)]
+    claims = [len(c) for c in chunks]
+    claims[1] -= 5000
+    fd = open_blob(tmp_path, fds, seekable(chunks, checksum=True, size=False, claims=claims))
+    reader = ZstReader(fd, Decoders(cache=64 << 10))  # frame 1 streamed, not cached
+    with pytest.raises(CorruptError):
+        reader.read(reader.size - 8192, 8192)
+
+
+def frame_claiming(size: int) -> bytes:
+    """A frame header declaring ``size`` bytes (8-byte field), followed by one empty raw block."""
+    return struct.pack("<IBB", 0xFD2FB528, 0xC0, 0x50) + struct.pack("<Q", size) + b"\x01\x00\x00"
+
+
+@pytest.mark.parametrize("size", [2**63, 2**64 - 1, 2**64 - 2])
+def test_content_size_beyond_2_63_is_damage(tmp_path: Path, fds: list[int], size: int) -> None:
+    fd = open_blob(tmp_path, fds, frame_claiming(size))
+    with pytest.raises(CorruptError, match="2\\*\\*63"):
+        _ = ZstReader(fd, Decoders()).size
+    with pytest.raises(CorruptError):
+        codec.verify_file(fd)
+
+
+def test_sizes_adding_up_beyond_2_63_are_damage(tmp_path: Path, fds: list[int]) -> None:
+    fd = open_blob(tmp_path, fds, frame_claiming(2**62) * 2)
+    with pytest.raises(CorruptError, match="2\\*\\*63"):
+        _ = ZstReader(fd, Decoders()).size
+
+
+def test_empty_file_is_damage(tmp_path: Path, fds: list[int]) -> None:
+    fd = open_blob(tmp_path, fds, b"")
+    with pytest.raises(CorruptError):
+        _ = ZstReader(fd, Decoders()).size
+
+
+# --------------------------------------------------------------------------------------------
+# The decoder budget (issue 11 item 1)
+
+
+def repetitive(n: int, period: int) -> bytes:
+    """``n`` bytes repeating a random block of ``period`` bytes: matches at distance ``period``
+    need a window at least that big."""
+    block = random.Random(period).randbytes(period)
+    return (block * (n // period + 1))[:n]
+
+
+def long_window_frame(n: int, window_log: int, *, size: bool) -> bytes:
+    params = zstandard.ZstdCompressionParameters.from_level(
+        1, window_log=window_log, enable_ldm=True, write_content_size=size, write_checksum=True)
+    cctx = zstandard.ZstdCompressor(compression_params=params)
+    data = repetitive(n, 3 << 20)
+    if size:
+        return cctx.compress(data)
+    out = io.BytesIO()
+    with cctx.stream_writer(out, closefd=False) as w:
+        w.write(data)
+    return out.getvalue()
+
+
+def test_window_beyond_budget_is_refused_with_the_long_flag(tmp_path: Path,
+                                                           fds: list[int]) -> None:
+    blob = long_window_frame(24 << 20, 28, size=True)
+    fd = open_blob(tmp_path, fds, blob)
+    dec = Decoders(memory=16 << 20, cache=1 << 20)
+    reader = ZstReader(fd, dec)
+    assert reader.size == 24 << 20  # listing works
+    with pytest.raises(DecodeLimitError, match="decoding window") as info:
+        reader.read(20 << 20, 100)
+    assert "--long" not in str(info.value)  # 24 MiB content < 2**27: no --long needed
+    assert dec.used == 0
+    assert dec.peak <= 16 << 20
+    # With room for it, the same file reads correctly.
+    big = Decoders(memory=64 << 20, cache=1 << 20)
+    assert ZstReader(fd, big).read(20 << 20, 100) == repetitive(24 << 20, 3 << 20)[20 << 20:][:100]
+    assert big.peak <= 64 << 20
+
+
+def test_unsized_long_window_names_zstd_long(tmp_path: Path, fds: list[int]) -> None:
+    blob = long_window_frame(24 << 20, 28, size=False)  # declares a 256 MiB window
+    fd = open_blob(tmp_path, fds, blob)
+    dec = Decoders(memory=16 << 20, cache=1 << 20)
+    with pytest.raises(DecodeLimitError, match="--long=28"):
+        _ = ZstReader(fd, dec).size
+    assert dec.used == 0
+    assert dec.peak <= 16 << 20
+    assert ZstReader(fd, Decoders(memory=64 << 20)).size == 24 << 20
+
+
+def test_many_readers_stay_within_the_budget(tmp_path: Path, fds: list[int]) -> None:
+    """8 threads, each with its own reader and file descriptor, reading 4 big-frame files at
+    random: the budget's high-water mark never passes its limit."""
+    blobs = [frame(text(3 << 20, i)) for i in range(4)]
+    datas = [text(3 << 20, i) for i in range(4)]
+    paths = []
+    for i, blob in enumerate(blobs):
+        (tmp_path / f"{i}.zst").write_bytes(blob)
+        paths.append(tmp_path / f"{i}.zst")
+    dec = Decoders(memory=30 << 20, cache=2 << 20)  # room for two streams at a time
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        rng = random.Random(seed)
+        fd = os.open(paths[seed % 4], os.O_RDONLY)
+        try:
+            reader = ZstReader(fd, dec)
+            for _ in range(15):
+                off = rng.randrange(3 << 20)
+                assert reader.read(off, 4096) == datas[seed % 4][off : off + 4096]
+        except BaseException as e:  # reported below
+            errors.append(e)
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors, errors[0]
+    assert dec.peak <= 30 << 20
+    dec.clear()  # a stream the prefetcher still holds goes when it lets go
+    end = time.monotonic() + 10.0
+    while dec.used and time.monotonic() < end:
+        time.sleep(0.01)  # polling an observable, with a deadline
+    assert dec.used == 0
+
+
+def test_work_per_read_is_bounded(tmp_path: Path, fds: list[int]) -> None:
+    """A frame bigger than max_frame is refused before any decoding (content size stated) or
+    after max_frame bytes (not stated): a zeros bomb cannot burn a core."""
+    zeros = b"\0" * (8 << 20)
+    dec = Decoders(max_frame=1 << 20)
+    sized = open_blob(tmp_path, fds, frame(zeros), "sized.zst")
+    reader = ZstReader(sized, dec)
+    assert reader.size == 8 << 20
+    with pytest.raises(DecodeLimitError, match="zstd -d"):
+        reader.read(0, 10)
+    assert dec.streamed_bytes == 0
+    unsized = open_blob(tmp_path, fds, frame(zeros, size=False), "unsized.zst")
+    with pytest.raises(DecodeLimitError):
+        _ = ZstReader(unsized, dec).size
+
+
+# --------------------------------------------------------------------------------------------
+# Linear sequential reads (issue 11 item 2)
+
+
+@pytest.mark.parametrize("size", [True, False])
+def test_sequential_reads_continue_the_decoder(tmp_path: Path, fds: list[int],
+                                               size: bool) -> None:
+    data = text(6 << 20, 3)
+    fd = open_blob(tmp_path, fds, frame(data, size=size))
+    dec = Decoders(cache=1 << 20, idle_seconds=0)
+    reader = ZstReader(fd, dec)
+    pos = 0
+    while pos < len(data):
+        assert reader.read(pos, 128 << 10) == data[pos : pos + (128 << 10)]
+        pos += 128 << 10
+    assert dec.streams_started == 1
+    assert dec.streamed_bytes == len(data)  # every byte decoded once for serving
+
+
+def test_out_of_order_readahead_is_served_from_history(tmp_path: Path, fds: list[int]) -> None:
+    data = text(4 << 20, 4)
+    fd = open_blob(tmp_path, fds, frame(data))
+    dec = Decoders(cache=1 << 20, idle_seconds=0)
+    reader = ZstReader(fd, dec)
+    k = 128 << 10
+    order = [0, 2, 1, 3, 5, 4, 6, 7]  # the kernel's parallel readahead can swap neighbours
+    for i in order:
+        assert reader.read(i * k, k) == data[i * k : (i + 1) * k]
+    assert dec.streams_started == 1
+
+
+def test_new_handles_resume_parked_decoders(tmp_path: Path, fds: list[int]) -> None:
+    """Each FUSE read may come through another handle: decoders belong to the budget."""
+    data = text(3 << 20, 5)
+    path = tmp_path / "f.zst"
+    path.write_bytes(frame(data))
+    dec = Decoders(cache=1 << 20, idle_seconds=0)
+    pos = 0
+    while pos < len(data):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert ZstReader(fd, dec).read(pos, 256 << 10) == data[pos : pos + (256 << 10)]
+        finally:
+            os.close(fd)  # the parked decoder reads its own duplicate descriptor
+        pos += 256 << 10
+    assert dec.streams_started == 1
+
+
+def test_idle_decoders_give_their_memory_back(tmp_path: Path, fds: list[int]) -> None:
+    data = text(3 << 20, 6)
+    fd = open_blob(tmp_path, fds, frame(data))
+    dec = Decoders(cache=1 << 20, idle_seconds=0.05)
+    assert ZstReader(fd, dec).read(1 << 20, 100) == data[1 << 20 : (1 << 20) + 100]
+    end = time.monotonic() + 10.0
+    while dec.stream_count() and time.monotonic() < end:
+        time.sleep(0.01)  # polling an observable, with a deadline
+    assert dec.stream_count() == 0
+    assert dec.used == 0
+
+
+def test_random_reads_keep_a_few_positions(tmp_path: Path, fds: list[int]) -> None:
+    data = text(4 << 20, 7)
+    fd = open_blob(tmp_path, fds, frame(data))
+    dec = Decoders(cache=1 << 20, idle_seconds=0)
+    reader = ZstReader(fd, dec)
+    starts = [0, 2 << 20, 1 << 20, 3 << 20]
+    for rnd in range(3):  # four interleaved sequential readers
+        for s in starts:
+            off = s + rnd * 4096
+            assert reader.read(off, 4096) == data[off : off + 4096]
+    assert dec.streams_started <= codec.STREAMS_PER_FRAME + 1
+    assert dec.stream_count() <= codec.STREAMS_PER_FRAME
+
+
+# --------------------------------------------------------------------------------------------
+# Adoption primitives (issue 11 "adopt foreign .zst files")
+
+
+def write_fd(tmp_path: Path, fds: list[int], name: str) -> int:
+    fd = os.open(tmp_path / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    fds.append(fd)
+    return fd
+
+
+FOREIGN = {
+    "single": lambda d: frame(d),
+    "single-nosize": lambda d: frame(d, size=False),
+    "nocheck": lambda d: frame(d, checksum=False, size=False),
+    "concat-skippable": lambda d: frame(d[:5000]) + skippable(b"meta") + frame(d[5000:],
+                                                                                 size=False),
+    "other-seekable": lambda d: seekable([d[:7000], d[7000:]], checksum=False, size=True),
+    "ours-other-frames": lambda d: ours(d, 64 << 10),
+}
+
+
+def test_is_native(tmp_path: Path, fds: list[int]) -> None:
+    data = text(50_000, 8)
+    assert codec.is_native(open_blob(tmp_path, fds, ours(data, 4096), "a"),
+                           CodecParams(frame_size=4096))
+    assert codec.is_native(open_blob(tmp_path, fds, ours(data), "b"), CodecParams())
+    assert codec.is_native(open_blob(tmp_path, fds, ours(b""), "empty"))
+    for name, make in FOREIGN.items():
+        if name == "ours-other-frames":
+            continue
+        assert not codec.is_native(open_blob(tmp_path, fds, make(data), name)), name
+    # Frames bigger than the caller's frame size: not native (reads would decode too much).
+    assert not codec.is_native(open_blob(tmp_path, fds, ours(data, 64 << 10), "c"),
+                               CodecParams(frame_size=4096))
+    good = ours(data, 4096)
+    assert not codec.is_native(open_blob(tmp_path, fds, good[:-3], "cut"))
+    assert not codec.is_native(open_blob(tmp_path, fds, b"", "zero"))
+
+
+@pytest.mark.parametrize("name", sorted(FOREIGN))
+def test_reencode_roundtrip(tmp_path: Path, fds: list[int], name: str) -> None:
+    data = text(70_000, 9)
+    src = open_blob(tmp_path, fds, FOREIGN[name](data), "src.zst")
+    dst = write_fd(tmp_path, fds, "dst.zst")
+    params = CodecParams(frame_size=16_384)
+    seen: list[int] = []
+    logical, stored = codec.reencode(src, dst, params, progress=seen.append)
+    assert logical == len(data)
+    assert seen[-1] == len(data)
+    assert stored == os.fstat(dst).st_size
+    assert codec.is_native(dst, params)
+    assert codec.verify_reencoded(dst, src) == len(data)
+    assert ZstReader(dst, Decoders()).read(0, len(data)) == data
+    codec.verify_equal(dst, open_blob(tmp_path, fds, data, "plain"))
+
+
+def test_verify_reencoded_catches_differences(tmp_path: Path, fds: list[int]) -> None:
+    data = text(30_000, 10)
+    src = open_blob(tmp_path, fds, frame(data), "src.zst")
+    other = open_blob(tmp_path, fds, ours(data[:-1] + b"X"), "other.zst")
+    with pytest.raises(CorruptError, match=str(len(data) - 1)):
+        codec.verify_reencoded(other, src)
+    shorter = open_blob(tmp_path, fds, ours(data[:-1]), "short.zst")
+    with pytest.raises(CorruptError, match="longer"):
+        codec.verify_reencoded(shorter, src)
+    longer = open_blob(tmp_path, fds, ours(data + b"!"), "long.zst")
+    with pytest.raises(CorruptError):
+        codec.verify_reencoded(longer, src)
+
+
+def test_reencode_damaged_or_too_wide_source(tmp_path: Path, fds: list[int]) -> None:
+    data = text(30_000, 11)
+    blob = bytearray(frame(data))
+    blob[len(blob) // 2] ^= 0x40
+    src = open_blob(tmp_path, fds, bytes(blob), "bad.zst")
+    with pytest.raises(CorruptError):
+        codec.reencode(src, write_fd(tmp_path, fds, "out1.zst"))
+    wide = open_blob(tmp_path, fds, long_window_frame(4 << 20, 28, size=False), "wide.zst")
+    with pytest.raises(DecodeLimitError, match="--long=28"):
+        codec.reencode(wide, write_fd(tmp_path, fds, "out2.zst"), max_window=1 << 20)
+
+
+@needs_zstd
+def test_reencode_zstd_cli_file(tmp_path: Path, fds: list[int]) -> None:
+    data = text(300_000, 12)
+    blob = subprocess.run(["zstd", "-q", "-3", "-c"], input=data, capture_output=True,
+                          check=True).stdout
+    src = open_blob(tmp_path, fds, blob, "cli.zst")
+    dst = write_fd(tmp_path, fds, "dst.zst")
+    codec.reencode(src, dst, CodecParams(frame_size=64 << 10))
+    codec.verify_reencoded(dst, src)
+    out = subprocess.run(["zstd", "-q", "-d", "-c", str(tmp_path / "dst.zst")],
+                         capture_output=True, check=True).stdout
+    assert out == data
+
+
+def test_forked_child_gets_a_fresh_default_budget(tmp_path: Path, fds: list[int]) -> None:
+    """The daemon forks after recovery, which may have started decoder threads: the child must
+    not inherit a budget whose threads do not exist (or whose lock one of them held)."""
+    data = text(3 << 20, 13)
+    fd = open_blob(tmp_path, fds, frame(data))
+    parent = codec.default_decoders()
+    previous = parent.set_cache_limit(1 << 20)
+    try:
+        assert ZstReader(fd).read(0, 1 << 20) == data[: 1 << 20]  # parks a stream
+        assert ZstReader(fd).read(1 << 20, 4096) == data[1 << 20 :][:4096]
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report, never return into pytest
+            ok = codec.default_decoders() is not parent
+            ok = ok and ZstReader(fd).read(2 << 20, 100) == data[2 << 20 :][:100]
+            os.write(w, b"1" if ok else b"0")
+            os._exit(0)
+        os.close(w)
+        assert os.read(r, 1) == b"1"
+        os.close(r)
+        assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        parent.set_cache_limit(previous)
+        codec.clear_caches()
+
+
+def test_concurrent_sequential_readers_share_streams_correctly(tmp_path: Path,
+                                                               fds: list[int]) -> None:
+    """Several `cat`s of one big frame at once, from different starts, some through
+    ``read_cached`` (the FUSE event loop's path) and some through ``read``, while the prefetcher
+    decodes ahead: every byte is right, and the budget is never exceeded."""
+    data = text(8 << 20, 14)
+    path = tmp_path / "f.zst"
+    path.write_bytes(frame(data))
+    dec = Decoders(memory=48 << 20, cache=1 << 20)
+    errors: list[BaseException] = []
+
+    def cat(seed: int) -> None:
+        rng = random.Random(seed)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            reader = ZstReader(fd, dec)
+            pos = rng.choice([0, 0, 1 << 20, 3 << 20])
+            while pos < len(data):
+                n = rng.choice([4096, 128 << 10, 1 << 20])
+                got = reader.read_cached(pos, n) if rng.random() < 0.5 else None
+                if got is None:
+                    got = reader.read(pos, n)
+                assert got == data[pos : pos + n], (seed, pos, n)
+                if rng.random() < 0.1:  # the kernel's readahead: a step back now and then
+                    back = max(0, pos - rng.randrange(1, 2 << 20))
+                    assert reader.read(back, 4096) == data[back : back + 4096]
+                pos += n
+        except BaseException as e:  # reported below
+            errors.append(e)
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=cat, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors, errors[0]
+    assert dec.peak <= 48 << 20
+
+
+def test_parallel_promotion_decode_is_charged_and_released(tmp_path: Path,
+                                                           fds: list[int]) -> None:
+    """decompress_file(threads=2) (promotion) charges its frames in flight to the default
+    budget and gives them back, also when a frame is damaged."""
+    codec.clear_caches()
+    dec = codec.default_decoders()
+    data = text(200_000, 15)
+    blob = ours(data, 16_384)
+    out = tmp_path / "out"
+    for damaged in (False, True):
+        raw = bytearray(blob)
+        if damaged:
+            raw[len(raw) // 2] ^= 0xFF
+        src = open_blob(tmp_path, fds, bytes(raw), f"src{damaged}.zst")
+        dst = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        dec.peak = 0
+        try:
+            if damaged:
+                with pytest.raises(CorruptError):
+                    codec.decompress_file(src, dst, threads=2)
+            else:
+                assert codec.decompress_file(src, dst, threads=2) == len(data)
+                assert out.read_bytes() == data
+        finally:
+            os.close(dst)
+        assert dec.peak >= 16_384  # the frames in flight were charged
+        assert dec.used == dec._frame_bytes  # nothing left but cached frames
+
+
+def test_eof_of_a_short_table_is_not_served_unchecked(tmp_path: Path, fds: list[int]) -> None:
+    """Found by the fuzz test: a table claiming less than its unsized frames hold must not give
+    a clean EOF at the claimed end (that is short data), even to a read starting there."""
+    chunks = [text(3000, 20), text(4000, 21)]
+    claims = [3000, 1000]
+    fd = open_blob(tmp_path, fds, seekable(chunks, checksum=False, size=False, claims=claims))
+    reader = ZstReader(fd, Decoders())
+    assert reader.size == 4000
+    with pytest.raises(CorruptError):
+        reader.read(4000, 100)
+    with pytest.raises(CorruptError):
+        reader.read(3500, 1000)
+    assert reader.read(0, 100) == chunks[0][:100]  # before the lie: the true bytes
+
+
+def test_damaged_empty_frame_is_damage_at_eof(tmp_path: Path, fds: list[int]) -> None:
+    """Found by the fuzz test: empty frames serve no byte, but a read reaching EOF checks them
+    (a flipped checksum of an empty frame: `zstd -d` calls the file damaged)."""
+    good = frame(b"abc") + frame(b"")
+    bad = bytearray(good)
+    bad[-1] ^= 0x80  # the empty frame's checksum
+    fd = open_blob(tmp_path, fds, bytes(bad))
+    reader = ZstReader(fd, Decoders())
+    assert reader.read(0, 2) == b"ab"  # not reaching EOF: the bytes are right
+    with pytest.raises(CorruptError):
+        reader.read(0, 10)
+    ok = open_blob(tmp_path, fds, good, "good.zst")
+    assert ZstReader(ok, Decoders()).read(0, 10) == b"abc"

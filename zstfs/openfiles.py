@@ -1,0 +1,550 @@
+"""Who has what open, and what may be swapped: the one owner of that question.
+
+`FileTable` is the table of files the daemon knows (inode numbers, names, open counts, per-file
+locks); `OpenFiles` wraps it with the two steps that change a file's representation, which the
+filesystem layer and the compactor both call: `promote` (`.zst` → plain, before a write) and
+`compact` (plain → `.zst`, for the compactor).
+
+"Open" is the kernel's notion, not ours: a swap holds a write lease on the plain file from before
+it reads it until after the plain name is gone (`store.py`, `leases.py`), so any descriptor or
+mapping anywhere, through the mount or not, opened before the mount or during the swap, stops
+it. Opens through the mount are also counted here, and an open of a file whose swap is in
+flight first abandons that swap and waits for it to let go, so the daemon never blocks on its
+own lease. A swap is published only under the file's lock, only if the name in the directory it
+resolved (beneath the store root, no symlinks) still holds the very file it compressed.
+
+The table's methods run on the trio thread and never await, so each is atomic with respect to
+FUSE requests.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import logging
+import os
+import stat
+import threading
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterator
+
+import trio
+
+from zstfs import codec
+from zstfs.names import zst_name
+from zstfs.stats import Stats
+from zstfs.store import (
+    Abandoned,
+    Busy,
+    Changed,
+    PairExists,
+    Store,
+    Swap,
+    Unadoptable,
+    join,
+    split,
+)
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = 1
+#: Numbers for files whose natural number is taken by another live file start here (far above
+#: any inode number a real filesystem hands out).
+FALLBACK_INODE_BASE = 1 << 62
+#: How many representation changes (swap, promotion) are remembered after the kernel forgot the
+#: file, so that its inode number stays the same when it is looked up again.
+ALIAS_LIMIT = 200_000
+
+Key = tuple[int, int]  # (st_dev, st_ino) of the backing file
+
+
+def key_of(st: os.stat_result) -> Key:
+    return (st.st_dev, st.st_ino)
+
+
+class SwapTicket:
+    """A compaction in flight: how the trio side asks the worker thread to give up, and how it
+    learns that the worker let go of the file (lease released, temp removed)."""
+
+    __slots__ = ("_abandon", "adopt", "dir_key", "done", "file_key")
+
+    def __init__(self, dir_key: Key, file_key: Key, adopt: bool = False) -> None:
+        self._abandon = threading.Event()
+        self.done = trio.Event()
+        self.dir_key = dir_key  # the directory holding its temp
+        self.file_key = file_key  # the file it leases
+        #: Re-encoding a `.zst` (under a read lease): readers need not wait for it.
+        self.adopt = adopt
+
+    def abandon(self) -> None:
+        self._abandon.set()
+
+    def abandoned(self) -> bool:
+        return self._abandon.is_set()
+
+
+class Outcome(enum.Enum):
+    DONE = "done"
+    GONE = "gone"  # no longer there, or no longer an eligible plain file
+    WAIT = "wait"  # not old enough (yet), or changed since: schedule by its mtime
+    OPEN = "open"  # open through the mount (or opened, moved, removed through it meanwhile)
+    BUSY = "busy"  # open or mapped outside the mount, or opened there during the swap
+    SMALL = "small"  # compression saves too little
+    PAIR = "pair"  # a different NAME.zst beside it: reported, left alone
+    KEEP = "keep"  # a foreign .zst that cannot be re-encoded here (damaged, window too wide)
+
+
+class Node:
+    """One logical file or directory, stable across changes of representation."""
+
+    __slots__ = (
+        "_lock",
+        "anon_fd",
+        "claims",
+        "compressed",
+        "generation",
+        "ino",
+        "is_dir",
+        "key",
+        "links",
+        "lookups",
+        "opens",
+        "seen",
+        "swap",
+        "writes",
+    )
+
+    def __init__(self, ino: int, st: os.stat_result, compressed: bool) -> None:
+        self.ino = ino
+        self.is_dir = stat.S_ISDIR(st.st_mode)
+        self.key: Key | None = key_of(st)
+        self.compressed = compressed
+        self.links: list[tuple[int, bytes]] = []  # (parent inode, logical name), first is used
+        self.lookups = 0  # the kernel's references (lookup, create, readdirplus entries)
+        self.opens = 0  # open handles (kernel open/create minus release; mmaps hold one)
+        self.claims = 0  # the compactor's references while it works on the file
+        self.generation = 0  # bumped when the representation changes (promote or swap)
+        self.writes = 0  # bumped on every change of content through the mount
+        self._lock: trio.Lock | None = None
+        self.seen: tuple[int, int] | None = None  # (size, mtime_ns) at the last open
+        self.anon_fd: int | None = None  # content of an unlinked file promoted while open
+        self.swap: SwapTicket | None = None  # the compaction of this file in flight
+
+    @property
+    def lock(self) -> trio.Lock:
+        """Held by open, promote, swap and namespace changes (created on first use: most nodes
+        never need one, and a tree walk creates hundreds of thousands of nodes)."""
+        if self._lock is None:
+            self._lock = trio.Lock()
+        return self._lock
+
+    @property
+    def busy(self) -> bool:
+        return self._lock is not None and self._lock.locked()
+
+
+class FileTable:
+    def __init__(self, root_st: os.stat_result) -> None:
+        root = Node(ROOT_INODE, root_st, False)
+        root.lookups = 1 << 62  # never forgotten
+        self.nodes: dict[int, Node] = {ROOT_INODE: root}
+        self.by_key: dict[Key, Node] = {key_of(root_st): root}
+        self.by_link: dict[tuple[int, bytes], Node] = {}
+        self._next_fallback = FALLBACK_INODE_BASE
+        self._aliases: OrderedDict[Key, int] = OrderedDict()
+        #: Files being swapped, by (directory key, name): a lookup that finds the new `.zst`
+        #: before the swap rekeys its node must get that node, not a second one.
+        self.pending: dict[tuple[Key, bytes], Node] = {}
+
+    def _number_for(self, st: os.stat_result) -> int:
+        """The inode number a backing file shows under.
+
+        Normally the backing file's own st_ino, so numbers survive the kernel forgetting a file
+        (and even a remount) at no memory cost. A file whose backing inode changed with its
+        representation keeps its first number through a bounded alias table. A number already
+        used by another live file (a reused backing inode, another device) gets a fallback.
+        """
+        key = key_of(st)
+        number = self._aliases.get(key, st.st_ino)
+        holder = self.nodes.get(number)
+        if holder is not None and holder.key != key:
+            number = self._next_fallback
+            self._next_fallback += 1
+        return number
+
+    def _new_node(self, st: os.stat_result, compressed: bool) -> Node:
+        node = Node(self._number_for(st), st, compressed)
+        self.nodes[node.ino] = node
+        self.by_key[key_of(st)] = node
+        return node
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.nodes.values())
+
+    def path(self, node: Node) -> bytes | None:
+        """The node's path relative to the store root, or None once it has no name."""
+        if node.ino == ROOT_INODE:
+            return b"."
+        if not node.links:
+            return None
+        parent_ino, name = node.links[0]
+        parent = self.nodes.get(parent_ino)
+        if parent is None:
+            return None
+        parent_path = self.path(parent)
+        return None if parent_path is None else join(parent_path, name)
+
+    def get(self, ino: int) -> Node | None:
+        return self.nodes.get(ino)
+
+    def find(self, parent: int, name: bytes, st: os.stat_result | None) -> Node | None:
+        """The node known under (parent, name), if it is still the file `st` describes."""
+        node = self.by_link.get((parent, name))
+        if node is None:
+            if st is None:
+                return None
+            node = self.by_key.get(key_of(st))
+            if node is None and self.pending:
+                parent_node = self.nodes.get(parent)
+                if parent_node is not None and parent_node.key is not None:
+                    node = self.pending.get((parent_node.key, name))
+            return node
+        if st is None or node.key == key_of(st) or node.busy:
+            # A busy node is mid-swap: its backing inode is about to change, the file is the same.
+            return node
+        self.unlink(parent, name)
+        return self.by_key.get(key_of(st))
+
+    def attach(self, parent: int, name: bytes, st: os.stat_result, compressed: bool) -> Node:
+        """The node for (parent, name) backed by `st`, created if new; the link is recorded."""
+        node = self.find(parent, name, st)
+        if node is None:
+            node = self._new_node(st, compressed)
+        elif not node.busy and node.key != key_of(st):
+            self.rekey(node, st, compressed)
+        if (parent, name) not in self.by_link:
+            self.by_link[(parent, name)] = node
+            node.links.append((parent, name))
+        return node
+
+    def claim(self, st: os.stat_result, compressed: bool = False) -> Node:
+        """The node for a backing file found by the compactor, held until `unclaim`."""
+        node = self.by_key.get(key_of(st))
+        if node is None:
+            node = self._new_node(st, compressed)
+        node.claims += 1
+        return node
+
+    def unclaim(self, node: Node) -> None:
+        node.claims -= 1
+        self.maybe_drop(node)
+
+    def rekey(self, node: Node, st: os.stat_result, compressed: bool) -> None:
+        """The node's backing file was replaced (promotion or swap): same file, new inode."""
+        if node.key is not None and self.by_key.get(node.key) is node:
+            del self.by_key[node.key]
+        node.key = key_of(st)
+        node.compressed = compressed
+        node.generation += 1
+        self.by_key[node.key] = node
+        if node.ino != st.st_ino:
+            self._aliases[node.key] = node.ino
+            self._aliases.move_to_end(node.key)
+            if len(self._aliases) > ALIAS_LIMIT:
+                self._aliases.popitem(last=False)
+
+    def unlink(self, parent: int, name: bytes) -> Node | None:
+        node = self.by_link.pop((parent, name), None)
+        if node is None:
+            return None
+        node.links.remove((parent, name))
+        if not node.links and node.key is not None and self.by_key.get(node.key) is node:
+            # Gone from the namespace: its backing inode number may be reused by a new file.
+            del self.by_key[node.key]
+            node.key = None
+        self.maybe_drop(node)
+        return node
+
+    def move(self, old: tuple[int, bytes], new: tuple[int, bytes]) -> None:
+        node = self.by_link.pop(old, None)
+        if node is None:
+            return
+        node.links[node.links.index(old)] = new
+        self.by_link[new] = node
+
+    def forget(self, ino: int, n: int) -> None:
+        node = self.nodes.get(ino)
+        if node is not None:
+            node.lookups -= n
+            self.maybe_drop(node)
+
+    def maybe_drop(self, node: Node) -> None:
+        if node.lookups > 0 or node.opens > 0 or node.claims > 0 or node.ino == ROOT_INODE:
+            return
+        if node.busy:
+            return
+        del self.nodes[node.ino]
+        if node.key is not None and self.by_key.get(node.key) is node:
+            del self.by_key[node.key]
+        for link in node.links:
+            if self.by_link.get(link) is node:
+                del self.by_link[link]
+        node.links.clear()
+        if node.anon_fd is not None:
+            os.close(node.anon_fd)
+            node.anon_fd = None
+
+
+class OpenFiles:
+    """The file table plus the promote and swap steps, over one store."""
+
+    def __init__(self, store: Store, stats: Stats) -> None:
+        self.store = store
+        self.stats = stats
+        self.table = FileTable(os.fstat(store.root_fd))
+        self.swaps: set[SwapTicket] = set()
+        #: Called after a node's representation changed under the kernel's caches (a swap).
+        self.on_swapped: Callable[[Node], None] = lambda node: None
+        #: A test seam: awaited at each named step of `compact` and `promote` (with the path),
+        #: so that in-process tests can force every interleaving with other operations.
+        self.step: Callable[[str, bytes], Awaitable[None]] | None = None
+
+    async def _step(self, what: str, path: bytes) -> None:
+        if self.step is not None:
+            await self.step(what, path)
+
+    # ------------------------------------------------------------------ opening
+    async def settle(self, node: Node) -> None:
+        """Before the daemon opens, truncates or removes a file's backing form: abandon its
+        compaction, if one is in flight, and wait until that has let go of the file."""
+        ticket = node.swap
+        if ticket is not None:
+            ticket.abandon()
+            await ticket.done.wait()
+
+    async def settle_dir(self, dir_key: Key) -> None:
+        """Before a directory is removed: abandon the compactions whose temps are in it."""
+        for ticket in [t for t in self.swaps if t.dir_key == dir_key]:
+            ticket.abandon()
+            await ticket.done.wait()
+
+    async def settle_file(self, key: Key) -> bool:
+        """Abandon the compaction leasing backing file `key` (found by a non-blocking open that
+        would have waited), wait for it to let go; False if no swap of ours holds it."""
+        tickets = [t for t in self.swaps if t.file_key == key]
+        for ticket in tickets:
+            ticket.abandon()
+            await ticket.done.wait()
+        return bool(tickets)
+
+    def abandon(self, node: Node | None) -> None:
+        """The file was removed or renamed: its compaction (if any) need not go on."""
+        if node is not None and node.swap is not None:
+            node.swap.abandon()
+
+    # ------------------------------------------------------------------ promotion
+    async def promote(self, node: Node, *, empty: bool = False,
+                      source_fd: int | None = None) -> None:
+        """Make a compressed node plain, holding its lock (taken here unless the calling task
+        already holds it: trio locks are not reentrant). A node without a name (unlinked while
+        open) is decoded from `source_fd` into an unnamed file that lives as long as it."""
+        if not node.compressed:
+            return
+        if node.lock.statistics().owner is trio.lowlevel.current_task():
+            await self._promote_locked(node, empty=empty, source_fd=source_fd)
+            return
+        node.claims += 1
+        try:
+            async with node.lock:
+                await self._promote_locked(node, empty=empty, source_fd=source_fd)
+        finally:
+            node.claims -= 1
+            self.table.maybe_drop(node)
+
+    async def _promote_locked(self, node: Node, *, empty: bool, source_fd: int | None) -> None:
+        if not node.compressed:
+            return
+        path = self.table.path(node)
+        if path is None or node.key is None:
+            await self._promote_anonymous(node, empty=empty, source_fd=source_fd)
+            return
+        parent, name = split(path)
+        # Resolve the directory now, under the lock: the promotion then happens in that very
+        # directory even if it is renamed while the file decodes.
+        dir_fd = self.store.open_dir(parent)
+        try:
+            await self._step("promoting", path)
+            st = await trio.to_thread.run_sync(functools.partial(
+                self.store.promote_at, dir_fd, name, empty=empty, expect=node.key))
+        finally:
+            os.close(dir_fd)
+        self.table.rekey(node, st, False)
+        self.stats.promotions += 1
+        log.debug("promoted %s", os.fsdecode(path))
+
+    async def _promote_anonymous(self, node: Node, *, empty: bool, source_fd: int | None) -> None:
+        if source_fd is None:
+            raise FileNotFoundError(2, "the file has no name and no open descriptor")
+        fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600,
+                     dir_fd=self.store.root_fd)
+        try:
+            if not empty:
+                await trio.to_thread.run_sync(codec.decompress_file, source_fd, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        node.anon_fd = fd
+        node.compressed = False
+        node.generation += 1
+
+    # ------------------------------------------------------------------ compaction
+    def identity_of(self, path: bytes) -> tuple[int, ...] | None:
+        """What a decision to leave `path` alone depended on: the plain file's and (if any)
+        its `.zst`'s inode, size and mtime. None if the plain file is gone."""
+        parent, name = split(path)
+        try:
+            dir_fd = self.store.open_dir(parent)
+        except OSError:
+            return None
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            ident: tuple[int, ...] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            try:
+                z = os.stat(zst_name(name), dir_fd=dir_fd, follow_symlinks=False)
+                ident += (z.st_ino, z.st_size, z.st_mtime_ns)
+            except FileNotFoundError:
+                pass
+            return ident
+        except OSError:
+            return None
+        finally:
+            os.close(dir_fd)
+
+    async def compact(
+        self,
+        path: bytes,
+        *,
+        limiter: trio.CapacityLimiter,
+        not_before: float,
+        min_saving: float,
+        adopt: bool = False,
+    ) -> Outcome:
+        """Swap plain `path` for a compressed `.zst`, if it is still an eligible file with an
+        mtime at or before `not_before` that nobody has open. The answer says what happened.
+
+        With `adopt`, `path` is a `NAME.zst` not in zstfs's format (codex's single frames, the
+        zstd CLI's output): it is re-encoded the same way (lease, verify, publish under the
+        file's lock, metadata kept), for random access and a better ratio."""
+        parent, name = split(path)
+        try:
+            dir_fd = self.store.open_dir(parent)
+        except OSError:
+            return Outcome.GONE  # gone, or a symlink now: never followed
+        swap: Swap | None = None
+        ticket: SwapTicket | None = None
+        node: Node | None = None
+        try:
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return Outcome.GONE
+            eligible = self.store.adoptable if adopt else self.store.eligible
+            if not eligible(parent, name, st):
+                return Outcome.GONE
+            if st.st_mtime > not_before:
+                return Outcome.WAIT
+            existing = self.table.by_key.get(key_of(st))
+            # (Readers of a `.zst` being re-encoded keep reading the old file: same bytes.)
+            if existing is not None and ((existing.opens > 0 and not adopt)
+                                         or existing.swap is not None):
+                return Outcome.OPEN  # its release schedules it again
+            if existing is not None and existing.busy:
+                return Outcome.BUSY  # a rename or a metadata change holds it: look again later
+            node = self.table.claim(st, compressed=adopt)
+            dst = os.fstat(dir_fd)
+            ticket = node.swap = SwapTicket(key_of(dst), key_of(st), adopt)
+            self.swaps.add(ticket)
+            self.table.pending[(ticket.dir_key, name)] = node
+            held_dir, dir_fd = dir_fd, -1  # the swap owns it from here
+            try:
+                swap = await trio.to_thread.run_sync(functools.partial(
+                    self.store.begin_swap_at, path, held_dir, expect=st,
+                    abandon=ticket.abandoned, adopt=adopt), limiter=limiter)
+                await self._step("leased", path)
+                if adopt:
+                    if not await trio.to_thread.run_sync(functools.partial(
+                            self.store.adopt_swap, swap, abandon=ticket.abandoned),
+                            limiter=limiter):
+                        return Outcome.GONE  # ours already
+                else:
+                    await trio.to_thread.run_sync(functools.partial(
+                        self.store.compress_swap, swap, abandon=ticket.abandoned),
+                        limiter=limiter)
+                await self._step("compressed", path)
+            except Unadoptable:
+                return Outcome.KEEP
+            except Abandoned:
+                return Outcome.OPEN
+            except Busy:
+                return Outcome.BUSY
+            except Changed:
+                return Outcome.WAIT
+            if not adopt and swap.stored > swap.logical * (1 - min_saving):
+                return Outcome.SMALL
+            async with node.lock:
+                with trio.CancelScope(shield=True):
+                    await self._step("locked", path)
+                    return await self._publish(node, swap, ticket, adopt)
+        finally:
+            if dir_fd >= 0:
+                os.close(dir_fd)
+            if swap is not None:
+                self.store.end_swap(swap)
+            if ticket is not None:
+                self.swaps.discard(ticket)
+                self.table.pending.pop((ticket.dir_key, name), None)
+                ticket.done.set()
+            if node is not None:
+                node.swap = None
+                self.table.unclaim(node)
+
+    async def _publish(self, node: Node, swap: Swap, ticket: SwapTicket,
+                       adopt: bool) -> Outcome:
+        """The critical section: the node's lock is held, so no open through the mount starts;
+        the lease stops every other."""
+        if (node.opens > 0 and not adopt) or ticket.abandoned():
+            return Outcome.OPEN
+        try:
+            if adopt:
+                zst_st = await trio.to_thread.run_sync(functools.partial(
+                    self.store.publish_adopt, swap, abandon=ticket.abandoned))
+                self.table.rekey(node, zst_st, True)
+                self.on_swapped(node)
+                self.stats.adopted += 1
+                log.debug("re-encoded %s: %d bytes stored", os.fsdecode(swap.path), swap.stored)
+                return Outcome.DONE
+            try:
+                zst_st = await trio.to_thread.run_sync(functools.partial(
+                    self.store.publish_swap, swap, abandon=ticket.abandoned))
+            except PairExists:
+                if not await trio.to_thread.run_sync(self.store.leftover_superseded, swap):
+                    return Outcome.PAIR
+                zst_st = await trio.to_thread.run_sync(functools.partial(
+                    self.store.publish_swap, swap, abandon=ticket.abandoned, replace=True))
+        except PairExists:
+            return Outcome.PAIR
+        except Abandoned:
+            return Outcome.OPEN
+        except Busy:
+            return Outcome.BUSY
+        except Changed:
+            return Outcome.WAIT
+        # Lookups during the publish found this node (locked, or through `pending`); from here
+        # on it stands for the .zst.
+        self.table.rekey(node, zst_st, True)
+        self.on_swapped(node)
+        self.stats.swaps_done += 1
+        self.stats.bytes_compressed += swap.logical
+        log.debug("compressed %s: %d -> %d bytes", os.fsdecode(swap.path), swap.logical,
+                  swap.stored)
+        return Outcome.DONE
