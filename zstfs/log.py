@@ -48,12 +48,15 @@ class LogFile(logging.Handler):
         self.max_bytes = max_bytes
         self.backups = max(1, backups)
         self.mirror_stderr = False
-        self.dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self.dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, path) from None  # name the file, not its dir
         try:
             self.fd = self._open()
-        except OSError:
+        except OSError as e:
             os.close(self.dir_fd)
-            raise
+            raise OSError(e.errno, e.strerror, path) from None
 
     def _open(self) -> int:
         return os.open(self.filename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
