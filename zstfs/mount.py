@@ -254,8 +254,7 @@ async def _signals(compactor: Compactor, real_mountpoint: str) -> None:
         async for sig in signals:
             log.info("signal %d: unmounting %s (background compression stops first)",
                      sig, real_mountpoint)
-            daemon.sd_notify("STOPPING=1")
-            await compactor.stop()
+            await compactor.stop()  # STOPPING=1 only once unmounted: a busy mount stays up
             log.info("signal %d: background compression stopped", sig)
             why = await unmount(real_mountpoint)
             if why is not None:
