@@ -300,7 +300,7 @@ class CensusCache:
     `max_age`, or older than `min_age` and the daemon's own swaps or promotions changed the store
     since (`key`). Changes made by programs through the mount show within `max_age`."""
 
-    def __init__(self, *, min_age: float = 1.0, max_age: float = 5.0,
+    def __init__(self, *, min_age: float = 0.5, max_age: float = 2.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.min_age = min_age
         self.max_age = max_age
