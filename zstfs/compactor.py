@@ -68,6 +68,7 @@ class Compactor:
         self._moved_in_flight: dict[bytes, bytes] = {}
         self._wake = trio.Event()
         self._stopping = False
+        self._paused = False
         self._idle = trio.Event()
         self._scanned = False
         self._census = CensusCache()
@@ -153,7 +154,8 @@ class Compactor:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             while not self._stopping:
-                self._start_due(nursery)
+                if not self._paused:
+                    self._start_due(nursery)
                 delay = self._heap[0][0] - self.clock() if self._heap else float("inf")
                 if len(self._in_flight) >= self.jobs:
                     delay = float("inf")  # a finishing job wakes us
@@ -171,17 +173,30 @@ class Compactor:
             self._in_flight.add(path)
             nursery.start_soon(self._job, path)
 
-    async def stop(self) -> None:
-        """Stop taking new files and wait for the swaps in progress, which are asked to abandon
-        (a publish already under way finishes: it is short and shielded)."""
-        self._stopping = True
+    async def pause(self) -> None:
+        """Start nothing new and let the swaps in progress give up (they are queued again):
+        before an unmount, which may yet fail because the mount is busy."""
+        self._paused = True
+        await self._drain()
+
+    def resume(self) -> None:
+        self._paused = False
         self._wake.set()
+
+    async def _drain(self) -> None:
         if self.files is not None:
             for ticket in list(self.files.swaps):
                 ticket.abandon()
         while self._in_flight:
             self._idle = trio.Event()
             await self._idle.wait()
+
+    async def stop(self) -> None:
+        """Stop taking new files and wait for the swaps in progress, which are asked to abandon
+        (a publish already under way finishes: it is short and shielded)."""
+        self._stopping = True
+        self._wake.set()
+        await self._drain()
 
     def _scan(self) -> list[tuple[bytes, float]]:
         """Every plain file to compress, and every `.zst` not in zstfs's format to adopt."""
@@ -235,6 +250,8 @@ class Compactor:
                 self.notify(path)  # by its (new) mtime; nothing if it is gone
         elif outcome is Outcome.OPEN:
             self.stats.swaps_abandoned += 1  # the release through the mount schedules it
+            if self._paused and not self._stopping:
+                self.notify(path)  # given up for a pause, not for an open: queued again
         elif outcome is Outcome.BUSY:
             self.stats.swaps_busy += 1
             n = self._busy.get(path, 0) + 1

@@ -254,11 +254,12 @@ async def _signals(compactor: Compactor, real_mountpoint: str) -> None:
         async for sig in signals:
             log.info("signal %d: unmounting %s (background compression stops first)",
                      sig, real_mountpoint)
-            await compactor.stop()  # STOPPING=1 only once unmounted: a busy mount stays up
-            log.info("signal %d: background compression stopped", sig)
+            await compactor.pause()  # STOPPING=1 only once unmounted: a busy mount stays up
+            log.info("signal %d: background compression paused", sig)
             why = await unmount(real_mountpoint)
             if why is not None:
-                log.warning("signal %d: %s; still serving, background compression stopped "
+                compactor.resume()
+                log.warning("signal %d: %s; still serving, background compression goes on "
                             "(signal again to retry)", sig, why)
 
 
