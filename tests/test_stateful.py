@@ -1184,7 +1184,6 @@ async def world(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 # Found by the machine above, kept as plain deterministic tests.
-@pytest.mark.xfail(strict=True, reason="xattrs act on the root's magic link itself")
 async def test_extended_attributes_of_the_root(world: World) -> None:
     """Issue 10, 11: the root's backing path was the magic link `/proc/self/fd/N` itself, and
     the l*xattr calls act on a link: set gave EPERM, list was empty, get ENODATA."""
