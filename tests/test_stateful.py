@@ -1193,7 +1193,6 @@ async def test_extended_attributes_of_the_root(world: World) -> None:
     assert os.getxattr(world.root, "user.a") == b"1"
 
 
-@pytest.mark.xfail(strict=True, reason="unlink drops the identity of a file still linked")
 async def test_unlinking_one_of_two_links_keeps_the_inode_number(world: World) -> None:
     """`ln c.txt a.jsonl`, the kernel forgets the file, a process opens it as a.jsonl,
     `rm a.jsonl`: c.txt is still that file and must show the same inode number (the table

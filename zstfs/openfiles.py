@@ -239,12 +239,15 @@ class FileTable:
             if len(self._aliases) > ALIAS_LIMIT:
                 self._aliases.popitem(last=False)
 
-    def unlink(self, parent: int, name: bytes) -> Node | None:
+    def unlink(self, parent: int, name: bytes, *, linked_elsewhere: bool = False) -> Node | None:
+        """(parent, name) is gone. `linked_elsewhere`: the file has other names (hard links the
+        table may not know yet), so it keeps its identity and is found by them later."""
         node = self.by_link.pop((parent, name), None)
         if node is None:
             return None
         node.links.remove((parent, name))
-        if not node.links and node.key is not None and self.by_key.get(node.key) is node:
+        if (not node.links and not linked_elsewhere and node.key is not None
+                and self.by_key.get(node.key) is node):
             # Gone from the namespace: its backing inode number may be reused by a new file.
             del self.by_key[node.key]
             node.key = None
