@@ -367,8 +367,6 @@ class ZstfsMachine(RuleBasedStateMachine):
                 problems.append("it is compressed already")
             if touched:
                 problems.append("it was changed while being compressed")
-            if self.world.clock.offset < -1000:
-                problems.append("it is too new")
         if problems:
             raise Mismatch(f"compact({path}) published, but {', '.join(problems)}")
         assert isinstance(mf, MFile)
@@ -956,11 +954,17 @@ class ZstfsMachine(RuleBasedStateMachine):
         pinned |= {h.node.ino for h in self.world.ops.dirs.values()}
         pinned |= {p for (p, _), node in table.by_link.items() if self.krefs.get(node.ino)}
         pinned.add(ROOT_INODE)
-        free = sorted(i for i in self.krefs if i not in pinned)
+        # Chosen by what the file is in the model, never by its (run-dependent) number.
+        free = sorted((self.label(i), i) for i in self.krefs if i not in pinned)
         if not free:
             return
-        ino = data.draw(st.sampled_from(free), label="ino")
+        _, ino = data.draw(st.sampled_from(free), label="forget")
         self.run(lambda: self.unref(Counter({ino: self.krefs[ino]})))
+
+    def label(self, ino: int) -> str:
+        obj = self.kino.get(ino)
+        paths = self.paths_of(obj) if obj is not None else []
+        return paths[0] if paths else f"~{obj!r}"
 
     # ------------------------------------------------------------------ outside the mount
     @rule(data=st.data(), append=st.booleans())
@@ -1209,3 +1213,23 @@ async def test_unlinking_one_of_two_links_keeps_the_inode_number(world: World) -
     await world.append(fh, b'{"more":1}\n')
     await world.release(fh)
     assert await world.content("c.txt") == jsonl(20) + b'{"more":1}\n'
+
+
+@pytest.mark.xfail(strict=True, reason="a writer's handle moves to the promoted file lazily")
+async def test_a_writer_on_a_compressed_file_promoted_by_another_then_removed(
+        world: World) -> None:
+    """A handle opened for writing on a compressed file keeps the `.zst` descriptor until its
+    next request. Another descriptor promotes the file (here a truncation by path; an append
+    through another handle, a link, a rename to a name without a .zst form do the same), the
+    file is removed, and the first writer's next write finds no name to reopen and nothing of
+    the plain file open: ENOENT from write(2) on an open descriptor, and what it held is gone."""
+    data = jsonl(300)
+    write_cold(world.root / "a.jsonl", data)
+    assert await world.compact("a.jsonl") is Outcome.DONE
+    writer = await world.open("a.jsonl", os.O_RDWR)
+    await world.truncate("a.jsonl", 100)  # promotes
+    await world.unlink("a.jsonl")
+    assert await world.ops.write(writer, 100, b"more\n") == 5
+    assert await world.read(writer) == data[:100] + b"more\n"
+    await world.release(writer)
+    assert world.below() == []
