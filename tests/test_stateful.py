@@ -1215,7 +1215,6 @@ async def test_unlinking_one_of_two_links_keeps_the_inode_number(world: World) -
     assert await world.content("c.txt") == jsonl(20) + b'{"more":1}\n'
 
 
-@pytest.mark.xfail(strict=True, reason="a writer's handle moves to the promoted file lazily")
 async def test_a_writer_on_a_compressed_file_promoted_by_another_then_removed(
         world: World) -> None:
     """A handle opened for writing on a compressed file keeps the `.zst` descriptor until its

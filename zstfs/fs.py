@@ -824,6 +824,11 @@ class Operations(pyfuse3.Operations):
     async def _make_plain(self, node: Node, *, empty: bool = False) -> None:
         if node.compressed:
             await self.files.promote(node, empty=empty, source_fd=self._any_fd(node))
+            # Every handle moves to the plain file now, while it has a name: a writer left on
+            # the `.zst` until its next request could find the file removed meanwhile and
+            # nothing left to reopen (ENOENT from write(2) on an open descriptor).
+            for h in [h for h in self.handles.values() if h.node is node]:
+                self._refresh_handle(h)
 
     def _any_fd(self, node: Node) -> int | None:
         return next((h.fd for h in self.handles.values() if h.node is node), None)
