@@ -1232,3 +1232,29 @@ async def test_a_writer_on_a_compressed_file_promoted_by_another_then_removed(
     assert await world.read(writer) == data[:100] + b"more\n"
     await world.release(writer)
     assert world.below() == []
+
+
+@pytest.mark.xfail(strict=True, reason="a swap's pending (dir, name) entry outlives a rename")
+async def test_a_new_file_under_the_name_of_a_file_renamed_during_its_swap(world: World) -> None:
+    """A swap registers its node under (directory, name) so that a lookup finding the new .zst
+    before the rekey gets that node. Rename the file during the swap (what `mv log log.1` or
+    an archive does) and create something new under the old name: the lookup of the new file
+    found the renamed file's node through that entry, so two files shared one inode number (a
+    directory and a regular file here: EIO in a real kernel)."""
+    write_cold(world.root / "a.jsonl", jsonl(300))
+    gate = Gate("leased")
+    world.files.step = gate
+    async with trio.open_nursery() as n:
+        n.start_soon(world.compact, "a.jsonl")
+        await gate.reached.wait()
+        file_ino = await world.lookup("a.jsonl")
+        await world.rename("a.jsonl", "b.jsonl")
+        await world.mkdir("a.jsonl")
+        assert await world.lookup("b.jsonl") == file_ino
+        dir_ino = await world.lookup("a.jsonl")
+        assert dir_ino != file_ino
+        assert stat.S_ISDIR((await world.ops.getattr(dir_ino, CTX)).st_mode)  # type: ignore
+        assert stat.S_ISREG((await world.ops.getattr(file_ino, CTX)).st_mode)  # type: ignore
+        gate.go.set()
+    assert await world.content("b.jsonl") == jsonl(300)
+    assert world.below() == ["a.jsonl", "b.jsonl"]
