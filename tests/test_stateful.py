@@ -1234,7 +1234,6 @@ async def test_a_writer_on_a_compressed_file_promoted_by_another_then_removed(
     assert world.below() == []
 
 
-@pytest.mark.xfail(strict=True, reason="a swap's pending (dir, name) entry outlives a rename")
 async def test_a_new_file_under_the_name_of_a_file_renamed_during_its_swap(world: World) -> None:
     """A swap registers its node under (directory, name) so that a lookup finding the new .zst
     before the rekey gets that node. Rename the file during the swap (what `mv log log.1` or

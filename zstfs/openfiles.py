@@ -318,9 +318,12 @@ class OpenFiles:
             await ticket.done.wait()
 
     def abandon(self, node: Node | None) -> None:
-        """The file was removed or renamed: its compaction (if any) need not go on."""
+        """The file was removed or renamed: its compaction (if any) need not go on, and its
+        old name, which another file may take now, no longer leads to it."""
         if node is not None and node.swap is not None:
             node.swap.abandon()
+            for where in [k for k, n in self.table.pending.items() if n is node]:
+                del self.table.pending[where]
 
     # ------------------------------------------------------------------ promotion
     async def promote(self, node: Node, *, empty: bool = False,
@@ -464,7 +467,8 @@ class OpenFiles:
                 self.store.end_swap(swap)
             if ticket is not None:
                 self.swaps.discard(ticket)
-                self.table.pending.pop((ticket.dir_key, name), None)
+                if self.table.pending.get((ticket.dir_key, name)) is node:
+                    del self.table.pending[(ticket.dir_key, name)]
                 ticket.done.set()
             if node is not None:
                 node.swap = None
