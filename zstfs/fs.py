@@ -90,6 +90,11 @@ def translate_errors(
     return wrapper
 
 
+def _linked(entry: Entry | None) -> bool:
+    """True if the file `entry` names has other names too (so removing this one leaves it)."""
+    return entry is not None and not stat.S_ISDIR(entry.st.st_mode) and entry.st.st_nlink > 1
+
+
 class Handle:
     """One open file description: a plain backing fd, or a `.zst` fd with its reader."""
 
@@ -585,8 +590,9 @@ class Operations(pyfuse3.Operations):
         try:
             self.files.abandon(node)  # compressing a removed file is wasted work
             parent = self._dir_path(parent_inode)
+            entry = self.store.resolve(parent, name)
             self._remove_forms(parent, name, missing_ok=False)
-            self.table.unlink(parent_inode, name)
+            self.table.unlink(parent_inode, name, linked_elsewhere=_linked(entry))
         finally:
             self._release_node(node)
 
@@ -691,7 +697,7 @@ class Operations(pyfuse3.Operations):
                 os.unlink(join(new_dir, zst_name(n_new)), dir_fd=self.store.root_fd)
             except FileNotFoundError:
                 pass
-        self.table.unlink(p_new, n_new)
+        self.table.unlink(p_new, n_new, linked_elsewhere=_linked(dst))
         self.table.move((p_old, n_old), (p_new, n_new))
 
     async def _exchange(
@@ -875,6 +881,11 @@ class Operations(pyfuse3.Operations):
     async def _make_plain(self, node: Node, *, empty: bool = False) -> None:
         if node.compressed:
             await self.files.promote(node, empty=empty, source_fd=self._any_fd(node))
+            # Every handle moves to the plain file now, while it has a name: a writer left on
+            # the `.zst` until its next request could find the file removed meanwhile and
+            # nothing left to reopen (ENOENT from write(2) on an open descriptor).
+            for h in [h for h in self.handles.values() if h.node is node]:
+                self._refresh_handle(h)
 
     def _any_fd(self, node: Node) -> int | None:
         return next((h.fd for h in self.handles.values() if h.node is node), None)

@@ -253,12 +253,15 @@ class FileTable:
             if len(self._aliases) > ALIAS_LIMIT:
                 self._aliases.popitem(last=False)
 
-    def unlink(self, parent: int, name: bytes) -> Node | None:
+    def unlink(self, parent: int, name: bytes, *, linked_elsewhere: bool = False) -> Node | None:
+        """(parent, name) is gone. `linked_elsewhere`: the file has other names (hard links the
+        table may not know yet), so it keeps its identity and is found by them later."""
         node = self.by_link.pop((parent, name), None)
         if node is None:
             return None
         node.links.remove((parent, name))
-        if not node.links and node.key is not None and self.by_key.get(node.key) is node:
+        if (not node.links and not linked_elsewhere and node.key is not None
+                and self.by_key.get(node.key) is node):
             # Gone from the namespace: its backing inode number may be reused by a new file.
             del self.by_key[node.key]
             node.key = None
@@ -338,9 +341,12 @@ class OpenFiles:
         return bool(tickets)
 
     def abandon(self, node: Node | None) -> None:
-        """The file was removed or renamed: its compaction (if any) need not go on."""
+        """The file was removed or renamed: its compaction (if any) need not go on, and its
+        old name, which another file may take now, no longer leads to it."""
         if node is not None and node.swap is not None:
             node.swap.abandon()
+            for where in [k for k, n in self.table.pending.items() if n is node]:
+                del self.table.pending[where]
 
     # ------------------------------------------------------------------ promotion
     async def promote(self, node: Node, *, empty: bool = False,
@@ -502,7 +508,8 @@ class OpenFiles:
                 self.store.end_swap(swap)
             if ticket is not None:
                 self.swaps.discard(ticket)
-                self.table.pending.pop((ticket.dir_key, name), None)
+                if self.table.pending.get((ticket.dir_key, name)) is node:
+                    del self.table.pending[(ticket.dir_key, name)]
                 ticket.done.set()
             if node is not None:
                 node.swap = None
