@@ -285,7 +285,7 @@ class ZstfsMachine(RuleBasedStateMachine):
     def draw_swappable(self, data: st.DataObject) -> str:
         """Mostly a plain file with a compressible name (a swap has something to do)."""
         plain = sorted(p for p, o in self.tree.items() if isinstance(o, MFile)
-                       and not o.compressed and RULES.compressible(base(p).encode()))
+                       and not o.compressed and RULES.compressible(b".", base(p).encode()))
         if plain and data.draw(st.integers(0, 9), label="swappable") > 0:
             return data.draw(st.sampled_from(plain), label="path")
         return self.draw_path(data, existing_files=True)
@@ -368,7 +368,7 @@ class ZstfsMachine(RuleBasedStateMachine):
         if not isinstance(mf, MFile):
             problems.append("it is not a file")
         else:
-            if not RULES.compressible(base(path).encode()):
+            if not RULES.compressible(b".", base(path).encode()):
                 problems.append("its name is not compressible")
             paths = self.paths_of(mf)
             if len(paths) != 1:
@@ -771,7 +771,7 @@ class ZstfsMachine(RuleBasedStateMachine):
             else:
                 moved[p] = o
         self.tree = moved
-        if isinstance(s, MFile) and not RULES.compressible(base(dst).encode()):
+        if isinstance(s, MFile) and not RULES.compressible(b".", base(dst).encode()):
             s.compressed = False
 
     @rule(data=st.data())
@@ -1026,7 +1026,7 @@ class ZstfsMachine(RuleBasedStateMachine):
         # A cold, closed, single-name plain file is compressed (or found not worth it), with
         # nothing stale in the table (a leaked open count, a lost node) keeping it plain.
         if (isinstance(mf, MFile) and not mf.compressed and not self.open_on(mf)
-                and len(self.paths_of(mf)) == 1 and RULES.compressible(base(path).encode())
+                and len(self.paths_of(mf)) == 1 and RULES.compressible(b".", base(path).encode())
                 and self.world.clock.offset > 1000
                 and (self.bg is None or self.bg.mf is not mf)):
             assert outcome in (Outcome.DONE, Outcome.SMALL), f"compact({path}): {outcome}"

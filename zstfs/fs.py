@@ -890,6 +890,16 @@ class Operations(pyfuse3.Operations):
     def _any_fd(self, node: Node) -> int | None:
         return next((h.fd for h in self.handles.values() if h.node is node), None)
 
+    async def _create_existing(
+        self, parent_inode: int, name: bytes, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[FileInfo, pyfuse3.EntryAttributes]:
+        if flags & os.O_EXCL:
+            raise FUSEError(errno.EEXIST)
+        node, _ = await self._entry(parent_inode, name)
+        info = await self.open(InodeT(node.ino), flags & ~os.O_CREAT, ctx)
+        node.lookups += 1
+        return info, await self._stat_node(node)
+
     @translate_errors
     async def create(
         self,
@@ -905,15 +915,17 @@ class Operations(pyfuse3.Operations):
         existing = self.store.resolve(parent, name) if compressible else None
         if existing is not None:
             # The name exists in compressed form: O_CREAT without O_EXCL opens it.
-            if flags & os.O_EXCL:
-                raise FUSEError(errno.EEXIST)
-            node, _ = await self._entry(parent_inode, name)
-            info = await self.open(InodeT(node.ino), flags, ctx)
-            node.lookups += 1
-            return info, await self._stat_node(node)
+            return await self._create_existing(parent_inode, name, flags, ctx)
         path = join(parent, name)
-        fd = os.open(path, (flags & ~getattr(os, "O_DIRECT", 0)) | os.O_CREAT | os.O_CLOEXEC
-                     | os.O_NOFOLLOW, stat.S_IMODE(mode) & ~ctx.umask, dir_fd=self.store.root_fd)
+        try:
+            # Exclusive, whatever the caller asked: an existing file (created below the mount
+            # since the kernel cached its absence) is opened like any open, never chowned or
+            # opened here while a swap of ours holds its lease.
+            fd = os.open(path, (flags & ~getattr(os, "O_DIRECT", 0)) | os.O_CREAT | os.O_EXCL
+                         | os.O_CLOEXEC | os.O_NOFOLLOW, stat.S_IMODE(mode) & ~ctx.umask,
+                         dir_fd=self.store.root_fd)
+        except FileExistsError:
+            return await self._create_existing(parent_inode, name, flags, ctx)
         try:
             if self.root_uid and (ctx.uid, ctx.gid) != (0, 0):
                 os.fchown(fd, ctx.uid, ctx.gid)
@@ -999,13 +1011,18 @@ class Operations(pyfuse3.Operations):
     def _xattr_call(self, node: Node, call: Callable[..., Any], *args: Any) -> Any:
         """Run an `os.*xattr` call on the node's backing file, never through the mount.
 
-        The root is the store's own descriptor: its `/proc/self/fd/N` magic link, not followed,
-        is the link itself (no user xattrs, EPERM on set). Other nodes are named below that link
-        with their last component not followed (a symlink's own xattrs)."""
+        The root is the store's own descriptor (its `/proc/self/fd/N` magic link, not followed,
+        would be the link itself). Other nodes are named below their directory's descriptor,
+        resolved with no symlink followed, the last component not followed either (a symlink's
+        own xattrs)."""
         if node.ino == ROOT_INODE:
             return call(self.store.root_fd, *args)
-        return call(self.store.xattr_path(self._backing_path(node)), *args,
-                    follow_symlinks=False)
+        parent, name = split(self._backing_path(node))
+        dir_fd = self.store.open_dir(parent)  # no symlink followed on the way
+        try:
+            return call(f"/proc/self/fd/{dir_fd}/".encode() + name, *args, follow_symlinks=False)
+        finally:
+            os.close(dir_fd)
 
     @staticmethod
     def _reserved_xattr(inode: int, name: bytes) -> bool:

@@ -370,13 +370,6 @@ class Store:
                 self._sizes.clear()
             self._sizes[identity(st)] = size
 
-    def xattr_path(self, path: bytes) -> bytes:
-        """A path to the backing file that does not go through the mount (for *xattr calls,
-        which have no dir_fd form): the kernel's magic link for our root descriptor. The root
-        itself is `LINK/.`: the l*xattr calls act on a last component that is a link, and the
-        magic link is one (EPERM for user.* names, an empty list, ENODATA)."""
-        return self.proc_root + b"/" + path
-
     # ----------------------------------------------------------------- renames
     def rename(self, old: bytes, new: bytes, flags: int = 0) -> None:
         rename_at(self.root_fd, old, self.root_fd, new, flags)
