@@ -46,6 +46,17 @@ BLKSIZE = 128 * 1024
 INLINE_DECODE_LIMIT = 1 << 20
 _OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | getattr(os, "O_DIRECT", 0)
 
+
+def _negative_entry() -> pyfuse3.EntryAttributes:
+    """The answer to a lookup of an absent name: inode 0, cached like a positive entry."""
+    a = pyfuse3.EntryAttributes()
+    a.st_ino = InodeT(0)
+    a.entry_timeout = CACHE_TIMEOUT
+    return a
+
+
+_NEGATIVE = _negative_entry()
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -265,8 +276,17 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         if not self.rules.visible(name):
-            raise FUSEError(errno.ENOENT)
-        node, attrs = await self._entry(parent_inode, name)
+            return _NEGATIVE
+        try:
+            node, attrs = await self._entry(parent_inode, name)
+        except FUSEError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            # A negative entry the kernel caches (sqlite, git and codex probe absent names
+            # all the time): safe because every name is made through the mount, whose
+            # create, mkdir, mknod, symlink, link and rename replace it; the daemon never
+            # makes a visible name appear by itself (swaps and promotions keep the name).
+            return _NEGATIVE
         node.lookups += 1
         return attrs
 
@@ -416,7 +436,7 @@ class Operations(pyfuse3.Operations):
         path = self._dir_path(inode)
         entries = self.store.listdir(path)  # one scandir: cheaper inline than a thread hop
         fh = self._new_fh()
-        self.dirs[fh] = DirHandle(node, [name for name, _ in entries])
+        self.dirs[fh] = DirHandle(node, [b".", b"..", *(name for name, _ in entries)])
         return FileHandleT(fh)
 
     @translate_errors
@@ -424,7 +444,7 @@ class Operations(pyfuse3.Operations):
         d = self.dirs[fh]
         parent = self._path(d.node)
         unknown = []
-        for name in d.names[start_id:]:
+        for name in d.names[max(start_id, 2):]:
             entry = self.store.resolve(parent, name)
             if entry is not None and entry.compressed and self.store.known_size(entry.st) is None:
                 unknown.append(join(parent, entry.name))
@@ -435,6 +455,10 @@ class Operations(pyfuse3.Operations):
                                           limiter=self.read_limiter)
         for i in range(start_id, len(d.names)):
             name = d.names[i]
+            if i < 2:  # `.` and `..`: the kernel takes only their inode numbers (no lookup)
+                if not self.readdir_reply(token, name, self._dot(d.node, i), i + 1):
+                    return
+                continue
             # What the name is now, not what it was at opendir: a file swapped or promoted
             # since has another backing inode, and a stale stat must never rekey the table.
             found = await self._listing_entry(d.node, name)
@@ -446,6 +470,17 @@ class Operations(pyfuse3.Operations):
                 self.table.maybe_drop(node)
                 return
             node.lookups += 1
+
+    def _dot(self, node: Node, i: int) -> pyfuse3.EntryAttributes:
+        """`.` (i == 0) or `..` of a directory: the kernel creates no dentry for either and
+        uses only the inode number and type, so no stat is needed."""
+        ino = node.ino
+        if i == 1 and node.ino != ROOT_INODE and node.links:
+            ino = node.links[0][0]
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = InodeT(ino)
+        a.st_mode = stat.S_IFDIR | 0o755
+        return a
 
     async def _listing_entry(self, dir_node: Node, name: bytes) -> tuple[Entry, int] | None:
         """The current entry of a listed name and its logical size, stat'ed after the last
