@@ -13,7 +13,9 @@ ratios to the baseline, the target and PASS/MISS:
 * promotion: the first append to a 100 MB compressed file vs ``zstd -d`` of it;
 * compaction: the daemon compressing the whole store (``--compress-after 0``), MB/s per core,
   and the stored size vs ``zstd -3`` one frame per file (codex's format);
-* the daemons' peak RSS (VmHWM) over all of it.
+* the daemons' peak RSS (VmHWM) over all of it;
+* with ``--only mountcost``, the rows of ``scripts/bench_mount_cost.py`` (sqlite, git, tar,
+  diff, rm and codex through the mount vs on disk, issue 13).
 
 Stores come from ``scripts/gen_rollouts.py`` and are cached in ``--workdir`` across runs (the
 plain store only; everything derived from it is rebuilt each run). Mounts use the real CLI
@@ -610,7 +612,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small", type=int, help="number of small rollouts")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/zstfs-bench"))
     ap.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table here")
-    ap.add_argument("--only", help="comma list of: compaction,grep,append,cat,walk,promotion")
+    ap.add_argument("--only", help="comma list of: compaction,grep,append,cat,walk,promotion,"
+                                   "mountcost (only when named: scripts/bench_mount_cost.py)")
     args = ap.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     if args.reps:
@@ -632,7 +635,8 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()
     plain, manifest = make_plain_store(work, cfg)
     comp = work / "comp"
-    if want("compaction") or not (comp.is_dir() and not any(comp.rglob("*.jsonl"))):
+    if want("compaction") or ((want("grep") or want("walk") or want("append"))
+                              and not (comp.is_dir() and not any(comp.rglob("*.jsonl")))):
         bench_compaction(res, work, plain, comp, manifest)
     if want("grep"):
         bench_grep_tail(res, cfg, work, plain, comp, manifest, cold_ok)
@@ -644,6 +648,10 @@ def main(argv: list[str] | None = None) -> int:
         bench_walk(res, cfg, work, comp, cold_ok)
     if want("promotion"):
         bench_promotion(res, cfg, work)
+    if only is not None and "mountcost" in only:  # issue 13: sqlite, git, tar, codex, ...
+        import bench_mount_cost
+
+        bench_mount_cost.bench_mount_cost(res, work / "mountcost", cfg.reps, count=False)
     peak_label, peak = max(res.hwm.items(), key=lambda kv: kv[1])
     res.add(Row(f"daemon peak RSS (VmHWM, max over {len(res.hwm)} daemons: {peak_label})",
                 f"{peak / MB:.0f} MB", "-", None, "<= 200 MB", peak <= 200 * MB))

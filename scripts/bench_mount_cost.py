@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 TREE_SOURCES = ["/usr/lib/python3.11", "/usr/share/perl", "/usr/lib/python3/dist-packages"]
 INSERTS = 10_000
 
-GOALS = {"sqlite": 1.5, "git-status": 2.0, "git-clone": None, "tar": 2.0, "diff": 3.0,
-         "rm": 2.0, "codex-exec": 1.05, "codex-resume": 1.10}
+GOALS = {"sqlite": 1.5, "sqlite-normal": None, "git-status": 2.0, "git-clone": None,
+         "tar": 2.0, "diff": 3.0, "rm": 2.0, "codex-exec": 1.05, "codex-resume": 1.10}
 
 
 def run(argv: list[str] | str, *, cwd: Path | None = None, env: dict[str, str] | None = None,
@@ -116,6 +117,11 @@ def workloads(fx: Fixtures, codex: Codex | None) -> list[Workload]:
     def sqlite_run(base: Path, i: int) -> float:
         return run(["sqlite3", str(base / "sq" / "db.sqlite")], stdin=fx.sql.read_bytes())
 
+    def sqlite_normal_run(base: Path, i: int) -> float:
+        sql = fx.sql.read_bytes().replace(b"PRAGMA journal_mode=WAL;",
+                                          b"PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")
+        return run(["sqlite3", str(base / "sq" / "db.sqlite")], stdin=sql)
+
     def status_prep(base: Path, i: int) -> None:
         if not (base / "gs" / ".git").is_dir():
             run(["git", "clone", "-q", f"file://{fx.repo}", str(base / "gs")])
@@ -158,6 +164,8 @@ def workloads(fx: Fixtures, codex: Codex | None) -> list[Workload]:
     rows = [
         Workload("sqlite", f"sqlite3 WAL, {INSERTS:,} single-statement inserts", sqlite_prep,
                  sqlite_run),
+        Workload("sqlite-normal", "the same with `synchronous=NORMAL` (no fsync per commit)",
+                 sqlite_prep, sqlite_normal_run),
         Workload("git-status", f"`git status`, clean tree ({fx.files} files)", status_prep,
                  status_run),
         Workload("git-clone", f"`git clone file://` ({fx.files} files)", clone_prep, clone_run),
@@ -241,7 +249,7 @@ def settle_status(d: bench.Daemon) -> dict[str, Any]:
 
 
 def request_table(counts: dict[str, dict[str, Any]], rows: list[Workload]) -> str:
-    lines = ["| row | requests | by type | errors / negative | handler µs/req | "
+    lines = ["| row | requests | by type (handler µs each) | errors / negative | handler µs/req | "
              "daemon CPU µs/req |",
              "|---|---:|---|---|---:|---:|"]
     for w in rows:
@@ -251,7 +259,8 @@ def request_table(counts: dict[str, dict[str, Any]], rows: list[Workload]) -> st
         cnt = dict(c["count"])
         cnt = {k: v for k, v in cnt.items() if v}
         total = sum(cnt.values())
-        by = ", ".join(f"{k} {v}" for k, v in sorted(cnt.items(), key=lambda kv: -kv[1]))
+        by = ", ".join(f"{k} {v} ({c['ns'].get(k, 0) / 1000 / v:.0f} µs)"
+                       for k, v in sorted(cnt.items(), key=lambda kv: -kv[1]) if v > 0)
         errs = ", ".join(f"{k} {v}" for k, v in sorted(c["errors"].items(),
                                                         key=lambda kv: -kv[1]))
         ns = sum(c["ns"].values())
@@ -261,8 +270,31 @@ def request_table(counts: dict[str, dict[str, Any]], rows: list[Workload]) -> st
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def other_mount(kind: str, src: Path, mnt: Path) -> Iterator[None]:
+    """An experiment's baseline: another FUSE daemon serving `src` on `mnt` (no zstfs)."""
+    if kind != "fuse-overlayfs":
+        raise ValueError(kind)
+    low, wk = src.parent / "ovl-lower", src.parent / "ovl-work"
+    for d in (low, wk, mnt):
+        d.mkdir(exist_ok=True)
+    proc = subprocess.Popen(["fuse-overlayfs", "-f", "-o",
+                             f"lowerdir={low},upperdir={src},workdir={wk}", str(mnt)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mnt):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("fuse-overlayfs did not mount")
+            time.sleep(0.05)
+        yield
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+        proc.wait(timeout=60)
+
+
 def bench_mount_cost(res: bench.Results, work: Path, reps: int, only: set[str] | None = None,
-                     count: bool = True) -> dict[str, dict[str, Any]]:
+                     count: bool = True, mounter: str = "zstfs") -> dict[str, dict[str, Any]]:
     """Run the rows into `res`; returns the request counts per row (empty without `count`)."""
     work.mkdir(parents=True, exist_ok=True)
     fx = Fixtures(work)
@@ -286,6 +318,8 @@ def bench_mount_cost(res: bench.Results, work: Path, reps: int, only: set[str] |
         for base in (disk, src):
             shutil.rmtree(base, ignore_errors=True)
             base.mkdir(parents=True)
+        if codex is not None and mounter != "zstfs":
+            raise RuntimeError("the codex rows need zstfs (they resume compressed sessions)")
         if codex is not None:
             # Sessions to resume, made through a mount (codex records their paths), then
             # compressed offline: what a store looks like after `--compress-after`.
@@ -312,7 +346,9 @@ def bench_mount_cost(res: bench.Results, work: Path, reps: int, only: set[str] |
                               f"{counts[w.name]['count']}", flush=True)
             finally:
                 del os.environ["ZSTFS_OPSTATS"]
-        with bench.mounted(res, "mount cost", src, mnt):
+        timed_mount = (bench.mounted(res, "mount cost", src, mnt) if mounter == "zstfs"
+                       else other_mount(mounter, src, mnt))
+        with timed_mount:
             for w in rows:
                 times: dict[Path, list[float]] = {disk: [], mnt: []}
                 for i in range(reps):
@@ -329,23 +365,39 @@ def bench_mount_cost(res: bench.Results, work: Path, reps: int, only: set[str] |
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--rows", help="comma list of: sqlite,git-status,git-clone,tar,diff,rm,"
-                                   "codex-exec,codex-resume")
+    ap.add_argument("--rows", help="comma list of: sqlite,sqlite-normal,git-status,git-clone,"
+                                   "tar,diff,rm,codex-exec,codex-resume")
     ap.add_argument("--no-count", action="store_true", help="skip the request-counting pass")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/zstfs-mountcost"))
     ap.add_argument("--markdown", type=Path, metavar="FILE")
+    ap.add_argument("--python", metavar="PY",
+                    help="experiment: run the daemons with this interpreter (e.g. a venv with a "
+                         "patched pyfuse3)")
+    ap.add_argument("--set", action="append", default=[], metavar="ATTR=PYVALUE",
+                    help="experiment: set an Operations class attribute in the daemons, e.g. "
+                         "cache_readdir=True (needs a pyfuse3 that reads it)")
+    ap.add_argument("--mounter", default="zstfs", choices=["zstfs", "fuse-overlayfs"],
+                    help="experiment: time another FUSE daemon (a C one) instead of zstfs")
     args = ap.parse_args(argv)
+    if args.python or args.set:
+        sets = "".join(f"setattr(f.Operations, {k!r}, {v});"
+                       for k, v in (a.split("=", 1) for a in args.set))
+        bench.ZSTFS = [args.python or sys.executable, "-c",
+                       f"import sys; import zstfs.fs as f; {sets} "
+                       "from zstfs.cli import main; sys.exit(main())"]
     only = set(args.rows.split(",")) if args.rows else None
     res = bench.Results()
     load0 = os.getloadavg()
     t0 = time.perf_counter()
-    counts = bench_mount_cost(res, args.workdir.resolve(), args.reps, only, not args.no_count)
+    counts = bench_mount_cost(res, args.workdir.resolve(), args.reps, only,
+                              not args.no_count and args.mounter == "zstfs", args.mounter)
     load1 = os.getloadavg()
     header = [
         f"date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; "
         f"total {time.perf_counter() - t0:.0f} s; medians of {args.reps} interleaved runs",
         f"machine: {bench.versions()}",
         f"load average at start {load0[0]:.2f}, at end {load1[0]:.2f}",
+        f"daemons: {' '.join(bench.ZSTFS) if args.mounter == 'zstfs' else args.mounter}",
         *res.notes,
     ]
     text = "\n".join(f"- {h}" for h in header) + "\n\n" + res.table() + "\n"

@@ -250,3 +250,35 @@ def test_a_missing_name_stays_missing_and_errors_are_unchanged(mounted: Mount) -
     assert enoent(m / ".zstfs.lock")
     with pytest.raises(PermissionError):
         (m / ".zstfs-mine").write_text("x")
+
+
+def test_xattrs_of_open_files_are_answered_from_the_handle(store: Path, mount_factory) -> None:
+    """getxattr of an open file (every write asks for security.capability) reads its held
+    descriptor: the same answers as by path, for plain and compressed files, and after unlink."""
+    (store / "z.jsonl").write_bytes(b'{"z":1}\n' * 100)
+    os.setxattr(store / "z.jsonl", "user.k", b"zv")
+    compress(store / "z.jsonl")
+    os.setxattr(store / "z.jsonl.zst", "user.k", b"zv")
+    m = mount_factory(store).mountpoint
+    p = m / "p.txt"
+    p.write_text("x")
+    os.setxattr(p, "user.k", b"pv")
+    with open(p, "ab") as f, open(m / "z.jsonl", "rb") as z:
+        assert os.getxattr(p, "user.k") == b"pv"
+        assert os.getxattr(f.fileno(), "user.k") == b"pv"
+        assert os.getxattr(m / "z.jsonl", "user.k") == b"zv"
+        assert os.getxattr(z.fileno(), "user.k") == b"zv"
+        with pytest.raises(OSError, match="No data available"):
+            os.getxattr(p, "user.none")
+        f.write(b"more")
+        f.flush()
+        os.setxattr(f.fileno(), "user.k", b"pv2")
+        assert os.getxattr(p, "user.k") == b"pv2"
+        os.unlink(p)
+        assert os.getxattr(f.fileno(), "user.k") == b"pv2"
+        # A compressed file promoted by a write through another handle answers from its
+        # new form.
+        with open(m / "z.jsonl", "ab") as w:
+            w.write(b'{"z":2}\n')
+            assert os.getxattr(w.fileno(), "user.k") == b"zv"
+        assert os.getxattr(z.fileno(), "user.k") == b"zv"

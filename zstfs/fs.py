@@ -986,12 +986,24 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if inode == ROOT_INODE and name == STATUS_XATTR and self.status_provider is not None:
             return await self._status_json()
+        node = self._node(inode)
+        fd = self._held_fd(node)
         try:
-            return os.getxattr(self._xattr_path(self._node(inode)), name, follow_symlinks=False)
+            if fd is not None:  # every write asks for security.capability: no path walk
+                return os.getxattr(fd, name)
+            return os.getxattr(self._xattr_path(node), name, follow_symlinks=False)
         except OSError as e:
             if e.errno == errno.ENODATA:
                 raise FUSEError(pyfuse3.ENOATTR) from None
             raise
+
+    def _held_fd(self, node: Node) -> int | None:
+        """A descriptor of the node's current representation that an open handle holds."""
+        if node.opens:
+            for h in self.handles.values():
+                if h.node is node and h.generation == node.generation:
+                    return h.fd
+        return None
 
     async def _status_json(self) -> bytes:
         """The status document, computed at most once a second: getxattr callers ask twice (for
