@@ -259,7 +259,7 @@ def request_table(counts: dict[str, dict[str, Any]], rows: list[Workload]) -> st
         cnt = dict(c["count"])
         cnt = {k: v for k, v in cnt.items() if v}
         total = sum(cnt.values())
-        by = ", ".join(f"{k} {v} ({c['ns'].get(k, 0) / 1000 / v:.0f} µs)"
+        by = ", ".join(f"{k} {v} ({max(c['ns'].get(k, 0), 0) / 1000 / v:.0f} µs)"
                        for k, v in sorted(cnt.items(), key=lambda kv: -kv[1]) if v > 0)
         errs = ", ".join(f"{k} {v}" for k, v in sorted(c["errors"].items(),
                                                         key=lambda kv: -kv[1]))
@@ -333,14 +333,16 @@ def bench_mount_cost(res: bench.Results, work: Path, reps: int, only: set[str] |
             try:
                 with bench.mounted(res, "mount cost (counting)", src, mnt) as d:
                     settle_status(d)
-                    idle = diff_requests(settle_status(d), settle_status(d))["count"]
+                    idle = diff_requests(settle_status(d), settle_status(d))
                     for w in rows:
                         w.prepare(mnt, -1)
                         before = settle_status(d)
                         w.timed(mnt, -1)
                         c = diff_requests(before, settle_status(d))
-                        for k, v in idle.items():  # the status reads themselves
-                            c["count"][k] = c["count"].get(k, 0) - v
+                        for key in ("count", "ns"):  # minus the status reads themselves
+                            for k, v in idle[key].items():
+                                c[key][k] = c[key].get(k, 0) - v
+                        c["cpu_s"] -= idle["cpu_s"]
                         counts[w.name] = c
                         print(f"  {w.name}: {sum(c['count'].values())} requests {c['errors']} "
                               f"{counts[w.name]['count']}", flush=True)
