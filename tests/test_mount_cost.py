@@ -282,3 +282,26 @@ def test_xattrs_of_open_files_are_answered_from_the_handle(store: Path, mount_fa
             w.write(b'{"z":2}\n')
             assert os.getxattr(w.fileno(), "user.k") == b"zv"
         assert os.getxattr(z.fileno(), "user.k") == b"zv"
+
+
+def test_request_counters_are_off_by_default_and_count_when_asked(
+        store: Path, mount_factory) -> None:
+    plain = mount_factory(store)
+    assert "requests" not in plain.status()
+    plain.stop()
+    m = mount_factory(store, start=False).start(env={**os.environ, "ZSTFS_OPSTATS": "1"})
+    mp = m.mountpoint
+    before = m.status()["requests"]
+    assert enoent(mp / "absent")
+    (mp / "f").write_text("x")
+    os.getxattr(mp, "user.zstfs.status")  # not counted
+    # The status document is recomputed at most once a second.
+    after = wait_until(lambda: (r := m.status()["requests"])["count"].get("create") and r, 10,
+                       "the counters to show the create")
+    assert after["count"]["lookup"] - before["count"].get("lookup", 0) >= 2
+    assert after["errors"]["lookup:negative-entry"] >= 1
+    assert after["count"]["create"] == 1
+    # The write's security.capability probe at most; the status reads are not counted.
+    assert after["count"].get("getxattr", 0) <= 1
+    assert after["ns"]["create"] > 0
+    assert after["cpu_s"] >= before["cpu_s"]
