@@ -15,7 +15,9 @@ ratios to the baseline, the target and PASS/MISS:
   and the stored size vs ``zstd -3`` one frame per file (codex's format);
 * foreign files: ``cat`` of a 400 MB single-frame ``zstd -3`` file vs ``zstdcat``, and the peak
   RSS while 8 processes hold 8 ``zstd --long=30`` files open;
-* the daemons' peak RSS (VmHWM) over all of it.
+* the daemons' peak RSS (VmHWM) over all of it;
+* with ``--only mountcost``, the rows of ``scripts/bench_mount_cost.py`` (sqlite, git, tar,
+  diff, rm and codex through the mount vs on disk, issue 13).
 
 Stores come from ``scripts/gen_rollouts.py`` and are cached in ``--workdir`` across runs (the
 plain store only; everything derived from it is rebuilt each run). Mounts use the real CLI
@@ -692,7 +694,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/zstfs-bench"))
     ap.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table here")
     ap.add_argument("--only", help="comma list of: compaction,grep,append,cat,walk,promotion,"
-                    "foreign")
+                    "foreign,mountcost (mountcost only when named: "
+                    "scripts/bench_mount_cost.py)")
     args = ap.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     if args.reps:
@@ -712,11 +715,12 @@ def main(argv: list[str] | None = None) -> int:
         res.notes.append("not root: cold-cache rows skipped (drop_caches needs root)")
     started = time.perf_counter()
     load0 = os.getloadavg()
-    plain, manifest = (make_plain_store(work, cfg) if only != {"foreign"}
+    needs_store = only is None or bool(only - {"foreign", "mountcost"})
+    plain, manifest = (make_plain_store(work, cfg) if needs_store
                        else (work, {"sizes": {}, "big": []}))
     comp = work / "comp"
-    if want("compaction") or (only != {"foreign"} and not (
-            comp.is_dir() and not any(comp.rglob("*.jsonl")))):
+    if want("compaction") or ((want("grep") or want("walk") or want("append"))
+                              and not (comp.is_dir() and not any(comp.rglob("*.jsonl")))):
         bench_compaction(res, work, plain, comp, manifest)
     if want("grep"):
         bench_grep_tail(res, cfg, work, plain, comp, manifest, cold_ok)
@@ -730,6 +734,10 @@ def main(argv: list[str] | None = None) -> int:
         bench_promotion(res, cfg, work)
     if want("foreign"):
         bench_foreign(res, cfg, work, cold_ok)
+    if only is not None and "mountcost" in only:  # issue 13: sqlite, git, tar, codex, ...
+        import bench_mount_cost
+
+        bench_mount_cost.bench_mount_cost(res, work / "mountcost", cfg.reps, count=False)
     peak_label, peak = max(res.hwm.items(), key=lambda kv: kv[1])
     res.add(Row(f"daemon peak RSS (VmHWM, max over {len(res.hwm)} daemons: {peak_label})",
                 f"{peak / MB:.0f} MB", "-", None, "<= 200 MB", peak <= 200 * MB))

@@ -121,6 +121,8 @@ class World:
         for part in path.split("/"):
             if part:
                 ino = (await self.ops.lookup(ino, part.encode(), CTX)).st_ino
+                if ino == 0:  # a negative entry: the kernel answers ENOENT
+                    raise pyfuse3.FUSEError(errno.ENOENT)
         return ino
 
     async def parent_and_name(self, path: str) -> tuple[int, bytes]:
@@ -159,7 +161,7 @@ class World:
     async def listdir(self, fh: int) -> list[str]:
         token: list[tuple[bytes, Any, int]] = []
         await self.ops.readdir(fh, 0, token)  # type: ignore[arg-type]
-        return sorted(os.fsdecode(n) for n, _, _ in token)
+        return sorted(os.fsdecode(n) for n, _, _ in token if n not in (b".", b".."))
 
     async def opendir(self, path: str) -> int:
         return await self.ops.opendir(await self.lookup(path), CTX)

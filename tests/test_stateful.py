@@ -194,6 +194,11 @@ class Holder:
         self.append = append
 
 
+def dotless(token: list[tuple[bytes, Any, int]]) -> list[tuple[bytes, Any, int]]:
+    """A listing without `.` and `..` (listed first, taking no lookup reference)."""
+    return [t for t in token if t[0] not in (b".", b"..")]
+
+
 class Mismatch(AssertionError):
     pass
 
@@ -434,6 +439,8 @@ class ZstfsMachine(RuleBasedStateMachine):
             sub = "/".join(parts[: i + 1])
             try:
                 attrs = await self.world.ops.lookup(ino, part.encode(), CTX)  # type: ignore
+                if attrs.st_ino == 0:  # a negative entry: the kernel answers ENOENT
+                    raise FUSEError(errno.ENOENT)
             except FUSEError as e:
                 if e.errno == errno.ENOENT and sub not in self.tree and i == len(parts) - 1:
                     return None
@@ -919,6 +926,7 @@ class ZstfsMachine(RuleBasedStateMachine):
         async def go() -> None:
             token: list[tuple[bytes, Any, int]] = []
             got = await self.attempt(self.world.ops.readdir(fh, 0, token))  # type: ignore
+            token = dotless(token)
             if path is None:  # removed: the kernel answers ENOENT itself
                 if got[0] not in (0, errno.ENOENT) or (got[0] == 0 and token):
                     raise Mismatch(f"readdir of a removed directory: {got[0]}, {token}")
@@ -1164,6 +1172,7 @@ class ZstfsMachine(RuleBasedStateMachine):
                         await ops.readdir(dh, 0, token)  # type: ignore[arg-type]
                     finally:
                         await ops.releasedir(dh)
+                    token = dotless(token)
                     listed = sorted(os.fsdecode(n) for n, _, _ in token)
                     if listed != self.children(path):
                         raise Mismatch(f"readdir {path or '/'}: {listed}, the model has "

@@ -52,6 +52,17 @@ STATUS_PAIR_SECONDS = 1.0
 NAME_MAX = 255
 _OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | getattr(os, "O_DIRECT", 0)
 
+
+def _negative_entry() -> pyfuse3.EntryAttributes:
+    """The answer to a lookup of an absent name: inode 0, cached like a positive entry."""
+    a = pyfuse3.EntryAttributes()
+    a.st_ino = InodeT(0)
+    a.entry_timeout = CACHE_TIMEOUT
+    return a
+
+
+_NEGATIVE = _negative_entry()
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -285,8 +296,17 @@ class Operations(pyfuse3.Operations):
         if len(name) > NAME_MAX:
             raise FUSEError(errno.ENAMETOOLONG)
         if not self.rules.visible(self._dir_path(parent_inode), name):
-            raise FUSEError(errno.ENOENT)
-        node, attrs = await self._entry(parent_inode, name)
+            return _NEGATIVE
+        try:
+            node, attrs = await self._entry(parent_inode, name)
+        except FUSEError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            # A negative entry the kernel caches (sqlite, git and codex probe absent names
+            # all the time): safe because every name is made through the mount, whose
+            # create, mkdir, mknod, symlink, link and rename replace it; the daemon never
+            # makes a visible name appear by itself (swaps and promotions keep the name).
+            return _NEGATIVE
         node.lookups += 1
         return attrs
 
@@ -436,7 +456,7 @@ class Operations(pyfuse3.Operations):
         path = self._dir_path(inode)
         entries = self.store.listdir(path)  # one scandir: cheaper inline than a thread hop
         fh = self._new_fh()
-        self.dirs[fh] = DirHandle(node, [name for name, _ in entries])
+        self.dirs[fh] = DirHandle(node, [b".", b"..", *(name for name, _ in entries)])
         return FileHandleT(fh)
 
     @translate_errors
@@ -444,7 +464,7 @@ class Operations(pyfuse3.Operations):
         d = self.dirs[fh]
         parent = self._path(d.node)
         unknown = []
-        for name in d.names[start_id:]:
+        for name in d.names[max(start_id, 2):]:
             entry = self.store.resolve(parent, name)
             if entry is not None and entry.compressed and self.store.known_size(entry.st) is None:
                 unknown.append(join(parent, entry.name))
@@ -455,6 +475,10 @@ class Operations(pyfuse3.Operations):
                                           limiter=self.read_limiter)
         for i in range(start_id, len(d.names)):
             name = d.names[i]
+            if i < 2:  # `.` and `..`: the kernel takes only their inode numbers (no lookup)
+                if not self.readdir_reply(token, name, self._dot(d.node, i), i + 1):
+                    return
+                continue
             # What the name is now, not what it was at opendir: a file swapped or promoted
             # since has another backing inode, and a stale stat must never rekey the table.
             found = await self._listing_entry(d.node, name)
@@ -466,6 +490,17 @@ class Operations(pyfuse3.Operations):
                 self.table.maybe_drop(node)
                 return
             node.lookups += 1
+
+    def _dot(self, node: Node, i: int) -> pyfuse3.EntryAttributes:
+        """`.` (i == 0) or `..` of a directory: the kernel creates no dentry for either and
+        uses only the inode number and type, so no stat is needed."""
+        ino = node.ino
+        if i == 1 and node.ino != ROOT_INODE and node.links:
+            ino = node.links[0][0]
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = InodeT(ino)
+        a.st_mode = stat.S_IFDIR | 0o755
+        return a
 
     async def _listing_entry(self, dir_node: Node, name: bytes) -> tuple[Entry, int] | None:
         """The current entry of a listed name and its logical size, stat'ed after the last
@@ -1035,12 +1070,24 @@ class Operations(pyfuse3.Operations):
             if name == STATUS_XATTR and self.status_provider is not None:
                 return await self._status_json(ctx.pid)
             raise FUSEError(pyfuse3.ENOATTR)
+        node = self._node(inode)
+        fd = self._held_fd(node)
         try:
-            return cast(bytes, self._xattr_call(self._node(inode), os.getxattr, name))
+            if fd is not None:  # every write asks for security.capability: no path walk
+                return os.getxattr(fd, name)
+            return cast(bytes, self._xattr_call(node, os.getxattr, name))
         except OSError as e:
             if e.errno == errno.ENODATA:
                 raise FUSEError(pyfuse3.ENOATTR) from None
             raise
+
+    def _held_fd(self, node: Node) -> int | None:
+        """A descriptor of the node's current representation that an open handle holds."""
+        if node.opens:
+            for h in self.handles.values():
+                if h.node is node and h.generation == node.generation:
+                    return h.fd
+        return None
 
     async def _status_json(self, caller: int) -> bytes:
         """The status document, computed afresh for every request.

@@ -25,6 +25,7 @@ from zstfs.fs import Operations
 from zstfs.log import below_mount, default_log_file, setup_logging
 from zstfs.names import STATUS_XATTR, NameRules
 from zstfs.openfiles import OpenFiles
+from zstfs.opstats import install as install_opstats
 from zstfs.options import MountOptions
 from zstfs.stats import Stats
 from zstfs.store import Store, StoreError
@@ -188,10 +189,13 @@ def mount(opts: MountOptions) -> int:
                          "leftovers_kept": recovery.leftovers_kept},
         }
         snap.update(stats.counters())
+        if opstats is not None:
+            snap["requests"] = opstats.snapshot()
         snap.update(await compactor.status())
         return snap
 
     ops.status_provider = status
+    opstats = install_opstats(ops)  # ZSTFS_OPSTATS=1: count and time every request
     real_mountpoint = os.path.realpath(opts.mountpoint)
     try:
         pyfuse3.init(ops, opts.mountpoint, fuse_options(opts))

@@ -1,0 +1,419 @@
+#!/usr/bin/env python3
+"""What the mount costs everyday tools (issue 13): each workload through a zstfs mount of a plain
+directory vs the same on the plain disk, interleaved, medians and ratios against the issue's goals.
+
+Rows: sqlite3 WAL with 10,000 single-statement inserts; `git status` on a clean tree; `git clone`
+of a local repository (file://, so both sides copy a pack); `tar -x`, `diff -r` and `rm -rf` of a
+few thousand files; and, when the Codex CLI is installed (scripts/install-codex.sh), `codex exec`
+and `codex exec resume` of a session that is compressed in the store (baseline: the same resume of
+a plain session on disk), both against the loopback mock model of tests/codex_harness.py.
+
+With `--count` (default on) every row is first run once on a mount started with
+`ZSTFS_OPSTATS=1`, and the FUSE requests it caused are reported by type, with the time spent in
+the daemon's handlers and the daemon's CPU time per request. Timed runs use a mount without the
+counters.
+
+Usage::
+
+    python scripts/bench_mount_cost.py [--reps N] [--rows a,b] [--workdir DIR] [--markdown FILE]
+
+`scripts/bench.py --only mountcost` runs the same rows into bench.py's table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import datetime
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO / "tests"))
+
+import bench  # noqa: E402
+
+# The daemons run this checkout's zstfs.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+#: Trees of a few thousand files for tar / diff / rm / git (whichever exist; system files).
+TREE_SOURCES = ["/usr/lib/python3.11", "/usr/share/perl", "/usr/lib/python3/dist-packages"]
+INSERTS = 10_000
+
+GOALS = {"sqlite": 1.5, "sqlite-normal": None, "git-status": 2.0, "git-clone": None,
+         "tar": 2.0, "diff": 3.0, "rm": 2.0, "codex-exec": 1.05, "codex-resume": 1.10}
+
+
+def run(argv: list[str] | str, *, cwd: Path | None = None, env: dict[str, str] | None = None,
+        stdin: bytes | None = None, ok: tuple[int, ...] = (0,)) -> float:
+    t0 = time.perf_counter()
+    r = subprocess.run(argv, cwd=cwd, env=env, input=stdin, capture_output=True,
+                       shell=isinstance(argv, str))
+    dt = time.perf_counter() - t0
+    if r.returncode not in ok:
+        raise RuntimeError(f"{argv!r} failed ({r.returncode}): {r.stderr.decode()[-2000:]}")
+    return dt
+
+
+@dataclass
+class Workload:
+    name: str
+    what: str
+    prepare: Callable[[Path, int], None]  # untimed, before each run
+    timed: Callable[[Path, int], float]
+
+
+class Fixtures:
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        fix = work / "fixtures"
+        self.tree, self.tar, self.repo, self.sql = (fix / "tree", fix / "tree.tar",
+                                                    fix / "repo.git", fix / "inserts.sql")
+        if not self.sql.exists():
+            shutil.rmtree(fix, ignore_errors=True)
+            fix.mkdir(parents=True)
+            self.tree.mkdir()
+            for src in TREE_SOURCES:
+                if os.path.isdir(src):
+                    subprocess.run(["cp", "-a", src, str(self.tree / Path(src).name)], check=True)
+            subprocess.run(["tar", "-cf", str(self.tar), "-C", str(self.tree), "."], check=True)
+            src_repo = fix / "repo-src"
+            subprocess.run(["cp", "-a", str(self.tree), str(src_repo)], check=True)
+            git = ["git", "-c", "user.name=b", "-c", "user.email=b@b", "-C", str(src_repo)]
+            subprocess.run([*git, "init", "-q"], check=True)
+            subprocess.run([*git, "add", "-A", "-f"], check=True)
+            subprocess.run([*git, "commit", "-q", "-m", "tree"], check=True)
+            subprocess.run(["git", "clone", "-q", "--bare", str(src_repo), str(self.repo)],
+                           check=True)
+            shutil.rmtree(src_repo)
+            lines = ["PRAGMA journal_mode=WAL;",
+                     "CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT);"]
+            lines += [f"INSERT INTO t(v) VALUES('row {i} {'x' * 60}');" for i in range(INSERTS)]
+            self.sql.write_text("\n".join(lines) + "\n")
+        self.files = sum(len(f) for _, _, f in os.walk(self.tree))
+        self.dirs = sum(1 for _ in os.walk(self.tree))
+        self.bytes = self.tar.stat().st_size
+
+
+def workloads(fx: Fixtures, codex: Codex | None) -> list[Workload]:
+    def fresh(p: Path) -> None:
+        shutil.rmtree(p, ignore_errors=True)
+
+    def sqlite_prep(base: Path, i: int) -> None:
+        fresh(base / "sq")
+        (base / "sq").mkdir()
+
+    def sqlite_run(base: Path, i: int) -> float:
+        return run(["sqlite3", str(base / "sq" / "db.sqlite")], stdin=fx.sql.read_bytes())
+
+    def sqlite_normal_run(base: Path, i: int) -> float:
+        sql = fx.sql.read_bytes().replace(b"PRAGMA journal_mode=WAL;",
+                                          b"PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")
+        return run(["sqlite3", str(base / "sq" / "db.sqlite")], stdin=sql)
+
+    def status_prep(base: Path, i: int) -> None:
+        if not (base / "gs" / ".git").is_dir():
+            run(["git", "clone", "-q", f"file://{fx.repo}", str(base / "gs")])
+        run(["git", "-C", str(base / "gs"), "status", "--porcelain"])  # index refreshed, warm
+
+    def status_run(base: Path, i: int) -> float:
+        return run(["git", "-C", str(base / "gs"), "status", "--porcelain"])
+
+    def clone_prep(base: Path, i: int) -> None:
+        fresh(base / "clone")
+
+    def clone_run(base: Path, i: int) -> float:
+        return run(["git", "clone", "-q", f"file://{fx.repo}", str(base / "clone")])
+
+    def tar_prep(base: Path, i: int) -> None:
+        fresh(base / "x")
+        (base / "x").mkdir()
+
+    def tar_run(base: Path, i: int) -> float:
+        return run(["tar", "-xf", str(fx.tar), "-C", str(base / "x")])
+
+    def diff_prep(base: Path, i: int) -> None:
+        for d in ("dx", "dy"):
+            if not (base / d).is_dir():
+                (base / d).mkdir()
+                run(["tar", "-xf", str(fx.tar), "-C", str(base / d)])
+
+    def diff_run(base: Path, i: int) -> float:
+        return run(["diff", "-r", "--no-dereference", str(base / "dx"), str(base / "dy")])
+
+    def rm_prep(base: Path, i: int) -> None:
+        fresh(base / "r")
+        (base / "r").mkdir()
+        run(["tar", "-xf", str(fx.tar), "-C", str(base / "r")])
+
+    def rm_run(base: Path, i: int) -> float:
+        return run(["rm", "-rf", str(base / "r")])
+
+    tree = f"{fx.files} files, {fx.dirs} dirs, {fx.bytes / 1e6:.0f} MB"
+    rows = [
+        Workload("sqlite", f"sqlite3 WAL, {INSERTS:,} single-statement inserts", sqlite_prep,
+                 sqlite_run),
+        Workload("sqlite-normal", "the same with `synchronous=NORMAL` (no fsync per commit)",
+                 sqlite_prep, sqlite_normal_run),
+        Workload("git-status", f"`git status`, clean tree ({fx.files} files)", status_prep,
+                 status_run),
+        Workload("git-clone", f"`git clone file://` ({fx.files} files)", clone_prep, clone_run),
+        Workload("tar", f"`tar -x` ({tree})", tar_prep, tar_run),
+        Workload("diff", "`diff -r` of two such trees", diff_prep, diff_run),
+        Workload("rm", "`rm -rf` of one such tree", rm_prep, rm_run),
+    ]
+    if codex is not None:
+        rows += [Workload("codex-exec", "`codex exec` (mock model)", codex.exec_prep,
+                          codex.exec_run),
+                 Workload("codex-resume", "`codex exec resume` of a compressed session "
+                          "(baseline: plain session on disk)", codex.resume_prep,
+                          codex.resume_run)]
+    return rows
+
+
+class Codex:
+    """The real Codex CLI against the loopback mock; CODEX_HOME is BASE/codex."""
+
+    def __init__(self, work: Path, binary: Path, server: Any) -> None:
+        import codex_harness
+
+        self.h = codex_harness
+        self.binary, self.server = binary, server
+        self.cwd = work / "codex-cwd"
+        self.cwd.mkdir(exist_ok=True)
+        self.sessions: dict[Path, list[str]] = {}
+
+    def home(self, base: Path) -> Path:
+        return base / "codex"
+
+    def setup(self, base: Path, sessions: int) -> None:
+        """Before mounting: a CODEX_HOME with `sessions` finished sessions to resume."""
+        home = self.home(base)
+        shutil.rmtree(home, ignore_errors=True)
+        self.h.write_config(home, self.server.base_url)
+        ids = []
+        for k in range(sessions):
+            self.h.run_codex(home, ["exec", "--skip-git-repo-check", f"setup {k}"], cwd=self.cwd,
+                             codex=self.binary)
+        for p in self.h.rollouts(home):
+            ids.append(self.h.session_id_from_rollout(p))
+        self.sessions[base] = ids
+
+    def exec_prep(self, base: Path, i: int) -> None:
+        pass
+
+    def exec_run(self, base: Path, i: int) -> float:
+        t0 = time.perf_counter()
+        self.h.run_codex(self.home(base), ["exec", "--skip-git-repo-check", f"hello {i}"],
+                         cwd=self.cwd, codex=self.binary)
+        return time.perf_counter() - t0
+
+    def resume_prep(self, base: Path, i: int) -> None:
+        pass
+
+    def resume_run(self, base: Path, i: int) -> float:
+        sid = self.sessions[base].pop()
+        t0 = time.perf_counter()
+        self.h.run_codex(self.home(base), ["exec", "--skip-git-repo-check", "resume", sid,
+                                           f"again {i}"], cwd=self.cwd, codex=self.binary)
+        return time.perf_counter() - t0
+
+
+def diff_requests(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("count", "errors", "ns"):
+        c = collections.Counter(b[key])
+        c.subtract(a[key])
+        out[key] = {k: v for k, v in c.items() if v}
+    out["cpu_s"] = b["cpu_s"] - a["cpu_s"]
+    return out
+
+
+def settle_status(d: bench.Daemon) -> dict[str, Any]:
+    time.sleep(1.1)  # the status document is cached for a second
+    st = d.status()
+    if st is None or "requests" not in st:
+        raise RuntimeError("the daemon does not count requests (ZSTFS_OPSTATS)")
+    return st["requests"]
+
+
+def request_table(counts: dict[str, dict[str, Any]], rows: list[Workload]) -> str:
+    lines = ["| row | requests | by type (handler µs each) | errors / negative | handler µs/req | "
+             "daemon CPU µs/req |",
+             "|---|---:|---|---|---:|---:|"]
+    for w in rows:
+        if w.name not in counts:
+            continue
+        c = counts[w.name]
+        cnt = dict(c["count"])
+        cnt = {k: v for k, v in cnt.items() if v}
+        total = sum(cnt.values())
+        by = ", ".join(f"{k} {v} ({max(c['ns'].get(k, 0), 0) / 1000 / v:.0f} µs)"
+                       for k, v in sorted(cnt.items(), key=lambda kv: -kv[1]) if v > 0)
+        errs = ", ".join(f"{k} {v}" for k, v in sorted(c["errors"].items(),
+                                                        key=lambda kv: -kv[1]))
+        ns = sum(c["ns"].values())
+        lines.append(f"| {w.name} | {total} | {by} | {errs or '-'} | "
+                     f"{ns / 1000 / max(total, 1):.0f} | "
+                     f"{c['cpu_s'] * 1e6 / max(total, 1):.0f} |")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def other_mount(kind: str, src: Path, mnt: Path) -> Iterator[None]:
+    """An experiment's baseline: another FUSE daemon serving `src` on `mnt` (no zstfs)."""
+    if kind != "fuse-overlayfs":
+        raise ValueError(kind)
+    low, wk = src.parent / "ovl-lower", src.parent / "ovl-work"
+    for d in (low, wk, mnt):
+        d.mkdir(exist_ok=True)
+    proc = subprocess.Popen(["fuse-overlayfs", "-f", "-o",
+                             f"lowerdir={low},upperdir={src},workdir={wk}", str(mnt)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mnt):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("fuse-overlayfs did not mount")
+            time.sleep(0.05)
+        yield
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+        proc.wait(timeout=60)
+
+
+def bench_mount_cost(res: bench.Results, work: Path, reps: int, only: set[str] | None = None,
+                     count: bool = True, mounter: str = "zstfs") -> dict[str, dict[str, Any]]:
+    """Run the rows into `res`; returns the request counts per row (empty without `count`)."""
+    work.mkdir(parents=True, exist_ok=True)
+    fx = Fixtures(work)
+    disk, src, mnt = work / "disk", work / "src", work / "mnt"
+    codex = None
+    server = None
+    want_codex = only is None or bool({"codex-exec", "codex-resume"} & only)
+    if want_codex:
+        import codex_harness
+
+        binary = codex_harness.find_codex()
+        if binary is None:
+            res.notes.append("codex rows skipped: run scripts/install-codex.sh "
+                             "(or set ZSTFS_CODEX_DIR)")
+        else:
+            server = codex_harness.MockResponsesServer().start()
+            codex = Codex(work, binary, server)
+    rows = [w for w in workloads(fx, codex) if only is None or w.name in only]
+    counts: dict[str, dict[str, Any]] = {}
+    try:
+        for base in (disk, src):
+            shutil.rmtree(base, ignore_errors=True)
+            base.mkdir(parents=True)
+        if codex is not None and mounter != "zstfs":
+            raise RuntimeError("the codex rows need zstfs (they resume compressed sessions)")
+        if codex is not None:
+            # Sessions to resume, made through a mount (codex records their paths), then
+            # compressed offline: what a store looks like after `--compress-after`.
+            resumes = 2 * reps + 2 if any(w.name == "codex-resume" for w in rows) else 0
+            codex.setup(disk, resumes)
+            with bench.mounted(res, "mount cost (codex sessions)", src, mnt):
+                codex.setup(mnt, resumes)
+            run([*bench.ZSTFS, "compress", "--older-than", "0", str(src)])
+        if count:
+            os.environ["ZSTFS_OPSTATS"] = "1"
+            try:
+                with bench.mounted(res, "mount cost (counting)", src, mnt) as d:
+                    settle_status(d)
+                    idle = diff_requests(settle_status(d), settle_status(d))
+                    for w in rows:
+                        w.prepare(mnt, -1)
+                        before = settle_status(d)
+                        w.timed(mnt, -1)
+                        c = diff_requests(before, settle_status(d))
+                        for key in ("count", "ns"):  # minus the status reads themselves
+                            for k, v in idle[key].items():
+                                c[key][k] = c[key].get(k, 0) - v
+                        c["cpu_s"] -= idle["cpu_s"]
+                        counts[w.name] = c
+                        print(f"  {w.name}: {sum(c['count'].values())} requests {c['errors']} "
+                              f"{counts[w.name]['count']}", flush=True)
+            finally:
+                del os.environ["ZSTFS_OPSTATS"]
+        timed_mount = (bench.mounted(res, "mount cost", src, mnt) if mounter == "zstfs"
+                       else other_mount(mounter, src, mnt))
+        with timed_mount:
+            for w in rows:
+                times: dict[Path, list[float]] = {disk: [], mnt: []}
+                for i in range(reps):
+                    for base in ((disk, mnt) if i % 2 == 0 else (mnt, disk)):
+                        w.prepare(base, i)
+                        times[base].append(w.timed(base, i))
+                bench.ratio_row(res, w.what, times[mnt], times[disk], "disk", GOALS[w.name])
+    finally:
+        if server is not None:
+            server.stop()
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--rows", help="comma list of: sqlite,sqlite-normal,git-status,git-clone,"
+                                   "tar,diff,rm,codex-exec,codex-resume")
+    ap.add_argument("--no-count", action="store_true", help="skip the request-counting pass")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/zstfs-mountcost"))
+    ap.add_argument("--markdown", type=Path, metavar="FILE")
+    ap.add_argument("--python", metavar="PY",
+                    help="experiment: run the daemons with this interpreter (e.g. a venv with a "
+                         "patched pyfuse3)")
+    ap.add_argument("--set", action="append", default=[], metavar="ATTR=PYVALUE",
+                    help="experiment: set an Operations class attribute in the daemons, e.g. "
+                         "cache_readdir=True (needs a pyfuse3 that reads it)")
+    ap.add_argument("--mounter", default="zstfs", choices=["zstfs", "fuse-overlayfs"],
+                    help="experiment: time another FUSE daemon (a C one) instead of zstfs")
+    args = ap.parse_args(argv)
+    if args.python or args.set:
+        sets = "".join(f"setattr(f.Operations, {k!r}, {v});"
+                       for k, v in (a.split("=", 1) for a in args.set))
+        bench.ZSTFS = [args.python or sys.executable, "-c",
+                       f"import sys; import zstfs.fs as f; {sets} "
+                       "from zstfs.cli import main; sys.exit(main())"]
+    only = set(args.rows.split(",")) if args.rows else None
+    res = bench.Results()
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    counts = bench_mount_cost(res, args.workdir.resolve(), args.reps, only,
+                              not args.no_count and args.mounter == "zstfs", args.mounter)
+    load1 = os.getloadavg()
+    header = [
+        f"date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; "
+        f"total {time.perf_counter() - t0:.0f} s; medians of {args.reps} interleaved runs",
+        f"machine: {bench.versions()}",
+        f"load average at start {load0[0]:.2f}, at end {load1[0]:.2f}",
+        f"daemons: {' '.join(bench.ZSTFS) if args.mounter == 'zstfs' else args.mounter}",
+        *res.notes,
+    ]
+    text = "\n".join(f"- {h}" for h in header) + "\n\n" + res.table() + "\n"
+    if counts:
+        rows = workloads(Fixtures(args.workdir.resolve()), None)
+        rows += [Workload(n, n, lambda b, i: None, lambda b, i: 0.0)
+                 for n in ("codex-exec", "codex-resume")]
+        text += "\nFUSE requests of one run per row:\n\n" + request_table(counts, rows) + "\n"
+    print()
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text)
+    return 0 if all(r.ok is not False for r in res.rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
