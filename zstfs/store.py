@@ -610,6 +610,24 @@ class Store:
     ) -> None:
         """Compress the leased file into a verified temp `.zst` beside it, with its metadata
         (the slow part of a swap, for a worker thread). Nothing visible changes."""
+        with self._swap_temp(swap, abandon, progress) as (tmp, step):
+            logical, stored = codec.compress_file(swap.src_fd, tmp, self.params, progress=step)
+            self.check_swap(swap, abandon)
+            if logical != swap.source.st_size:
+                raise Changed(f"{swap.path!r} changed size while being compressed")
+            codec.verify_equal(tmp, swap.src_fd,
+                               progress=lambda _n: self.check_swap(swap, abandon))
+            self._seal_temp(swap, tmp, logical, stored, abandon)
+
+    @contextlib.contextmanager
+    def _swap_temp(
+        self,
+        swap: Swap,
+        abandon: Callable[[], bool] | None,
+        progress: Callable[[int], None] | None,
+    ) -> Iterator[tuple[int, Callable[[int], None]]]:
+        """The swap's temp file beside the source (removed by `end_swap`), and the progress
+        callback that checks, between frames, that the swap may go on."""
 
         def step(done: int) -> None:
             self.check_swap(swap, abandon)
@@ -620,19 +638,19 @@ class Store:
         tmp = os.open(swap.temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
                       | os.O_NOFOLLOW, 0o600, dir_fd=swap.dir_fd)
         try:
-            logical, stored = codec.compress_file(swap.src_fd, tmp, self.params, progress=step)
-            self.check_swap(swap, abandon)
-            if logical != swap.source.st_size:
-                raise Changed(f"{swap.path!r} changed size while being compressed")
-            codec.verify_equal(tmp, swap.src_fd,
-                               progress=lambda _n: self.check_swap(swap, abandon))
-            self.check_swap(swap, abandon)
-            copy_metadata(swap.src_fd, tmp, swap.source)
-            os.fsync(tmp)
-            self.remember_size(os.fstat(tmp), logical)
-            swap.logical, swap.stored = logical, stored
+            yield tmp, step
         finally:
             os.close(tmp)
+
+    def _seal_temp(self, swap: Swap, tmp: int, logical: int, stored: int,
+                   abandon: Callable[[], bool] | None) -> None:
+        """The verified temp gets the source's metadata (all of it, or an error) and is made
+        durable."""
+        self.check_swap(swap, abandon)
+        copy_metadata(swap.src_fd, tmp, swap.source)
+        os.fsync(tmp)
+        self.remember_size(os.fstat(tmp), logical)
+        swap.logical, swap.stored = logical, stored
 
     def adopt_swap(
         self,
@@ -647,16 +665,7 @@ class Store:
         damaged or needs a window wider than `max_window`."""
         if codec.is_native(swap.src_fd, self.params):
             return False
-
-        def step(done: int) -> None:
-            self.check_swap(swap, abandon)
-            if progress is not None:
-                progress(done)
-
-        swap.temp = temp_name(swap.name)
-        tmp = os.open(swap.temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-                      | os.O_NOFOLLOW, 0o600, dir_fd=swap.dir_fd)
-        try:
+        with self._swap_temp(swap, abandon, progress) as (tmp, step):
             try:
                 logical, stored = codec.reencode(swap.src_fd, tmp, self.params, progress=step,
                                                  max_window=max_window)
@@ -664,13 +673,7 @@ class Store:
                 codec.verify_reencoded(tmp, swap.src_fd, max_window=max_window)
             except codec.CorruptError as e:
                 raise Unadoptable(str(e)) from None
-            self.check_swap(swap, abandon)
-            copy_metadata(swap.src_fd, tmp, swap.source)
-            os.fsync(tmp)
-            self.remember_size(os.fstat(tmp), logical)
-            swap.logical, swap.stored = logical, stored
-        finally:
-            os.close(tmp)
+            self._seal_temp(swap, tmp, logical, stored, abandon)
         return True
 
     def publish_adopt(
