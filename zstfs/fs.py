@@ -190,6 +190,10 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.ENOTDIR)
         return self._path(node)
 
+    def _handles_of(self, node: Node) -> list[Handle]:
+        """The open handles on a node (a few at most: a scan beats keeping an index)."""
+        return [h for h in self.handles.values() if h.node is node]
+
     def _new_fh(self) -> int:
         fh = self._next_fh
         self._next_fh += 1
@@ -276,10 +280,8 @@ class Operations(pyfuse3.Operations):
         fd = node.anon_fd
         reader = None
         if fd is None:
-            for h in self.handles.values():
-                if h.node is node:
-                    fd, reader = h.fd, h.reader
-                    break
+            for h in self._handles_of(node)[:1]:
+                fd, reader = h.fd, h.reader
         if fd is None:
             raise FUSEError(errno.ENOENT)
         st = os.fstat(fd)
@@ -337,18 +339,16 @@ class Operations(pyfuse3.Operations):
         if fields.update_size:
             while node.swap is not None:
                 await self.files.settle(node)
-        for _ in range(3):
-            try:
-                # Under the file's lock: a promotion or a swap's publish step never runs
-                # meanwhile, so the change lands on the file that results (and a swap never
-                # reverts it).
-                async with self._locked(node):
-                    if fields.update_size:
-                        self.files.abandon(node)  # one that started while we waited
-                    return await self._setattr_locked(node, handle, attr, fields)
-            except Leased as e:
-                await self._unlease(node, e, os.O_WRONLY)
-        raise FUSEError(errno.EAGAIN)
+
+        async def attempt() -> pyfuse3.EntryAttributes:
+            # Under the file's lock: a promotion or a swap's publish step never runs meanwhile,
+            # so the change lands on the file that results (and a swap never reverts it).
+            async with self._locked(node):
+                if fields.update_size:
+                    self.files.abandon(node)  # one that started while we waited
+                return await self._setattr_locked(node, handle, attr, fields)
+
+        return await self._unleased(node, os.O_WRONLY, attempt)
 
     async def _setattr_locked(
         self,
@@ -416,10 +416,10 @@ class Operations(pyfuse3.Operations):
             return node.anon_fd
         if handle is not None:
             return handle.fd
-        for h in self.handles.values():
-            if h.node is node:
-                return h.fd
-        raise FUSEError(errno.ENOENT)
+        fd = self._any_fd(node)
+        if fd is None:
+            raise FUSEError(errno.ENOENT)
+        return fd
 
     def _apply(
         self,
@@ -463,14 +463,15 @@ class Operations(pyfuse3.Operations):
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         d = self.dirs[fh]
         parent = self._path(d.node)
-        unknown = []
-        for name in d.names[max(start_id, 2):]:
-            entry = self.store.resolve(parent, name)
-            if entry is not None and entry.compressed and self.store.known_size(entry.st) is None:
-                unknown.append(join(parent, entry.name))
+        # What each name is now, not what it was at opendir: a file swapped or promoted since
+        # has another backing inode, and a stale stat must never rekey the table.
+        current = {name: self.store.resolve(parent, name) for name in d.names[max(start_id, 2):]}
+        unknown = [join(parent, e.name) for e in current.values()
+                   if e is not None and e.compressed and self.store.known_size(e.st) is None]
         if unknown:
             # One thread hop for the whole directory rather than one per compressed file: a
-            # cold `find` or `grep -r` reads every seek table once.
+            # cold `find` or `grep -r` reads every seek table once. The stats above are stale
+            # after it: each name is looked at again below.
             await trio.to_thread.run_sync(self.store.learn_sizes, unknown,
                                           limiter=self.read_limiter)
         for i in range(start_id, len(d.names)):
@@ -479,12 +480,16 @@ class Operations(pyfuse3.Operations):
                 if not self.readdir_reply(token, name, self._dot(d.node, i), i + 1):
                     return
                 continue
-            # What the name is now, not what it was at opendir: a file swapped or promoted
-            # since has another backing inode, and a stale stat must never rekey the table.
-            found = await self._listing_entry(d.node, name)
-            if found is None:
+            entry = current[name]
+            if entry is None:
                 continue
-            entry, size = found
+            if unknown or (entry.compressed and self.store.known_size(entry.st) is None):
+                found = await self._listing_entry(d.node, name)
+                if found is None:
+                    continue
+                entry, size = found
+            else:
+                size = self.store.known_size(entry.st) if entry.compressed else entry.st.st_size
             node = self.table.attach(d.node.ino, name, entry.st, entry.compressed)
             if not self.readdir_reply(token, name, self._attrs(node, entry.st, size), i + 1):
                 self.table.maybe_drop(node)
@@ -807,19 +812,23 @@ class Operations(pyfuse3.Operations):
     @translate_errors
     async def open(self, inode: InodeT, flags: int, ctx: pyfuse3.RequestContext) -> FileInfo:
         node = self._node(inode)
+        return await self._unleased(node, flags, lambda: self._open(node, flags))
+
+    async def _unleased(self, node: Node, flags: int,
+                        attempt: Callable[[], Awaitable[R]]) -> R:
+        """Run `attempt`, which opens a backing file without waiting on a lease (Leased). If
+        the file is leased, a swap of ours (found by its inode, in case the kernel reached it
+        through another node) gives up, anyone else's lease is waited out in a worker thread
+        (never on the thread that serves every request), and it is tried again; a file leased
+        over and over ends in EAGAIN."""
         for _ in range(3):
             try:
-                return await self._open(node, flags)
+                return await attempt()
             except Leased as e:
-                await self._unlease(node, e, flags)
-        return await self._open(node, flags)
-
-    async def _unlease(self, node: Node, e: Leased, flags: int) -> None:
-        """A backing file is leased: a swap of ours (found by its inode, in case the kernel
-        reached it through another node) gives up; anyone else's lease is waited out in a
-        worker thread, never on the thread that serves every request."""
-        if not await self.files.settle_file(e.key):
-            await trio.to_thread.run_sync(self.store.wait_unleased, self._path(node), flags)
+                if not await self.files.settle_file(e.key):
+                    await trio.to_thread.run_sync(self.store.wait_unleased, self._path(node),
+                                                  flags)
+        return await attempt()
 
     async def _open(self, node: Node, flags: int) -> FileInfo:
         while node.swap is not None and not node.swap.adopt:
@@ -881,10 +890,8 @@ class Operations(pyfuse3.Operations):
             return node.anon_fd
         if self.table.path(node) is not None:
             return None
-        for h in self.handles.values():
-            if h.node is node and h.reader is None and h.generation == node.generation:
-                return h.fd
-        return None
+        return next((h.fd for h in self._handles_of(node)
+                     if h.reader is None and h.generation == node.generation), None)
 
     def _keep_cache(self, node: Node, handle: Handle) -> bool:
         """Keep the kernel's cached pages unless the content changed behind our back."""
@@ -919,11 +926,11 @@ class Operations(pyfuse3.Operations):
             # Every handle moves to the plain file now, while it has a name: a writer left on
             # the `.zst` until its next request could find the file removed meanwhile and
             # nothing left to reopen (ENOENT from write(2) on an open descriptor).
-            for h in [h for h in self.handles.values() if h.node is node]:
+            for h in self._handles_of(node):
                 self._refresh_handle(h)
 
     def _any_fd(self, node: Node) -> int | None:
-        return next((h.fd for h in self.handles.values() if h.node is node), None)
+        return next((h.fd for h in self._handles_of(node)), None)
 
     async def _create_existing(
         self, parent_inode: int, name: bytes, flags: int, ctx: pyfuse3.RequestContext
@@ -1083,11 +1090,10 @@ class Operations(pyfuse3.Operations):
 
     def _held_fd(self, node: Node) -> int | None:
         """A descriptor of the node's current representation that an open handle holds."""
-        if node.opens:
-            for h in self.handles.values():
-                if h.node is node and h.generation == node.generation:
-                    return h.fd
-        return None
+        if not node.opens:
+            return None
+        return next((h.fd for h in self._handles_of(node) if h.generation == node.generation),
+                    None)
 
     async def _status_json(self, caller: int) -> bytes:
         """The status document, computed afresh for every request.

@@ -487,20 +487,14 @@ class OpenFiles:
                         self.store.compress_swap, swap, abandon=ticket.abandoned),
                         limiter=limiter)
                 await self._step("compressed", path)
-            except Unadoptable:
-                return Outcome.KEEP
-            except Abandoned:
-                return Outcome.OPEN
-            except Busy:
-                return Outcome.BUSY
-            except Changed:
-                return Outcome.WAIT
-            if not adopt and swap.stored > swap.logical * (1 - min_saving):
-                return Outcome.SMALL
-            async with node.lock:
-                with trio.CancelScope(shield=True):
-                    await self._step("locked", path)
-                    return await self._publish(node, swap, ticket, adopt)
+                if not adopt and swap.stored > swap.logical * (1 - min_saving):
+                    return Outcome.SMALL
+                async with node.lock:
+                    with trio.CancelScope(shield=True):
+                        await self._step("locked", path)
+                        return await self._publish(node, swap, ticket, adopt)
+            except (Unadoptable, PairExists, Changed) as e:
+                return _ending(e)
         finally:
             if dir_fd >= 0:
                 os.close(dir_fd)
@@ -521,37 +515,38 @@ class OpenFiles:
         the lease stops every other."""
         if (node.opens > 0 and not adopt) or ticket.abandoned():
             return Outcome.OPEN
-        try:
-            if adopt:
-                zst_st = await trio.to_thread.run_sync(functools.partial(
-                    self.store.publish_adopt, swap, abandon=ticket.abandoned))
-                self.table.rekey(node, zst_st, True)
-                self.on_swapped(node)
-                self.stats.adopted += 1
-                log.debug("re-encoded %s: %d bytes stored", os.fsdecode(swap.path), swap.stored)
-                return Outcome.DONE
+        if adopt:
+            zst_st = await trio.to_thread.run_sync(functools.partial(
+                self.store.publish_adopt, swap, abandon=ticket.abandoned))
+            self.stats.adopted += 1
+        else:
             try:
                 zst_st = await trio.to_thread.run_sync(functools.partial(
                     self.store.publish_swap, swap, abandon=ticket.abandoned))
             except PairExists:
                 if not await trio.to_thread.run_sync(self.store.leftover_superseded, swap):
-                    return Outcome.PAIR
+                    raise
                 zst_st = await trio.to_thread.run_sync(functools.partial(
                     self.store.publish_swap, swap, abandon=ticket.abandoned, replace=True))
-        except PairExists:
-            return Outcome.PAIR
-        except Abandoned:
-            return Outcome.OPEN
-        except Busy:
-            return Outcome.BUSY
-        except Changed:
-            return Outcome.WAIT
+            self.stats.swaps_done += 1
+            self.stats.bytes_compressed += swap.logical
         # Lookups during the publish found this node (locked, or through `pending`); from here
         # on it stands for the .zst.
         self.table.rekey(node, zst_st, True)
         self.on_swapped(node)
-        self.stats.swaps_done += 1
-        self.stats.bytes_compressed += swap.logical
-        log.debug("compressed %s: %d -> %d bytes", os.fsdecode(swap.path), swap.logical,
-                  swap.stored)
+        log.debug("%s %s: %d -> %d bytes", "re-encoded" if adopt else "compressed",
+                  os.fsdecode(swap.path), swap.logical, swap.stored)
         return Outcome.DONE
+
+
+def _ending(e: Exception) -> Outcome:
+    """What a swap that stopped with `e` comes to (subclasses before their bases)."""
+    if isinstance(e, Unadoptable):
+        return Outcome.KEEP
+    if isinstance(e, PairExists):
+        return Outcome.PAIR
+    if isinstance(e, Abandoned):
+        return Outcome.OPEN
+    if isinstance(e, Busy):
+        return Outcome.BUSY
+    return Outcome.WAIT  # Changed: decided again by its (new) mtime

@@ -101,11 +101,12 @@ class Abandoned(Busy):
     """The daemon asked the swap to give up (an open, removal or rename through the mount)."""
 
 
-class Leased(Exception):
-    """A backing file cannot be opened without waiting: a lease on it is being broken."""
+class Leased(BlockingIOError):
+    """A backing file cannot be opened without waiting: a lease on it is being broken (EAGAIN
+    if it ever reaches the filesystem layer's errno translation)."""
 
     def __init__(self, key: tuple[int, int]) -> None:
-        super().__init__(f"file {key} is leased")
+        super().__init__(errno.EAGAIN, f"file {key} is leased")
         self.key = key
 
 
@@ -676,12 +677,9 @@ class Store:
             self._seal_temp(swap, tmp, logical, stored, abandon)
         return True
 
-    def publish_adopt(
-        self, swap: Swap, *, abandon: Callable[[], bool] | None = None
-    ) -> os.stat_result:
-        """Replace the foreign `.zst` with its re-encoded temp, if the name still holds the
-        file that was read and no plain file has appeared beside it. An opener that was
-        waiting on the lease gets the old file, whose content is the same. Returns the stat."""
+    def _still_there(self, swap: Swap, abandon: Callable[[], bool] | None) -> os.stat_result:
+        """The swap may go on (`check_swap`) and its name still holds the very file that was
+        read: same device, inode, size, mtime, ctime, one link. Returns the file's stat."""
         self.check_swap(swap, abandon)
         try:
             current = os.stat(swap.name, dir_fd=swap.dir_fd, follow_symlinks=False)
@@ -689,13 +687,17 @@ class Store:
             raise Changed(f"{swap.path!r} was removed or renamed") from None
         now = os.fstat(swap.src_fd)
         if not (full_identity(current) == full_identity(now) == full_identity(swap.source)):
-            raise Changed(f"{swap.path!r} changed while being re-encoded")
-        plain = swap.name[: -len(b".zst")]
-        try:
-            os.stat(plain, dir_fd=swap.dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            pass
-        else:
+            raise Changed(f"{swap.path!r} changed since it was read")
+        return now
+
+    def publish_adopt(
+        self, swap: Swap, *, abandon: Callable[[], bool] | None = None
+    ) -> os.stat_result:
+        """Replace the foreign `.zst` with its re-encoded temp, if the name still holds the
+        file that was read and no plain file has appeared beside it. An opener that was
+        waiting on the lease gets the old file, whose content is the same. Returns the stat."""
+        self._still_there(swap, abandon)
+        if _exists_at(swap.dir_fd, swap.name[: -len(b".zst")]):
             raise PairExists(f"{swap.path!r}: a plain file appeared beside it")
         rename_at(swap.dir_fd, swap.temp, swap.dir_fd, swap.name)
         swap.temp = b""
@@ -728,24 +730,12 @@ class Store:
         `NAME.zst` (a leftover the caller checked holds nothing the plain file lacks) is
         replaced; else it raises PairExists.
         """
-        self.check_swap(swap, abandon)
-        try:
-            current = os.stat(swap.name, dir_fd=swap.dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            raise Changed(f"{swap.path!r} was removed or renamed") from None
-        now = os.fstat(swap.src_fd)
-        if not (full_identity(current) == full_identity(now) == full_identity(swap.source)):
-            raise Changed(f"{swap.path!r} changed while being compressed")
+        now = self._still_there(swap, abandon)
         if not swap.leased and leases.open_elsewhere(now, frozenset({swap.src_fd})):
             raise Busy(f"{swap.path!r} was opened by another process")
         zname = zst_name(swap.name)
-        if not replace:
-            try:
-                os.stat(zname, dir_fd=swap.dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                pass
-            else:
-                raise PairExists(f"{swap.path!r}: a .zst of it already exists")
+        if not replace and _exists_at(swap.dir_fd, zname):
+            raise PairExists(f"{swap.path!r}: a .zst of it already exists")
         keep = temp_name(swap.name)
         os.link(swap.name, keep, src_dir_fd=swap.dir_fd, dst_dir_fd=swap.dir_fd,
                 follow_symlinks=False)
@@ -964,6 +954,14 @@ class Swap:
     temp: bytes = b""
     logical: int = 0
     stored: int = 0
+
+
+def _exists_at(dir_fd: int, name: bytes) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def rename_at(old_dir: int, old: bytes, new_dir: int, new: bytes, flags: int = 0) -> None:
