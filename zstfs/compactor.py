@@ -72,7 +72,6 @@ class Compactor:
         self._idle = trio.Event()
         self._scanned = False
         self._census = CensusCache()
-        self._nursery: trio.Nursery | None = None
         self.files: OpenFiles | None = None
 
     def attach(self, files: OpenFiles) -> None:
@@ -152,13 +151,12 @@ class Compactor:
         self._scanned = True
         log.info("compactor: %d candidate files after the initial scan", len(candidates))
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
             while not self._stopping:
                 if not self._paused:
                     self._start_due(nursery)
                 delay = self._heap[0][0] - self.clock() if self._heap else float("inf")
-                if len(self._in_flight) >= self.jobs:
-                    delay = float("inf")  # a finishing job wakes us
+                if len(self._in_flight) >= self.jobs or self._paused:
+                    delay = float("inf")  # a finishing job, or resume(), wakes us
                 with trio.move_on_after(max(delay, 0.01)):
                     await self._wake.wait()
                 self._wake = trio.Event()
