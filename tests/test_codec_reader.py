@@ -3,6 +3,7 @@ seek tables, absurd sizes, the decoder budget, resumable streams, and the adopti
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
@@ -725,3 +726,142 @@ def test_damaged_empty_frame_is_damage_at_eof(tmp_path: Path, fds: list[int]) ->
         reader.read(0, 10)
     ok = open_blob(tmp_path, fds, good, "good.zst")
     assert ZstReader(ok, Decoders()).read(0, 10) == b"abc"
+
+
+# --------------------------------------------------------------------------------------------
+# Decoded copies of big frames (issue 11: a single frame decoded once, not to check and again to
+# serve)
+
+
+def spill_budget(tmp_path: Path, fds: list[int], **kw: object) -> Decoders:
+    """A budget with a small cache (frames above 512 KiB are "big") that copies big frames into
+    ``tmp_path/spill`` whatever the free space there."""
+    spill = tmp_path / "spill"
+    spill.mkdir(exist_ok=True)
+    dir_fd = os.open(spill, os.O_RDONLY | os.O_DIRECTORY)
+    fds.append(dir_fd)
+    dec = Decoders(cache=1 << 20, idle_seconds=0, spill_dir=dir_fd, **kw)  # type: ignore[arg-type]
+    dec.spill_keep_free = (0.0, 0)
+    return dec
+
+
+def unnamed_files(tmp_path: Path) -> int:
+    """This process's descriptors of unnamed files in ``tmp_path/spill`` (an O_TMPFILE shows as
+    `DIR/#N (deleted)`)."""
+    prefix = f"{tmp_path / 'spill'}/#"
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(prefix):
+                n += 1
+    return n
+
+
+@pytest.mark.parametrize("size", [True, False])
+def test_big_frame_is_decoded_once_and_served_from_its_copy(tmp_path: Path, fds: list[int],
+                                                            size: bool) -> None:
+    data = text(6 << 20, 11)
+    fd = open_blob(tmp_path, fds, frame(data, size=size))
+    dec = spill_budget(tmp_path, fds)
+    reader = ZstReader(fd, dec)
+    pos = 0
+    while pos < len(data):
+        assert reader.read(pos, 128 << 10) == data[pos : pos + (128 << 10)]
+        pos += 128 << 10
+    rng = random.Random(5)
+    for _ in range(200):
+        off = rng.randrange(len(data))
+        n = rng.randrange(1, 300_000)
+        assert reader.read(off, n) == data[off : off + n]
+        assert reader.read_cached(off, n) == data[off : off + n]  # no decoding: a pread
+    assert dec.spill_stats() == (1, len(data))
+    assert dec.streams_started == 0
+    assert dec.streamed_bytes == 0
+    assert list((tmp_path / "spill").iterdir()) == []  # unnamed: nothing to clean up, ever
+    dec.clear()
+    assert dec.spill_stats() == (0, 0)
+    assert unnamed_files(tmp_path) == 0
+
+
+def test_damaged_big_frame_keeps_no_copy_and_serves_nothing(tmp_path: Path,
+                                                            fds: list[int]) -> None:
+    data = text(6 << 20, 12)
+    blob = bytearray(frame(data))
+    blob[-1] ^= 0x40  # the content checksum: every decoded byte right, the frame still damaged
+    fd = open_blob(tmp_path, fds, bytes(blob))
+    dec = spill_budget(tmp_path, fds)
+    reader = ZstReader(fd, dec)
+    for off in (0, 3 << 20, len(data) - 10):
+        with pytest.raises(CorruptError, match=r"(?i)checksum|corrupt"):
+            reader.read(off, 4096)
+        assert reader.read_cached(off, 4096) is None
+    assert dec.spill_stats() == (0, 0)
+    assert unnamed_files(tmp_path) == 0
+
+
+def test_copy_limits_fall_back_to_streaming(tmp_path: Path, fds: list[int]) -> None:
+    data = text(3 << 20, 13)
+    fd = open_blob(tmp_path, fds, frame(data))
+    dec = spill_budget(tmp_path, fds, spill_limit=1 << 20)  # no room for this frame's copy
+    reader = ZstReader(fd, dec)
+    assert reader.read(0, len(data)) == data
+    assert dec.spill_stats() == (0, 0)
+    assert dec.spills_skipped == 1
+    assert dec.streams_started == 1
+    # No room on the filesystem either: the same.
+    fd2 = open_blob(tmp_path, fds, frame(text(3 << 20, 14)), "g.zst")
+    dec2 = spill_budget(tmp_path, fds)
+    dec2.spill_keep_free = (1.0, 0)  # keep the whole filesystem free
+    assert ZstReader(fd2, dec2).read(1 << 20, 10) == text(3 << 20, 14)[1 << 20 : (1 << 20) + 10]
+    assert dec2.spill_stats() == (0, 0)
+    assert dec2.spills_skipped == 1
+    assert unnamed_files(tmp_path) == 0
+
+
+def test_copies_are_bounded_and_evicted_least_recently_used(tmp_path: Path,
+                                                            fds: list[int]) -> None:
+    blobs = [text(3 << 20, 20 + i) for i in range(3)]
+    readers = []
+    dec = spill_budget(tmp_path, fds, spill_limit=7 << 20)  # two copies fit, not three
+    for i, data in enumerate(blobs):
+        readers.append(ZstReader(open_blob(tmp_path, fds, frame(data), f"f{i}.zst"), dec))
+    for r, data in zip(readers, blobs, strict=True):
+        assert r.read(100, 1000) == data[100:1100]
+    assert dec.spill_stats() == (2, 6 << 20)
+    for r, data in zip(readers, blobs, strict=True):  # all still right, whichever is evicted
+        assert r.read(len(data) - 5000, 5000) == data[-5000:]
+    assert dec.spill_stats()[1] <= 7 << 20
+    assert unnamed_files(tmp_path) == 2
+
+
+def test_idle_copies_are_dropped(tmp_path: Path, fds: list[int]) -> None:
+    data = text(3 << 20, 30)
+    fd = open_blob(tmp_path, fds, frame(data))
+    dec = spill_budget(tmp_path, fds, spill_idle=0.05)
+    assert ZstReader(fd, dec).read(0, 10) == data[:10]
+    end = time.monotonic() + 10.0
+    while dec.spill_stats()[0] and time.monotonic() < end:
+        time.sleep(0.01)  # polling an observable, with a deadline
+    assert dec.spill_stats() == (0, 0)
+    assert unnamed_files(tmp_path) == 0
+    assert ZstReader(fd, dec).read(1 << 20, 10) == data[1 << 20 : (1 << 20) + 10]
+
+
+def test_a_copy_being_read_survives_its_eviction(tmp_path: Path, fds: list[int]) -> None:
+    data = text(3 << 20, 31)
+    fd = open_blob(tmp_path, fds, frame(data))
+    dec = spill_budget(tmp_path, fds)
+    reader = ZstReader(fd, dec)
+    assert reader.read(0, 10) == data[:10]
+    ident = codec._identity(fd)
+    index = dec.index(fd, ident)
+    key = (ident, index.frames[0].comp_start)
+    spill = dec._spills[key]
+    spill.pins += 1  # a reader in the middle of its pread
+    dec.clear()  # evicts it
+    assert spill.fd >= 0
+    assert spill.doomed
+    assert os.pread(spill.fd, 10, 0) == data[:10]
+    dec._unpin_spill(spill)  # the reader is done: now it goes
+    assert spill.fd < 0
+    assert unnamed_files(tmp_path) == 0

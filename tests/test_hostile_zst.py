@@ -21,6 +21,7 @@ import pytest
 from conftest import MountFactory
 from test_codec_reader import frame_claiming, reference, seekable, text
 
+from zstfs import codec
 from zstfs.names import NameRules
 from zstfs.store import Store
 
@@ -171,6 +172,54 @@ def test_single_frame_cat_equals_zstdcat(tmp_path: Path, store: Path,
                           check=True, timeout=120).stdout
     assert tail == data[-5000:]
     assert read_at(store / "big.jsonl", 12345, 1000) == data[12345:13345]
+
+
+def room_for_copies(path: Path, size: int) -> bool:
+    """Whether the daemon will copy a decoded frame of ``size`` bytes there (codec.Decoders)."""
+    sv = os.statvfs(path)
+    return (sv.f_bavail * sv.f_frsize - size
+            >= max(sv.f_blocks * sv.f_frsize * codec.SPILL_FREE_SHARE, codec.SPILL_MIN_FREE))
+
+
+@needs_zstd
+def test_single_frame_is_decoded_once_into_an_unnamed_copy(tmp_path: Path, store: Path,
+                                                           mount_factory: MountFactory) -> None:
+    """The check before serving a never-seen big frame keeps what it decodes (in an O_TMPFILE in
+    the store, invisible and gone with the daemon): cat, tail and random reads are served from it,
+    and a frame whose checksum fails leaves no copy and serves no byte."""
+    if not room_for_copies(store, 80 * MiB):
+        pytest.skip("not enough free space for the daemon's decoded copies")
+    data = text(40 * MiB, 9)
+    plain = tmp_path / "big.jsonl"
+    plain.write_bytes(data)
+    subprocess.run(["zstd", "-q", "-3", str(plain), "-o", str(store / "big.jsonl.zst")],
+                   check=True)
+    bad = bytearray((store / "big.jsonl.zst").read_bytes())
+    bad[-1] ^= 0x10  # its content checksum: only a check of the whole frame sees it
+    (store / "bad.jsonl.zst").write_bytes(bytes(bad))
+    before = sorted(os.listdir(store))
+    m = mount_factory(store, expect_errors=True)
+    assert m.status()["decoded_copies"] == {"files": 0, "bytes": 0}
+    for name in ("bad.jsonl", "bad.jsonl"):  # again: still EIO, from the remembered failure
+        r = subprocess.run(["cat", str(store / name)], capture_output=True, timeout=120)
+        assert r.returncode != 0
+        assert r.stdout == b""  # not one byte of a frame that failed its check
+        assert b"Input/output error" in r.stderr
+        assert read_error(store / name, 20 * MiB, 4096) == errno.EIO
+    assert m.status()["decoded_copies"] == {"files": 0, "bytes": 0}
+    out = subprocess.run(["cat", str(store / "big.jsonl")], capture_output=True, check=True,
+                         timeout=120).stdout
+    assert out == data
+    assert m.status()["decoded_copies"] == {"files": 1, "bytes": len(data)}
+    tail = subprocess.run(["tail", "-c", "7000", str(store / "big.jsonl")],
+                          capture_output=True, check=True, timeout=120).stdout
+    assert tail == data[-7000:]
+    rng = random.Random(3)
+    for _ in range(50):
+        off = rng.randrange(len(data))
+        assert read_at(store / "big.jsonl", off, 5000) == data[off : off + 5000]
+    m.kill()  # even killed, the daemon leaves nothing behind: the copy never had a name
+    assert sorted(set(os.listdir(store)) - {".zstfs.lock"}) == before
 
 
 # --------------------------------------------------------------------------------------------

@@ -382,6 +382,12 @@ def _walk_blocks(fd: int, offset: int, limit: int, frame_start: int) -> int:
     Reading 3-byte block headers finds the compressed frame end without decoding anything; a block
     that runs past ``limit`` means truncation (or a lying seek table).
     """
+    if limit - offset > IO_CHUNK:
+        # One header per block, up to 128 KiB apart: on a cold cache each would be a small
+        # synchronous read. Ask for the whole extent at once (the disk streams it, and a read of
+        # the frame that follows finds it cached).
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, offset, limit - offset, os.POSIX_FADV_WILLNEED)
     while True:
         hdr = os.pread(fd, 3, offset)
         if len(hdr) < 3 or offset + 3 > limit:
@@ -547,10 +553,12 @@ def _decode_whole(fd: int, frame: _Frame) -> bytes:
 
 
 def _count_frame(fd: int, start: int, end: int, expected: int | None, limit: int,
-                 progress: ProgressFn | None = None) -> int:
+                 progress: ProgressFn | None = None,
+                 sink: Callable[[memoryview], None] | None = None) -> int:
     """Decode a frame to nowhere (into one reused buffer) and return its length, verifying it:
     the decoder checks structure, checksum and stated size; we check ``expected``.  Decoding stops
-    with :class:`DecodeLimitError` past ``limit`` bytes, so a "zeros bomb" cannot burn a core."""
+    with :class:`DecodeLimitError` past ``limit`` bytes, so a "zeros bomb" cannot burn a core.
+    ``sink`` receives the decoded bytes as they come (a view of the buffer, valid for the call)."""
     reader: zstandard.ZstdDecompressionReader | None = _decompressor().stream_reader(
         _PreadSource(fd, start, end), read_size=STREAM_READ, read_across_frames=False,
         closefd=False,
@@ -573,6 +581,8 @@ def _count_frame(fd: int, start: int, end: int, expected: int | None, limit: int
                     f"frame at offset {start} decodes to more than {_gib(limit)}, the most zstfs "
                     "decodes for a read (decode it with `zstd -d`)"
                 )
+            if sink is not None:
+                sink(memoryview(buf)[:n])
     except zstandard.ZstdError as exc:
         raise CorruptError(f"frame at offset {start}: {exc}") from exc
     finally:
@@ -727,6 +737,17 @@ STREAM_READ = 1 << 18
 #: Decoder context, block buffers and bookkeeping on top of the window (zstd's DCtx is ~160 KiB).
 STREAM_OVERHEAD = (STREAM_READ + STREAM_HISTORY + STREAM_AHEAD + 2 * IO_CHUNK + MAX_BLOCK_SIZE
                    + (256 << 10))
+#: Big frames (too big to cache whole) are decoded once to check them; with a spill directory
+#: the checking pass also writes what it decodes to an unnamed temporary file there (O_TMPFILE:
+#: gone with the daemon, whatever kills it), and reads are then served from that file. At most
+#: this many bytes of such copies are kept (least recently used go first) ...
+DEFAULT_SPILL_LIMIT = 16 * 2**30
+#: ... each for this long after its last read ...
+SPILL_IDLE_SECONDS = 600.0
+#: ... and only while the filesystem keeps this share of its space, and SPILL_MIN_FREE bytes,
+#: free after the copy (the store's own writes come first).
+SPILL_FREE_SHARE = 0.10
+SPILL_MIN_FREE = 1 << 30
 #: Reservations this small never wait: the FUSE layer decodes small files on its event loop.
 SMALL_RESERVATION = 4 << 20
 #: A reservation that cannot be met for this long (the budget is pinned by work in progress)
@@ -888,6 +909,46 @@ class _Stream:
         return self.pos < min(self.served + STREAM_AHEAD, self.frame.log_size)
 
 
+class _Spill:
+    """A checked big frame's decoded bytes, in an unnamed temporary file (see DEFAULT_SPILL_LIMIT).
+
+    Written by the checking pass as it decodes; served from (``pread``) only once that pass found
+    the frame intact, so reading it never returns a byte the frame's checksum has not vouched for.
+    A reader pins it while it reads, so evicting it never closes the descriptor under a ``pread``.
+    """
+
+    __slots__ = ("doomed", "fd", "last_used", "limit", "pins", "size")
+
+    def __init__(self, fd: int, limit: int) -> None:
+        self.fd = fd
+        self.size = 0
+        self.limit = limit
+        self.last_used = time.monotonic()
+        self.pins = 0
+        self.doomed = False
+
+    def write(self, data: memoryview) -> None:
+        """Append decoded bytes; on any error (a full disk) or past ``limit`` the copy is given up
+        and the checking pass goes on without it."""
+        if self.fd < 0:
+            return
+        if self.size + len(data) > self.limit:
+            self.close()
+            return
+        try:
+            _write_all(self.fd, data)
+        except OSError:
+            self.close()
+            return
+        self.size += len(data)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+
+
 class Decoders:
     """The daemon's one decoder budget, shared by every reader and the decoded-frame cache.
 
@@ -905,8 +966,13 @@ class Decoders:
 
     Before any byte of a frame is served, the frame has been decoded in full once and found
     consistent: checksum (when present), exact length (the seek table's or the header's claim),
-    structure.  Small frames are decoded whole anyway; a big one is decoded once to nowhere and
-    remembered as verified by file identity.
+    structure.  Small frames are decoded whole anyway; a big one is decoded once and remembered as
+    verified by file identity.  Given a ``spill_dir`` (the daemon passes the backing store's root),
+    that checking pass also copies the big frame's decoded bytes into an unnamed temporary file
+    there, and reads of the frame are served from it: a foreign single-frame file is decoded once,
+    not once to check and again to serve, and random reads in it cost a ``pread``.  Copies are
+    bounded (``spill_limit`` bytes in all, free space kept, dropped when idle) and optional: without
+    room for one, the frame is streamed as before.
 
     Thread-safe; one instance per daemon (``default_decoders()`` unless a caller passes its own).
     """
@@ -918,6 +984,9 @@ class Decoders:
         *,
         max_frame: int = MAX_FRAME_DECODE,
         idle_seconds: float = IDLE_SECONDS,
+        spill_dir: int | None = None,
+        spill_limit: int = DEFAULT_SPILL_LIMIT,
+        spill_idle: float = SPILL_IDLE_SECONDS,
     ) -> None:
         self.memory = memory
         self.cache_limit = min(cache, memory)
@@ -939,6 +1008,14 @@ class Decoders:
         self._janitor: threading.Thread | None = None
         self._prefetch_queue: collections.deque[_Stream] = collections.deque()
         self._prefetcher: threading.Thread | None = None
+        self.spill_dir = spill_dir
+        self.spill_limit = spill_limit
+        self.spill_idle = spill_idle
+        self.spill_keep_free = (SPILL_FREE_SHARE, SPILL_MIN_FREE)  # share of the fs, bytes
+        self._spills: OrderedDict[tuple[Identity, int], _Spill] = OrderedDict()  # LRU first
+        self._spill_bytes = 0
+        self.spills_made = 0  # statistics: copies kept
+        self.spills_skipped = 0  # big frames checked without a copy (no room, no O_TMPFILE)
 
     # ---------------------------------------------------------------- accounting
     @property
@@ -1016,6 +1093,8 @@ class Decoders:
             self._frames.clear()
             self._frame_bytes = 0
             self._verified.clear()
+            for key in list(self._spills):
+                self._drop_spill_locked(key)
             self._prefetch_queue.clear()
             for streams in list(self._streams.values()):
                 for stream in list(streams):
@@ -1030,23 +1109,132 @@ class Decoders:
         limit = self.idle_seconds if older_than is None else older_than
         now = time.monotonic()
         dropped = 0
+        spill_limit = self.spill_idle if older_than is None else older_than
         with self._cond:
             for stream in list(self._idle):
                 if now - stream.last_used >= limit:
                     self._drop_stream_locked(stream)
                     dropped += 1
+            for key, spill in list(self._spills.items()):
+                if now - spill.last_used >= spill_limit:
+                    self._drop_spill_locked(key)
+                    dropped += 1
         return dropped
 
     def _janitor_loop(self) -> None:
+        """Drop parked decoders and decoded copies once idle (both kept in least recently used
+        order, so only the oldest of each is ever due)."""
         with self._cond:
-            while self._idle:
-                oldest = next(iter(self._idle))
-                wait = oldest.last_used + self.idle_seconds - time.monotonic()
-                if wait > 0:
-                    self._cond.wait(wait)
-                    continue
-                self._drop_stream_locked(oldest)
+            while ((self._idle and self.idle_seconds > 0)
+                   or (self._spills and self.spill_idle > 0)):
+                now = time.monotonic()
+                wait = 3600.0
+                if self._idle and self.idle_seconds > 0:
+                    oldest = next(iter(self._idle))
+                    due = oldest.last_used + self.idle_seconds - now
+                    if due <= 0:
+                        self._drop_stream_locked(oldest)
+                        continue
+                    wait = min(wait, due)
+                if self._spills and self.spill_idle > 0:
+                    key, spill = next(iter(self._spills.items()))
+                    due = spill.last_used + self.spill_idle - now
+                    if due <= 0:
+                        self._drop_spill_locked(key)
+                        continue
+                    wait = min(wait, due)
+                self._cond.wait(wait)
             self._janitor = None
+
+    def _start_janitor_locked(self) -> None:
+        if self._janitor is None and (self.idle_seconds > 0 or self.spill_idle > 0):
+            self._janitor = threading.Thread(target=self._janitor_loop, daemon=True,
+                                             name="zstfs-decoder-janitor")
+            self._janitor.start()
+
+    # ---------------------------------------------------------------- decoded copies
+    def set_spill_dir(self, dir_fd: int | None) -> None:
+        """Where checked big frames are copied (an open directory; None: nowhere)."""
+        with self._cond:
+            self.spill_dir = dir_fd
+
+    def spill_stats(self) -> tuple[int, int]:
+        """(copies held, bytes held)."""
+        with self._cond:
+            return len(self._spills), self._spill_bytes
+
+    def _new_spill(self, expected: int | None) -> _Spill | None:
+        """An unnamed file for the decoded copy of a frame of ``expected`` bytes (None: unknown),
+        or None when there is no directory, no room, or no O_TMPFILE there."""
+        with self._cond:
+            dir_fd = self.spill_dir
+        if dir_fd is None:
+            return None
+        need = expected or 0
+        try:
+            sv = os.fstatvfs(dir_fd)
+            share, least = self.spill_keep_free
+            keep = max(sv.f_blocks * sv.f_frsize * share, least)
+            if need > self.spill_limit or sv.f_bavail * sv.f_frsize - need < keep:
+                raise OSError("no room")
+            fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        except OSError:
+            self.spills_skipped += 1
+            return None
+        return _Spill(fd, self.spill_limit if expected is None else expected)
+
+    def _keep_spill(self, identity: Identity, comp_start: int, spill: _Spill | None,
+                    size: int) -> None:
+        """Keep a finished copy of a frame just found intact (if it is whole)."""
+        if spill is None:
+            return
+        if spill.fd < 0 or spill.size != size:
+            self.spills_skipped += 1
+            spill.close()
+            return
+        key = (identity, comp_start)
+        with self._cond:
+            if key in self._spills:
+                self._drop_spill_locked(key)
+            while self._spills and self._spill_bytes + size > self.spill_limit:
+                self._drop_spill_locked(next(iter(self._spills)))
+            self._spills[key] = spill
+            self._spill_bytes += size
+            self.spills_made += 1
+            spill.last_used = time.monotonic()
+            self._start_janitor_locked()
+
+    def _drop_spill_locked(self, key: tuple[Identity, int]) -> None:
+        spill = self._spills.pop(key)
+        self._spill_bytes -= spill.size
+        if spill.pins:
+            spill.doomed = True  # closed by the last reader
+        else:
+            spill.close()
+
+    def _unpin_spill(self, spill: _Spill) -> None:
+        with self._cond:
+            spill.pins -= 1
+            if spill.doomed and not spill.pins:
+                spill.close()
+
+    def spill_read(self, identity: Identity, comp_start: int, lo: int, hi: int) -> bytes | None:
+        """Bytes ``[lo, hi)`` of a checked frame from its decoded copy, or None without one."""
+        key = (identity, comp_start)
+        with self._cond:
+            spill = self._spills.get(key)
+            if spill is None:
+                return None
+            self._spills.move_to_end(key)
+            spill.last_used = time.monotonic()
+            spill.pins += 1
+        try:
+            data = _pread_full(spill.fd, hi - lo, lo)
+        finally:
+            self._unpin_spill(spill)
+        if len(data) != hi - lo:  # never: the copy was complete when kept
+            raise CorruptError(f"frame at offset {comp_start}: decoded copy is short")
+        return data
 
     def _trim_cache_locked(self, room: int) -> None:
         while self._frames and self._frame_bytes + room > self.cache_limit:
@@ -1109,10 +1297,24 @@ class Decoders:
                     self.reserve(need - charged, what)
                     charged = need
 
+            # A frame whose compressed extent alone is a sixteenth of the cache will likely be too
+            # big to cache whole: copy it while checking it (smaller ones would only cost writes).
+            spill = None
+            if raw.end - raw.start >= self.cache_limit // 16:
+                spill = self._new_spill(None)
             try:
-                n = _count_frame(fd, raw.start, raw.end, None, self.max_frame, grow)
+                n = _count_frame(fd, raw.start, raw.end, None, self.max_frame, grow,
+                                 sink=None if spill is None else spill.write)
+            except BaseException:
+                if spill is not None:
+                    spill.close()
+                raise
             finally:
                 self.release(charged)
+            if spill is not None and n <= self.cache_limit // 2:
+                spill.close()  # cacheable after all: decoded whole when read
+                spill = None
+            self._keep_spill(identity, raw.start, spill, n)
             self._mark_verified(identity, raw.start)
             return n
 
@@ -1210,12 +1412,18 @@ class Decoders:
                 self._check_window(frame.window, frame.comp_start, frame.log_size)
                 cost = _stream_cost(frame.window, frame.log_size)
                 self.reserve(cost, f"frame at offset {frame.comp_start}")
+                spill = None if self.cacheable(frame) else self._new_spill(frame.log_size)
                 try:
                     _check_extent(fd, frame)
                     _count_frame(fd, frame.comp_start, frame.comp_end, frame.log_size,
-                                 self.max_frame)
+                                 self.max_frame, sink=None if spill is None else spill.write)
+                except BaseException:
+                    if spill is not None:
+                        spill.close()
+                    raise
                 finally:
                     self.release(cost)
+                self._keep_spill(identity, frame.comp_start, spill, frame.log_size)
                 self._mark_verified(identity, frame.comp_start)
             finally:
                 self._done(key, event)
@@ -1356,10 +1564,7 @@ class Decoders:
             if prefetch:
                 self._prefetch_locked(stream)
             self._cond.notify_all()
-            if self._janitor is None and self.idle_seconds > 0:
-                self._janitor = threading.Thread(target=self._janitor_loop, daemon=True,
-                                                 name="zstfs-decoder-janitor")
-                self._janitor.start()
+            self._start_janitor_locked()
 
 
 _default_decoders: Decoders | None = None
@@ -1385,6 +1590,8 @@ def _forget_default_after_fork() -> None:
             for stream in streams:
                 with contextlib.suppress(OSError):
                     stream.close()
+        for spill in old._spills.values():
+            spill.close()
 
 
 os.register_at_fork(after_in_child=_forget_default_after_fork)
@@ -1515,8 +1722,14 @@ class ZstReader:
             if not decode:
                 if not self._dec.is_verified(self._identity, frame.comp_start):
                     return None
+                data = self._dec.spill_read(self._identity, frame.comp_start, lo, hi)
+                if data is not None:
+                    return data
                 return self._dec.peek(self._identity, frame_no, lo, hi)
             self._dec.verify(self._fd, self._identity, frame)
+            data = self._dec.spill_read(self._identity, frame.comp_start, lo, hi)
+            if data is not None:
+                return data
             return self._dec.stream_read(self._fd, self._identity, frame_no, frame, lo, hi)
         key = (self._identity, frame_no)
         data = self._dec.cached_frame(key)

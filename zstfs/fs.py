@@ -170,6 +170,12 @@ class Operations(pyfuse3.Operations):
         self._statfs: tuple[float, pyfuse3.StatvfsData] | None = None
         self._status_given: dict[int, tuple[float, bytes]] = {}  # see _status_json
         self.root_uid = os.geteuid() == 0
+        self.initialized = trio.Event()  # the kernel's INIT request has been answered (see init)
+
+    def init(self) -> None:
+        # pyfuse3 calls this while it handles the kernel's INIT request; the reply goes out as
+        # this returns, before any task waiting on the event runs.
+        self.initialized.set()
 
     # ------------------------------------------------------------------ helpers
     def _node(self, ino: int) -> Node:

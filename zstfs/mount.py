@@ -188,6 +188,8 @@ def mount(opts: MountOptions) -> int:
                          "leftovers_removed": recovery.leftovers_removed,
                          "leftovers_kept": recovery.leftovers_kept},
         }
+        copies, copied = codec.default_decoders().spill_stats()
+        snap["decoded_copies"] = {"files": copies, "bytes": copied}
         snap.update(stats.counters())
         if opstats is not None:
             snap["requests"] = opstats.snapshot()
@@ -208,6 +210,10 @@ def mount(opts: MountOptions) -> int:
         if log_handler is not None:
             log_handler.mirror_stderr = True  # fd 2 follows the log through rotations
         store.record_lock_owner()
+    # Big foreign frames are checked once before any byte is served; the checking pass keeps its
+    # output in unnamed files in the store (its filesystem has the room, and they vanish with the
+    # daemon), so such files are decoded once, not twice (codec.Decoders).
+    codec.default_decoders().set_spill_dir(store.root_fd)
     log.info("mounted %s on %s (pid %d)", opts.source, opts.mountpoint, os.getpid())
     try:
         trio.run(_serve, ops, compactor, notify, real_mountpoint)
@@ -234,21 +240,23 @@ async def _serve(ops: Operations, compactor: Compactor, notify: daemon.Notify,
                  real_mountpoint: str) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_signals, compactor, real_mountpoint)
-        nursery.start_soon(_tune_after_init, real_mountpoint)
         await nursery.start(compactor.run)
-        notify(None)
-        daemon.sd_notify("READY=1")
+        nursery.start_soon(_ready_after_init, ops, notify, real_mountpoint)
         await pyfuse3.main()  # until the kernel ends the session: the mount is gone
         daemon.sd_notify("STOPPING=1")
         await compactor.stop()
         nursery.cancel_scope.cancel()
 
 
-async def _tune_after_init(real_mountpoint: str) -> None:
-    """The kernel resets the mount's read-ahead when it processes the daemon's INIT reply, the
-    first request `pyfuse3.main()` answers; tune it once that has surely happened."""
-    await trio.sleep(1.0)
+async def _ready_after_init(ops: Operations, notify: daemon.Notify,
+                            real_mountpoint: str) -> None:
+    """Report the mount ready once the kernel's INIT request is answered: the kernel sets the
+    mount's read-ahead from that reply, so only then can it be raised (before the first reader
+    of a fresh mount, not a while after it)."""
+    await ops.initialized.wait()
     await trio.to_thread.run_sync(tune_readahead, real_mountpoint)
+    notify(None)
+    daemon.sd_notify("READY=1")
 
 
 async def _signals(compactor: Compactor, real_mountpoint: str) -> None:
