@@ -12,7 +12,7 @@ cd "$(dirname "$0")"
 mode=user
 [ "${1:-}" = "--test" ] && mode=test
 
-need=(fuse3 libfuse3-dev pkg-config gcc python3-dev zstd)
+need=(fuse3 libfuse3-dev pkg-config gcc python3-dev zstd patch)
 if [ "$mode" = test ]; then
     # sqlite3/attr/psmisc/util-linux: real programs the tests drive; nodejs/npm: the Codex CLI.
     need+=(sqlite3 attr psmisc util-linux)
@@ -32,10 +32,19 @@ if [ "${#missing[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# zstfs's build of pyfuse3 (scripts/build-pyfuse3.sh): the tests need it; a user install falls
+# back to stock pyfuse3 (same behaviour, slower on request-bound work) if it cannot be built.
+patched_pyfuse3() {
+    bash scripts/build-pyfuse3.sh "$1" && return 0
+    [ "$mode" = test ] && { echo "error: building zstfs's pyfuse3 failed" >&2; exit 1; }
+    echo "warning: building zstfs's pyfuse3 failed; using stock pyfuse3" >&2
+}
+
 if [ "$mode" = user ]; then
     venv="${XDG_DATA_HOME:-$HOME/.local/share}/zstfs/venv"
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q --upgrade pip >/dev/null
+    patched_pyfuse3 "$venv"
     "$venv/bin/pip" install -q .
     mkdir -p "$HOME/.local/bin"
     ln -sf "$venv/bin/zstfs" "$HOME/.local/bin/zstfs"
@@ -43,6 +52,7 @@ if [ "$mode" = user ]; then
 else
     python3 -m venv .venv
     .venv/bin/pip install -q --upgrade pip >/dev/null
+    patched_pyfuse3 .venv
     .venv/bin/pip install -q -e '.[test]'
     bash scripts/install-codex.sh >/dev/null
     echo "test environment ready: .venv (codex: $(bash scripts/install-codex.sh | tail -n 1))" >&2

@@ -305,3 +305,84 @@ def test_request_counters_are_off_by_default_and_count_when_asked(
     assert after["count"].get("getxattr", 0) <= 1
     assert after["ns"]["create"] > 0
     assert after["cpu_s"] >= before["cpu_s"]
+
+
+def test_kernel_kept_listings_follow_every_change_made_through_the_mount(
+        store: Path, mount_factory) -> None:
+    """zstfs's pyfuse3 lets the kernel keep directory listings (`enable_readdir_cache`): listed
+    again, a directory costs no READDIR, yet every change made through the mount, by any
+    process, shows in the very next listing."""
+    m = mount_factory(store, start=False).start(env={**os.environ, "ZSTFS_OPSTATS": "1"})
+    assert "enable_readdir_cache" in m.status()["pyfuse3_patches"]  # install.sh built it
+    mp = m.mountpoint
+    d, other = mp / "d", mp / "other"
+    d.mkdir()
+    other.mkdir()
+    for name in ("a.jsonl", "b.txt"):
+        (d / name).write_text(name)
+    before = m.status()["requests"]["count"]
+    for _ in range(6):
+        assert sorted(os.listdir(d)) == ["a.jsonl", "b.txt"]
+    after = wait_until(
+        lambda: (c := m.status()["requests"]["count"]).get("opendir", 0)
+        >= before.get("opendir", 0) + 6 and c, 10, "the counters to show six listings")
+    assert after.get("readdir", 0) - before.get("readdir", 0) <= 2  # the first listing only
+
+    def ls(path: Path) -> set[str]:
+        return set(run("ls", "-a", "-1", path).split()) - {".", ".."}
+
+    expected = {"a.jsonl", "b.txt"}
+    steps: list[tuple[list[str], set[str]]] = [
+        (["touch", str(d / "c")], expected | {"c"}),
+        (["rm", str(d / "c")], expected),
+        (["mv", str(d / "b.txt"), str(d / "b2.txt")], {"a.jsonl", "b2.txt"}),
+        (["mv", str(d / "b2.txt"), str(other / "b.txt")], {"a.jsonl"}),
+        (["mv", str(other / "b.txt"), str(d / "b.txt")], expected),
+        (["mkdir", str(d / "sub")], expected | {"sub"}),
+        (["rmdir", str(d / "sub")], expected),
+        (["ln", "-s", "a.jsonl", str(d / "sym")], expected | {"sym"}),
+        (["ln", str(d / "b.txt"), str(d / "hard")], expected | {"sym", "hard"}),
+        (["mkfifo", str(d / "fifo")], expected | {"sym", "hard", "fifo"}),
+        (["rm", str(d / "sym"), str(d / "hard"), str(d / "fifo")], expected),
+    ]
+    for cmd, names in steps:
+        ls(d)  # listed (and kept by the kernel) before the change
+        run(*cmd)
+        assert ls(d) == names, cmd
+        assert set(os.listdir(d)) == names, cmd
+    assert ls(other) == set()
+    # A compressed file turned plain by an append keeps its place in the listing.
+    m.stop()
+    compress(store / "d" / "a.jsonl")
+    m = mount_factory(store)
+    assert ls(d) == expected
+    with open(d / "a.jsonl", "a") as f:
+        f.write("+more")
+    assert ls(d) == expected
+    assert (d / "a.jsonl").read_text() == "a.jsonl+more"
+    assert sorted(os.listdir(store / "d")) == ["a.jsonl", "b.txt"]
+
+
+def test_directories_list_whole_while_their_files_are_compressed(
+        store: Path, mount_factory) -> None:
+    """Each swap replaces a file by its `.zst` in the very directory being listed (and a listing
+    may be kept by the kernel): every listing meanwhile shows every name, and none fails."""
+    import time
+
+    d = store / "s"
+    d.mkdir()
+    names = {f"r{i:02}.jsonl" for i in range(40)}
+    old = time.time() - 3600
+    for name in names:
+        (d / name).write_text('{"k":"v"}\n' * 2000)
+        os.utime(d / name, (old, old))
+    m = mount_factory(store, "--compress-after", "0")
+    listings = 0
+    while m.status()["compressed_files"] < len(names):
+        assert set(os.listdir(d)) == names
+        assert {e.name for e in os.scandir(d)} == names
+        listings += 1
+        assert listings < 100_000, "compression did not finish"
+    assert set(run("ls", "-a", d).split()) == names | {".", ".."}
+    assert sorted(os.listdir(store / "s")) == sorted(names)
+    assert all((d / n).read_text() == '{"k":"v"}\n' * 2000 for n in names)

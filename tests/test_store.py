@@ -34,8 +34,46 @@ def test_resolve_prefers_plain_and_hides_representations(store: Store, tmp_path:
     entry = store.resolve(b".", b"a.jsonl")
     assert entry is not None
     assert not entry.compressed
-    listing = dict(store.listdir(b"."))
-    assert sorted(listing) == [b"a.jsonl", b"b.txt.zst"]
+    assert sorted(store.list_names(b".")) == [b"a.jsonl", b"b.txt.zst"]
+    (tmp_path / "c.jsonl.zst").mkdir()  # not a regular file: not a representation either
+    (tmp_path / "d.jsonl.zst").write_bytes(b"x")
+    assert sorted(store.list_names(b".")) == [b"a.jsonl", b"b.txt.zst", b"d.jsonl"]
+
+
+def test_a_name_that_goes_while_listed_is_left_out_not_an_error(
+        store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A swap or promotion replaces one form of a file by the other in the very directory being
+    listed: the directory's listing must not fail because one entry went after getdents."""
+    for name in ("a.jsonl", "b.jsonl", "c.txt"):
+        (tmp_path / name).write_bytes(b"x\n")
+    real_scandir = os.scandir
+
+    class Vanishing:
+        """scandir whose entries are read (getdents) before "b.jsonl" is unlinked."""
+
+        def __init__(self, fd: int) -> None:
+            self.it = real_scandir(fd)
+            self.entries = list(self.it)
+
+        def __enter__(self) -> Vanishing:
+            (tmp_path / "b.jsonl").unlink()
+            (tmp_path / "a.jsonl").rename(tmp_path / "a.jsonl.zst")  # the other form now
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.it.close()
+
+        def __iter__(self) -> Iterator[os.DirEntry[str]]:
+            return iter(self.entries)
+
+    monkeypatch.setattr(os, "scandir", Vanishing)
+    names = store.list_names(b".")
+    monkeypatch.undo()
+    assert sorted(names) == [b"a.jsonl", b"b.jsonl", b"c.txt"]  # as getdents saw them
+    assert store.resolve(b".", b"b.jsonl") is None  # readdir looks again, and skips it
+    entry = store.resolve(b".", b"a.jsonl")
+    assert entry is not None
+    assert entry.compressed
 
 
 def test_swap_then_promote_round_trip_keeps_metadata(store: Store, tmp_path: Path) -> None:

@@ -183,6 +183,7 @@ def mount(opts: MountOptions) -> int:
             "jobs": opts.jobs,
             "open_files": sum(1 for n in ops.table if n.opens > 0),
             "open_file_accounting": store.accounting.mode,
+            "pyfuse3_patches": list(getattr(pyfuse3, "ZSTFS_PATCHES", ())),
             "known_inodes": len(ops.table.nodes),
             "recovery": {"temps_removed": recovery.temps_removed,
                          "leftovers_removed": recovery.leftovers_removed,

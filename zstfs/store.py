@@ -253,26 +253,26 @@ class Store:
             return None
         return Entry(zname, st, True)
 
-    def listdir(self, path: bytes) -> list[tuple[bytes, Entry]]:
-        """The logical listing of a directory: (logical name, entry), plain winning over `.zst`."""
+    def list_names(self, path: bytes) -> list[bytes]:
+        """The logical names in a directory (a `.zst` listed once, under its plain name), from the
+        directory entries' types alone: no stat, so an entry that goes while it is listed (a swap
+        or promotion in that directory replaces one form by the other) is simply not there.
+        `readdir` looks at each name again when it answers."""
         fd = self.open_dir(path)
         try:
             with os.scandir(fd) as it:
-                raw = [(os.fsencode(e.name), e.stat(follow_symlinks=False)) for e in it]
+                raw = [(os.fsencode(e.name), e.is_file(follow_symlinks=False)) for e in it]
         finally:
             os.close(fd)
-        plain: dict[bytes, Entry] = {}
-        packed: dict[bytes, Entry] = {}
-        for name, st in raw:
+        names: dict[bytes, None] = {}
+        for name, regular in raw:
             if is_reserved(name):
                 continue
-            if self.rules.is_representation(path, name) and stat.S_ISREG(st.st_mode):
-                packed[self.rules.logical(path, name)] = Entry(name, st, True)
-            elif not self.rules.is_representation(path, name):
-                plain[name] = Entry(name, st, False)
-        for logical, entry in packed.items():
-            plain.setdefault(logical, entry)
-        return list(plain.items())
+            if not self.rules.is_representation(path, name):
+                names[name] = None
+            elif regular:
+                names[self.rules.logical(path, name)] = None
+        return list(names)
 
     def known_size(self, st: os.stat_result) -> int | None:
         """The logical size of a compressed file if it is known without any I/O."""
