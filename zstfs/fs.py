@@ -126,14 +126,15 @@ class Handle:
 
 
 class DirHandle:
-    """A directory listing taken at opendir: its names are the stable offsets readdir pages
+    """A directory listing, taken by the first readdir (not at opendir: the kernel may answer the
+    listing from its own cache and never ask); its names are the stable offsets readdir pages
     through; what each name is *now* is looked up again when it is returned."""
 
     __slots__ = ("names", "node")
 
-    def __init__(self, node: Node, names: list[bytes]) -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
-        self.names = names
+        self.names: list[bytes] | None = None
 
 
 class Operations(pyfuse3.Operations):
@@ -468,18 +469,26 @@ class Operations(pyfuse3.Operations):
     @translate_errors
     async def opendir(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileHandleT:
         node = self._node(inode)
-        names = self.store.list_names(self._dir_path(inode))  # one getdents: cheaper inline
+        self._dir_path(inode)  # a directory that has a name
         fh = self._new_fh()
-        self.dirs[fh] = DirHandle(node, [b".", b"..", *names])
+        self.dirs[fh] = DirHandle(node)
         return FileHandleT(fh)
 
     @translate_errors
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         d = self.dirs[fh]
         parent = self._path(d.node)
-        # What each name is now, not what it was at opendir: a file swapped or promoted since
-        # has another backing inode, and a stale stat must never rekey the table.
-        current = {name: self.store.resolve(parent, name) for name in d.names[max(start_id, 2):]}
+        dir_fd = self.store.open_dir(parent)
+        try:
+            if d.names is None:  # one getdents: cheaper inline than a thread hop
+                d.names = [b".", b"..", *self.store.list_names(parent, dir_fd)]
+            # What each name is now, not what it was when listed: a file swapped or promoted
+            # since has another backing inode, and a stale stat must never rekey the table.
+            current = {name: self.store.resolve_in(dir_fd, parent, name)
+                       for name in d.names[max(start_id, 2):]}
+        finally:
+            os.close(dir_fd)
+        names = d.names
         unknown = [join(parent, e.name) for e in current.values()
                    if e is not None and e.compressed and self.store.known_size(e.st) is None]
         if unknown:
@@ -488,8 +497,8 @@ class Operations(pyfuse3.Operations):
             # after it: each name is looked at again below.
             await trio.to_thread.run_sync(self.store.learn_sizes, unknown,
                                           limiter=self.read_limiter)
-        for i in range(start_id, len(d.names)):
-            name = d.names[i]
+        for i in range(start_id, len(names)):
+            name = names[i]
             if i < 2:  # `.` and `..`: the kernel takes only their inode numbers (no lookup)
                 if not self.readdir_reply(token, name, self._dot(d.node, i), i + 1):
                     return

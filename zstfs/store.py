@@ -234,15 +234,25 @@ class Store:
 
     def resolve(self, parent: bytes, name: bytes) -> Entry | None:
         """The backing entry for logical `name` in `parent` (plain wins), or None."""
+        return self._resolve(parent, name, self.lstat, join)
+
+    def resolve_in(self, dir_fd: int, parent: bytes, name: bytes) -> Entry | None:
+        """`resolve` with `parent` already open as `dir_fd` (a listing resolves every name)."""
+        return self._resolve(parent, name,
+                             lambda n: os.stat(n, dir_fd=dir_fd, follow_symlinks=False),
+                             lambda _parent, n: n)
+
+    def _resolve(self, parent: bytes, name: bytes, lstat: Callable[[bytes], os.stat_result],
+                 at: Callable[[bytes, bytes], bytes]) -> Entry | None:
         try:
-            return Entry(name, self.lstat(join(parent, name)), False)
+            return Entry(name, lstat(at(parent, name)), False)
         except FileNotFoundError:
             pass
         if not self.rules.compressible(parent, name):
             return None
         zname = zst_name(name)
         try:
-            st = self.lstat(join(parent, zname))
+            st = lstat(at(parent, zname))
         except FileNotFoundError:
             return None
         except OSError as e:
@@ -253,17 +263,18 @@ class Store:
             return None
         return Entry(zname, st, True)
 
-    def list_names(self, path: bytes) -> list[bytes]:
+    def list_names(self, path: bytes, dir_fd: int | None = None) -> list[bytes]:
         """The logical names in a directory (a `.zst` listed once, under its plain name), from the
         directory entries' types alone: no stat, so an entry that goes while it is listed (a swap
         or promotion in that directory replaces one form by the other) is simply not there.
-        `readdir` looks at each name again when it answers."""
-        fd = self.open_dir(path)
+        `readdir` looks at each name again when it answers. `dir_fd`: `path`, already open."""
+        fd = self.open_dir(path) if dir_fd is None else dir_fd
         try:
-            with os.scandir(fd) as it:
+            with os.scandir(fd) as it:  # reads a duplicate of fd from its start
                 raw = [(os.fsencode(e.name), e.is_file(follow_symlinks=False)) for e in it]
         finally:
-            os.close(fd)
+            if dir_fd is None:
+                os.close(fd)
         names: dict[bytes, None] = {}
         for name, regular in raw:
             if is_reserved(name):
