@@ -713,9 +713,12 @@ VERIFIED_ENTRIES = 4096
 #: in flight and streaming decoders (their windows), parked or working.  With the daemon's own
 #: ~40 MB this keeps its peak RSS under 200 MB whatever the number of readers (BENCHMARKS.md).
 DEFAULT_MEMORY = 120 * 2**20
-#: The part of the budget decoded frames may keep when nobody needs the room: two default
-#: (32 MiB) frames, since frames up to half of it are cached whole and shared by all readers.
-DEFAULT_CACHE_LIMIT = 64 * 2**20
+#: The part of the budget decoded frames may keep when nobody needs the room: three default
+#: (32 MiB) frames; frames up to half of it are cached whole and shared by all readers ...
+DEFAULT_CACHE_LIMIT = 96 * 2**20
+#: ... of which no frame bigger than this (zstfs's own are 32 MiB): a sequential reader then
+#: has the frame it reads and the two decoded ahead of it (AHEAD_FRAMES) cached at once.
+CACHED_FRAME_MAX = 32 * 2**20
 #: The most one read decodes from a single frame (a "zeros bomb" of 20 GiB is refused at once
 #: when its header says so, and stopped here when it does not).  ~2-4 s of one core.
 MAX_FRAME_DECODE = 4 * 2**30
@@ -732,6 +735,8 @@ GROW_STEP = 8 << 20
 #: thread on another core while the FUSE layer ships the previous ones.
 STREAM_AHEAD = 4 << 20
 PREFETCH_CHUNK = 256 << 10
+#: Frames decoded ahead of a sequential reader, in parallel (the next ones after the frame read).
+AHEAD_FRAMES = 2
 #: Input read size of a streaming decoder.
 STREAM_READ = 1 << 18
 #: Decoder context, block buffers and bookkeeping on top of the window (zstd's DCtx is ~160 KiB).
@@ -1008,6 +1013,9 @@ class Decoders:
         self._janitor: threading.Thread | None = None
         self._prefetch_queue: collections.deque[_Stream] = collections.deque()
         self._prefetcher: threading.Thread | None = None
+        self._ahead: set[tuple[Identity, int]] = set()  # frames queued for decode_ahead
+        self._ahead_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._ahead_bytes = 0
         self.spill_dir = spill_dir
         self.spill_limit = spill_limit
         self.spill_idle = spill_idle
@@ -1242,9 +1250,14 @@ class Decoders:
             self._frame_bytes -= len(data)
             self._used -= len(data)
 
+    @property
+    def cacheable_size(self) -> int:
+        return min(self.cache_limit // 2, CACHED_FRAME_MAX)
+
     def cacheable(self, frame: _Frame) -> bool:
-        """Frames up to half the cache are decoded whole and cached; bigger ones are streamed."""
-        return frame.log_size <= self.cache_limit // 2
+        """Frames up to half the cache (at most CACHED_FRAME_MAX) are decoded whole and cached;
+        bigger ones are streamed (or served from their decoded copy)."""
+        return frame.log_size <= self.cacheable_size
 
     def cached_frame(self, key: tuple[Identity, int]) -> bytes | None:
         with self._cond:
@@ -1311,7 +1324,7 @@ class Decoders:
                 raise
             finally:
                 self.release(charged)
-            if spill is not None and n <= self.cache_limit // 2:
+            if spill is not None and n <= self.cacheable_size:
                 spill.close()  # cacheable after all: decoded whole when read
                 spill = None
             self._keep_spill(identity, raw.start, spill, n)
@@ -1388,7 +1401,7 @@ class Decoders:
             self._mark_verified(identity, frame.comp_start)
             with self._cond:
                 self._used -= comp
-                if len(data) <= self.cache_limit // 2 and key not in self._frames:
+                if len(data) <= self.cacheable_size and key not in self._frames:
                     self._trim_cache_locked(len(data))
                     self._frames[key] = data
                     self._frame_bytes += len(data)
@@ -1398,6 +1411,53 @@ class Decoders:
             return data
         finally:
             self._done(("frame", identity, frame_no), event)
+
+    def decode_ahead(self, fd: int, identity: Identity, frame_no: int, frame: _Frame,
+                     reading: int) -> None:
+        """Decode a cacheable frame into the cache in the background (AHEAD_FRAMES threads),
+        unless it is there or being decoded already, for a reader of a frame of ``reading``
+        bytes. Never waits for budget: a frame that does not fit now is decoded when read."""
+        key = (identity, frame_no)
+        with self._cond:
+            # Only into room the cache has beside the frame being read and the others decoded
+            # ahead (older frames are evicted first: least recently read).
+            if (key in self._frames or ("frame", identity, frame_no) in self._inflight
+                    or key in self._ahead or len(self._ahead) >= AHEAD_FRAMES
+                    or reading + self._ahead_bytes + frame.log_size > self.cache_limit
+                    or self._used + frame.log_size + (frame.comp_end - frame.comp_start)
+                    > self.memory):
+                return
+            self._ahead.add(key)
+            self._ahead_bytes += frame.log_size
+            if self._ahead_pool is None:
+                self._ahead_pool = concurrent.futures.ThreadPoolExecutor(
+                    AHEAD_FRAMES, thread_name_prefix="zstfs-decode-ahead")
+            pool = self._ahead_pool
+        def done() -> None:
+            with self._cond:
+                self._ahead.discard(key)
+                self._ahead_bytes -= frame.log_size
+
+        try:
+            own = os.dup(fd)  # the reader's descriptor may be closed before the job runs
+        except OSError:
+            done()
+            return
+
+        def job() -> None:
+            try:
+                self.frame_bytes(own, identity, frame_no, frame)
+            except (CorruptError, OSError):
+                pass  # the reader that wants it decodes it again, and reports the damage
+            finally:
+                os.close(own)
+                done()
+
+        try:
+            pool.submit(job)
+        except RuntimeError:  # shut down (interpreter exit)
+            os.close(own)
+            done()
 
     def verify(self, fd: int, identity: Identity, frame: _Frame) -> None:
         """Decode a frame once in full (to nowhere) unless already verified for this identity."""
@@ -1738,9 +1798,22 @@ class ZstReader:
                 return None
             self._read_ahead(frame_no + 1)
             data = self._dec.frame_bytes(self._fd, self._identity, frame_no, frame)
+        if hi * 2 > frame.log_size:
+            # Past the middle of a frame, a reader that goes on wants the next ones: they are
+            # decoded on other cores meanwhile (`grep -r`, `cat`, codex reading a rollout).
+            for ahead in range(1, AHEAD_FRAMES + 1):
+                self._decode_ahead(frame_no + ahead, frame.log_size)
         if lo == 0 and hi == len(data):
             return data
         return data[lo:hi]
+
+    def _decode_ahead(self, frame_no: int, reading: int) -> None:
+        index = self._dec.cached_index(self._identity)
+        if index is None or frame_no >= len(index.frames):
+            return
+        frame = index.frames[frame_no]
+        if self._dec.cacheable(frame):
+            self._dec.decode_ahead(self._fd, self._identity, frame_no, frame, reading)
 
     def _read_ahead(self, frame_no: int) -> None:
         """Ask the kernel to fetch the next frame's compressed bytes while this one decodes:
