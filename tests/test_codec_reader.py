@@ -865,3 +865,55 @@ def test_a_copy_being_read_survives_its_eviction(tmp_path: Path, fds: list[int])
     dec._unpin_spill(spill)  # the reader is done: now it goes
     assert spill.fd < 0
     assert unnamed_files(tmp_path) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding ahead of sequential readers (issue 13: a cold `grep -r` decodes on the other core)
+
+
+def test_sequential_reader_gets_the_next_frames_decoded_ahead(tmp_path: Path,
+                                                              fds: list[int]) -> None:
+    data = text(2 << 20, 40)
+    fd = open_blob(tmp_path, fds, ours(data, frame_size=128 << 10))
+    dec = Decoders(cache=1 << 20, idle_seconds=0)  # 128 KiB frames are cached whole
+    reader = ZstReader(fd, dec)
+    index = dec.index(fd, codec._identity(fd))
+    frames = index.frames
+    assert len(frames) > 8
+    k = 3
+    mid = frames[k].log_start + frames[k].log_size // 2
+    assert reader.read(mid, 1000) == data[mid : mid + 1000]  # past the middle of frame k
+    ident = codec._identity(fd)
+    end = time.monotonic() + 10.0
+    while not all(dec.cached_frame((ident, k + j)) for j in (1, 2)) and time.monotonic() < end:
+        time.sleep(0.005)  # polling an observable, with a deadline
+    for j in (1, 2):  # decoded and cached without being read
+        assert dec.cached_frame((ident, k + j)) == data[frames[k + j].log_start:
+                                                         frames[k + j].log_start
+                                                         + frames[k + j].log_size]
+    assert dec.cached_frame((ident, k + 3)) is None  # not more than AHEAD_FRAMES
+
+
+def test_decoding_ahead_decodes_each_frame_once_and_survives_a_closed_reader(
+        tmp_path: Path) -> None:
+    data = text(3 << 20, 41)
+    path = tmp_path / "f.zst"
+    path.write_bytes(ours(data, frame_size=128 << 10))
+    dec = Decoders(cache=1 << 20, idle_seconds=0)
+    pos = 0
+    while pos < len(data):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert ZstReader(fd, dec).read(pos, 64 << 10) == data[pos : pos + (64 << 10)]
+        finally:
+            os.close(fd)  # the frames decoded ahead read their own duplicate
+        pos += 64 << 10
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        n = len(dec.index(fd, codec._identity(fd)).frames)
+    finally:
+        os.close(fd)
+    end = time.monotonic() + 10.0
+    while dec._ahead and time.monotonic() < end:
+        time.sleep(0.005)  # the last jobs finishing
+    assert dec.frames_decoded == n  # every frame once: ahead, or by its reader, never both

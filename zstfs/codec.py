@@ -1001,6 +1001,7 @@ class Decoders:
         self._used = 0  # cached frames + reservations (decodes in flight, streams)
         self.peak = 0  # highest _used seen (tests, benchmarks)
         self.streams_started = 0  # streaming decoders started at a frame start
+        self.frames_decoded = 0  # cacheable frames decoded whole
         self.streamed_bytes = 0  # bytes decoded by streaming decoders (skipped ones included)
         self._index_cache: OrderedDict[Identity, _Index] = OrderedDict()
         self._failed: OrderedDict[Identity, tuple[type[CorruptError], str]] = OrderedDict()
@@ -1398,6 +1399,7 @@ class Decoders:
             except BaseException:
                 self.release(frame.log_size + comp)
                 raise
+            self.frames_decoded += 1  # statistics (tests): races only blur them
             self._mark_verified(identity, frame.comp_start)
             with self._cond:
                 self._used -= comp
