@@ -149,9 +149,6 @@ class Operations(pyfuse3.Operations):
     # Requests are read with one read(2), not spliced into a pipe first: zstfs copies every
     # write into Python anyway (BENCHMARKS.md: -25-35 % on request-bound work).
     disable_splice_read = True
-    # One task reads requests and answers those whose handler does not wait, without a task
-    # switch per request; a handler that waits hands the reading to a new task.
-    serve_inline = True
     # The two calls into the kernel session, replaceable so that the in-process tests can drive
     # these operations without a mount.
     readdir_reply = staticmethod(pyfuse3.readdir_reply)
@@ -412,8 +409,7 @@ class Operations(pyfuse3.Operations):
     @contextlib.asynccontextmanager
     async def _locked(self, node: Node) -> AsyncIterator[None]:
         """Hold the node's lock (the node is kept in the table meanwhile). A free lock is taken
-        without a trip through the scheduler: the request is then answered without a task
-        switch (pyfuse3's `serve_inline`)."""
+        without a trip through the scheduler (one fewer task switch per setattr)."""
         node.claims += 1
         try:
             if node.lock.locked():
