@@ -5,9 +5,11 @@
 #
 #   scripts/build-pyfuse3.sh VENV
 #
-# The patch adds two opt-in switches that stock pyfuse3 cannot express, and nothing else:
+# The patch adds three opt-in switches that stock pyfuse3 cannot express, and nothing else:
 #   enable_readdir_cache  opendir replies FOPEN_CACHE_DIR|FOPEN_KEEP_CACHE (the kernel keeps listings)
 #   disable_splice_read   INIT clears FUSE_CAP_SPLICE_READ (one read(2) per request, no pipe)
+#   directories_by_inode  where the kernel has FUSE_CAP_NO_OPENDIR_SUPPORT (an OPENDIR answered
+#                         ENOSYS is never sent again), readdir and fsyncdir get the inode, not a handle
 # and `pyfuse3.ZSTFS_PATCHES` naming them. zstfs works on a stock pyfuse3 too, only slower on
 # request-bound work (BENCHMARKS.md, issue 13); `zstfs status --json` shows `pyfuse3_patches`.
 set -euo pipefail

@@ -99,6 +99,9 @@ class World:
                               on_moved=self.compactor.moved)
         self.ops.readdir_reply = self._reply  # type: ignore[method-assign]
         self.ops.invalidate_inode = self._invalidate  # type: ignore[method-assign]
+        # Directory handles, as on a kernel without FUSE_NO_OPENDIR_SUPPORT (the harness drives
+        # opendir/readdir/releasedir itself); `by_inode()` switches to the other protocol.
+        self.ops.directories_by_inode = False
         self.compactor.attach(self.files)
         self.invalidated: list[int] = []
         self.limiter = trio.CapacityLimiter(2)

@@ -598,3 +598,52 @@ async def test_the_daemon_never_blocks_on_its_own_lease(world: World) -> None:
     await world.release(opened[0])
     assert world.below() == ["l.jsonl"]
     assert await world.content("l.jsonl") == data + b'{"more":1}\n'
+
+
+async def test_listing_by_inode_pages_by_name_cookies_through_changes(world: World) -> None:
+    """Without directory handles (`directories_by_inode`, the kernel's FUSE_NO_OPENDIR_SUPPORT),
+    every readdir lists afresh and offsets are per-name cookies: a listing read a few entries
+    at a time while names come and go never skips or repeats a name that stayed."""
+    world.ops.directories_by_inode = True
+    with pytest.raises(FUSEError) as e:
+        await world.opendir("")
+    assert e.value.errno == errno.ENOSYS  # taken by the kernel as "no opendir, ever"
+    await world.mkdir("d")
+    for i in range(40):
+        await world.release(await world.create(f"d/f{i:02}"))
+    ino = await world.lookup("d")
+
+    async def page(start: int, room: int) -> list[tuple[bytes, int]]:
+        got: list[tuple[bytes, int]] = []
+
+        def reply(token: object, name: bytes, attrs: object, nxt: int) -> bool:
+            if len(got) == room:
+                return False  # the kernel's buffer is full
+            got.append((name, nxt))
+            return True
+
+        world.ops.readdir_reply = reply  # type: ignore[method-assign]
+        await world.ops.readdir(ino, start, None)  # type: ignore[arg-type]
+        return got
+
+    seen: list[bytes] = []
+    start, turn = 0, 0
+    while True:
+        got = await page(start, 7)
+        if not got:
+            break
+        seen += [n for n, _ in got]
+        start = got[-1][1]
+        # Between two pages: one name goes, one comes (through the mount).
+        await world.unlink(f"d/f{turn:02}")
+        await world.release(await world.create(f"d/new{turn:02}"))
+        turn += 1
+    stayed = {f"f{i:02}".encode() for i in range(turn, 40)}
+    assert seen[:2] == [b".", b".."]
+    assert len(seen) == len(set(seen))  # nothing twice
+    assert stayed <= set(seen)  # nothing that stayed was skipped
+    # A listing from the start shows exactly what is there now.
+    names = {n for n, _ in await page(0, 1000)} - {b".", b".."}
+    assert names == stayed | {f"new{i:02}".encode() for i in range(turn)}
+    # fsyncdir by inode too.
+    await world.ops.fsyncdir(ino, False)  # type: ignore[arg-type]

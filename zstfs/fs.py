@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -39,6 +40,13 @@ log = logging.getLogger(__name__)
 #: Entry and attribute cache time. Every change goes through the mount, so the kernel's cache
 #: stays right; swaps (which change only st_blocks and ctime) invalidate the inode explicitly.
 CACHE_TIMEOUT = 60.0
+_DOTS = {b".": 0, b"..": 1}
+
+
+def _cookie(name: bytes) -> int:
+    """A directory offset for `name` that does not depend on the other names: 3 and up (0-2
+    are the start, `.` and `..`), below 2**62 + 3 (an off_t with room for `+ 1`)."""
+    return 3 + (int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little") >> 2)
 BLKSIZE = 128 * 1024
 #: Compressed files up to this logical size are decoded on the trio thread: a thread hop costs
 #: more than decoding 1 MiB (~1 ms), and `grep -r` over many small files is bound by per-request
@@ -149,6 +157,10 @@ class Operations(pyfuse3.Operations):
     # Requests are read with one read(2), not spliced into a pipe first: zstfs copies every
     # write into Python anyway (BENCHMARKS.md: -25-35 % on request-bound work).
     disable_splice_read = True
+    # No OPENDIR/RELEASEDIR round trips: opendir answers ENOSYS, which a kernel that supports it
+    # (5.1+) takes as success for good; readdir and fsyncdir then receive the directory's inode.
+    # zstfs's pyfuse3 resets this to False at INIT where the kernel does not support it.
+    directories_by_inode = "directories_by_inode" in getattr(pyfuse3, "ZSTFS_PATCHES", ())
     # The two calls into the kernel session, replaceable so that the in-process tests can drive
     # these operations without a mount.
     readdir_reply = staticmethod(pyfuse3.readdir_reply)
@@ -475,6 +487,10 @@ class Operations(pyfuse3.Operations):
     # ------------------------------------------------------------------ directories
     @translate_errors
     async def opendir(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileHandleT:
+        if self.directories_by_inode:
+            # The kernel takes ENOSYS as success and never sends OPENDIR (nor RELEASEDIR) again;
+            # readdir and fsyncdir then receive the directory's inode.
+            raise FUSEError(errno.ENOSYS)
         node = self._node(inode)
         self._dir_path(inode)  # a directory that has a name
         fh = self._new_fh()
@@ -483,19 +499,36 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        d = self.dirs[fh]
-        parent = self._path(d.node)
+        """Entries from offset `start_id` on. With a directory handle, offsets index the names
+        its first readdir listed; by inode (`directories_by_inode`), every call lists afresh and
+        offsets are cookies from a hash of each name, so entries that come or go between two
+        calls never shift the others (none is skipped or repeated)."""
+        if self.directories_by_inode:
+            node = self._node(fh)  # pyfuse3 passes the directory's inode
+            if not node.is_dir:
+                raise FUSEError(errno.ENOTDIR)
+        else:
+            d = self.dirs[fh]
+            node = d.node
+        parent = self._path(node)
         dir_fd = self.store.open_dir(parent)
         try:
-            if d.names is None:  # one getdents: cheaper inline than a thread hop
-                d.names = [b".", b"..", *self.store.list_names(parent, dir_fd)]
+            # One getdents: cheaper inline than a thread hop.
+            if self.directories_by_inode:
+                names = self.store.list_names(parent, dir_fd)
+                slots = [(b".", 1), (b"..", 2)][min(start_id, 2):]
+                slots += sorted(((name, c + 1) for name in names
+                                 if (c := _cookie(name)) >= start_id), key=lambda x: x[1])
+            else:
+                if d.names is None:
+                    d.names = [b".", b"..", *self.store.list_names(parent, dir_fd)]
+                slots = [(d.names[i], i + 1) for i in range(start_id, len(d.names))]
             # What each name is now, not what it was when listed: a file swapped or promoted
             # since has another backing inode, and a stale stat must never rekey the table.
             current = {name: self.store.resolve_in(dir_fd, parent, name)
-                       for name in d.names[max(start_id, 2):]}
+                       for name, _ in slots if name not in _DOTS}
         finally:
             os.close(dir_fd)
-        names = d.names
         unknown = [join(parent, e.name) for e in current.values()
                    if e is not None and e.compressed and self.store.known_size(e.st) is None]
         if unknown:
@@ -504,27 +537,26 @@ class Operations(pyfuse3.Operations):
             # after it: each name is looked at again below.
             await trio.to_thread.run_sync(self.store.learn_sizes, unknown,
                                           limiter=self.read_limiter)
-        for i in range(start_id, len(names)):
-            name = names[i]
-            if i < 2:  # `.` and `..`: the kernel takes only their inode numbers (no lookup)
-                if not self.readdir_reply(token, name, self._dot(d.node, i), i + 1):
+        for name, next_id in slots:
+            if name in _DOTS:  # the kernel takes only their inode numbers (no lookup)
+                if not self.readdir_reply(token, name, self._dot(node, _DOTS[name]), next_id):
                     return
                 continue
             entry = current[name]
             if entry is None:
                 continue
             if unknown or (entry.compressed and self.store.known_size(entry.st) is None):
-                found = await self._listing_entry(d.node, name)
+                found = await self._listing_entry(node, name)
                 if found is None:
                     continue
                 entry, size = found
             else:
                 size = self.store.known_size(entry.st) if entry.compressed else entry.st.st_size
-            node = self.table.attach(d.node.ino, name, entry.st, entry.compressed)
-            if not self.readdir_reply(token, name, self._attrs(node, entry.st, size), i + 1):
-                self.table.maybe_drop(node)
+            child = self.table.attach(node.ino, name, entry.st, entry.compressed)
+            if not self.readdir_reply(token, name, self._attrs(child, entry.st, size), next_id):
+                self.table.maybe_drop(child)
                 return
-            node.lookups += 1
+            child.lookups += 1
 
     def _dot(self, node: Node, i: int) -> pyfuse3.EntryAttributes:
         """`.` (i == 0) or `..` of a directory: the kernel creates no dentry for either and
@@ -559,7 +591,7 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
-        path = self._path(self.dirs[fh].node)
+        path = self._path(self._node(fh) if self.directories_by_inode else self.dirs[fh].node)
         await trio.to_thread.run_sync(self.store.fsync_dir, path)
 
     @translate_errors
