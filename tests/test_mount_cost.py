@@ -394,3 +394,28 @@ def test_directories_list_whole_while_their_files_are_compressed(
     assert set(run("ls", "-a", d).split()) == names | {".", ".."}
     assert sorted(os.listdir(store / "s")) == sorted(names)
     assert all((d / n).read_text() == '{"k":"v"}\n' * 2000 for n in names)
+
+
+def test_a_big_directory_lists_every_name_once(store: Path, mount_factory) -> None:
+    """Listed in many pages (the kernel asks for ~128 KiB at a time), by inode and per-name
+    cookies or through a handle: every name exactly once, before and after changes."""
+    d = store / "big"
+    d.mkdir()
+    names = {f"rollout-{i:05}-{'x' * 40}.jsonl" for i in range(3000)}
+    for name in names:
+        (d / name).write_bytes(b"")
+    m = mount_factory(store)
+    listed = run("ls", "-f", m.mountpoint / "big").split()
+    assert len(listed) == len(names) + 2
+    assert set(listed) == names | {".", ".."}
+    gone = sorted(names)[::3]
+    for name in gone:
+        (m.mountpoint / "big" / name).unlink()
+    new = {f"new-{i:04}.txt" for i in range(500)}
+    for name in new:
+        (m.mountpoint / "big" / name).write_bytes(b"n")
+    listed = run("ls", "-f", m.mountpoint / "big").split()
+    want = (names - set(gone)) | new | {".", ".."}
+    assert len(listed) == len(want)
+    assert set(listed) == want
+    assert sorted(os.listdir(m.mountpoint / "big")) == sorted(want - {".", ".."})

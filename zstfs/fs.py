@@ -13,6 +13,8 @@ an open, truncation or removal of a file first abandons its compaction (`OpenFil
 
 from __future__ import annotations
 
+import bisect
+import collections
 import contextlib
 import errno
 import functools
@@ -41,6 +43,10 @@ log = logging.getLogger(__name__)
 #: stays right; swaps (which change only st_blocks and ctime) invalidate the inode explicitly.
 CACHE_TIMEOUT = 60.0
 _DOTS = {b".": 0, b"..": 1}
+#: Directories whose listing in progress is kept for its next pages (see `readdir`), and the
+#: most names they hold together (the last one is kept whatever its size).
+LISTINGS_KEPT = 16
+LISTED_NAMES_KEPT = 100_000
 
 
 def _cookie(name: bytes) -> int:
@@ -193,6 +199,12 @@ class Operations(pyfuse3.Operations):
         self._status_given: dict[int, tuple[float, bytes]] = {}  # see _status_json
         self.root_uid = os.geteuid() == 0
         self.initialized = trio.Event()  # the kernel's INIT request has been answered (see init)
+        # By inode (`directories_by_inode`): the sorted (cookie, name) listing each directory's
+        # last readdir from the start took, which the next pages of that listing go through
+        # (as a handle's would): a big directory is read from the disk once, not once a page.
+        self._listings: collections.OrderedDict[int, list[tuple[int, bytes]]] = (
+            collections.OrderedDict())
+        self._listed = 0  # names in _listings
 
     def init(self) -> None:
         # pyfuse3 calls this while it handles the kernel's INIT request; the reply goes out as
@@ -515,10 +527,14 @@ class Operations(pyfuse3.Operations):
         try:
             # One getdents: cheaper inline than a thread hop.
             if self.directories_by_inode:
-                names = self.store.list_names(parent, dir_fd)
+                listing = self._listings.get(node.ino) if start_id > 2 else None
+                if listing is None:  # a listing starts: what is there now
+                    listing = sorted((_cookie(n), n)
+                                     for n in self.store.list_names(parent, dir_fd))
+                self._keep_listing(node.ino, listing)  # its next pages page through it
                 slots = [(b".", 1), (b"..", 2)][min(start_id, 2):]
-                slots += sorted(((name, c + 1) for name in names
-                                 if (c := _cookie(name)) >= start_id), key=lambda x: x[1])
+                first = bisect.bisect_left(listing, (start_id, b""))
+                slots += [(name, c + 1) for c, name in listing[first:]]
             else:
                 if d.names is None:
                     d.names = [b".", b"..", *self.store.list_names(parent, dir_fd)]
@@ -557,6 +573,16 @@ class Operations(pyfuse3.Operations):
                 self.table.maybe_drop(child)
                 return
             child.lookups += 1
+
+    def _keep_listing(self, ino: int, listing: list[tuple[int, bytes]]) -> None:
+        old = self._listings.pop(ino, None)
+        if old is not None:
+            self._listed -= len(old)
+        self._listings[ino] = listing
+        self._listed += len(listing)
+        while len(self._listings) > 1 and (len(self._listings) > LISTINGS_KEPT
+                                           or self._listed > LISTED_NAMES_KEPT):
+            self._listed -= len(self._listings.popitem(last=False)[1])
 
     def _dot(self, node: Node, i: int) -> pyfuse3.EntryAttributes:
         """`.` (i == 0) or `..` of a directory: the kernel creates no dentry for either and
