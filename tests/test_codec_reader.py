@@ -917,3 +917,55 @@ def test_decoding_ahead_decodes_each_frame_once_and_survives_a_closed_reader(
     while dec._ahead and time.monotonic() < end:
         time.sleep(0.005)  # the last jobs finishing
     assert dec.frames_decoded == n  # every frame once: ahead, or by its reader, never both
+
+
+class _NoRoom:
+    """What os.fstatvfs says of a filesystem with no free space left."""
+
+    f_bavail = 0
+    f_frsize = 4096
+    f_blocks = 1 << 20
+
+
+def test_a_copy_gives_up_when_the_filesystem_fills_while_it_is_written(
+        tmp_path: Path, fds: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    data = text(3 << 20, 50)
+    fd = open_blob(tmp_path, fds, frame(data))
+    dec = spill_budget(tmp_path, fds)
+    dec.spill_keep_free = (0.0, 1)  # at least one byte must stay free
+    monkeypatch.setattr(codec, "SPILL_CHECK_EVERY", 256 << 10)
+    real = os.fstatvfs
+    calls = 0
+
+    def filling(fd_: int) -> object:
+        nonlocal calls
+        calls += 1
+        return real(fd_) if calls == 1 else _NoRoom()  # room at first, then none (others wrote)
+
+    monkeypatch.setattr(codec.os, "fstatvfs", filling)
+    assert ZstReader(fd, dec).read(0, len(data)) == data  # served anyway, decoded again
+    assert calls >= 2
+    assert dec.spill_stats() == (0, 0)
+    assert dec.spills_skipped == 1
+    assert unnamed_files(tmp_path) == 0
+
+
+def test_held_copies_are_dropped_when_the_filesystem_fills(
+        tmp_path: Path, fds: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    data = text(3 << 20, 51)
+    fd = open_blob(tmp_path, fds, frame(data))
+    monkeypatch.setattr(codec, "SPILL_ROOM_CHECK", 0.02)
+    dec = spill_budget(tmp_path, fds)
+    assert ZstReader(fd, dec).read(0, 10) == data[:10]
+    assert dec.spill_stats() == (1, len(data))
+    dec.spill_keep_free = (0.0, 1)  # at least one byte must stay free
+    monkeypatch.setattr(codec.os, "fstatvfs", lambda fd_: _NoRoom())
+    with dec._cond:
+        dec._cond.notify_all()  # the janitor looks again now rather than at its next check
+    end = time.monotonic() + 10.0
+    while dec.spill_stats()[0] and time.monotonic() < end:
+        time.sleep(0.01)  # polling an observable, with a deadline
+    assert dec.spill_stats() == (0, 0)
+    assert unnamed_files(tmp_path) == 0
+    monkeypatch.undo()
+    assert ZstReader(fd, dec).read(len(data) - 10, 10) == data[-10:]

@@ -753,6 +753,10 @@ SPILL_IDLE_SECONDS = 600.0
 #: free after the copy (the store's own writes come first).
 SPILL_FREE_SHARE = 0.10
 SPILL_MIN_FREE = 1 << 30
+#: While a copy is written, the free space is looked at again every this many bytes; while copies
+#: are held, every this many seconds (all are dropped when it fell short).
+SPILL_CHECK_EVERY = 64 << 20
+SPILL_ROOM_CHECK = 30.0
 #: Reservations this small never wait: the FUSE layer decodes small files on its event loop.
 SMALL_RESERVATION = 4 << 20
 #: A reservation that cannot be met for this long (the budget is pinned by work in progress)
@@ -922,18 +926,21 @@ class _Spill:
     A reader pins it while it reads, so evicting it never closes the descriptor under a ``pread``.
     """
 
-    __slots__ = ("doomed", "fd", "last_used", "limit", "pins", "size")
+    __slots__ = ("checked", "doomed", "fd", "keep_free", "last_used", "limit", "pins", "size")
 
-    def __init__(self, fd: int, limit: int) -> None:
+    def __init__(self, fd: int, limit: int, keep_free: float) -> None:
         self.fd = fd
         self.size = 0
         self.limit = limit
+        self.keep_free = keep_free  # bytes of the filesystem this copy must leave free
+        self.checked = 0  # size at the last look at the free space
         self.last_used = time.monotonic()
         self.pins = 0
         self.doomed = False
 
     def write(self, data: memoryview) -> None:
-        """Append decoded bytes; on any error (a full disk) or past ``limit`` the copy is given up
+        """Append decoded bytes; on any error (a full disk), past ``limit``, or once the
+        filesystem's free space falls to ``keep_free`` (others write too) the copy is given up
         and the checking pass goes on without it."""
         if self.fd < 0:
             return
@@ -941,6 +948,11 @@ class _Spill:
             self.close()
             return
         try:
+            if self.size - self.checked >= SPILL_CHECK_EVERY:
+                self.checked = self.size
+                sv = os.fstatvfs(self.fd)
+                if sv.f_bavail * sv.f_frsize < self.keep_free:
+                    raise OSError("the filesystem is filling up")
             _write_all(self.fd, data)
         except OSError:
             self.close()
@@ -1134,8 +1146,7 @@ class Decoders:
         """Drop parked decoders and decoded copies once idle (both kept in least recently used
         order, so only the oldest of each is ever due)."""
         with self._cond:
-            while ((self._idle and self.idle_seconds > 0)
-                   or (self._spills and self.spill_idle > 0)):
+            while (self._idle and self.idle_seconds > 0) or self._spills:
                 now = time.monotonic()
                 wait = 3600.0
                 if self._idle and self.idle_seconds > 0:
@@ -1152,11 +1163,19 @@ class Decoders:
                         self._drop_spill_locked(key)
                         continue
                     wait = min(wait, due)
+                if self._spills:
+                    # Copies give their room back when the filesystem fills up (other writers
+                    # come first): looked at every SPILL_ROOM_CHECK seconds while any is held.
+                    if self._short_of_room():
+                        for key in list(self._spills):
+                            self._drop_spill_locked(key)
+                        continue
+                    wait = min(wait, SPILL_ROOM_CHECK)
                 self._cond.wait(wait)
             self._janitor = None
 
     def _start_janitor_locked(self) -> None:
-        if self._janitor is None and (self.idle_seconds > 0 or self.spill_idle > 0):
+        if self._janitor is None and (self.idle_seconds > 0 or self._spills):
             self._janitor = threading.Thread(target=self._janitor_loop, daemon=True,
                                              name="zstfs-decoder-janitor")
             self._janitor.start()
@@ -1190,7 +1209,19 @@ class Decoders:
         except OSError:
             self.spills_skipped += 1
             return None
-        return _Spill(fd, self.spill_limit if expected is None else expected)
+        return _Spill(fd, self.spill_limit if expected is None else expected, keep)
+
+    def _short_of_room(self) -> bool:
+        """Whether the spill directory's filesystem has less free space than copies must leave."""
+        dir_fd = self.spill_dir
+        if dir_fd is None:
+            return False
+        try:
+            sv = os.fstatvfs(dir_fd)
+        except OSError:
+            return False
+        share, least = self.spill_keep_free
+        return sv.f_bavail * sv.f_frsize < max(sv.f_blocks * sv.f_frsize * share, least)
 
     def _keep_spill(self, identity: Identity, comp_start: int, spill: _Spill | None,
                     size: int) -> None:
