@@ -1026,9 +1026,9 @@ class Decoders:
         self._janitor: threading.Thread | None = None
         self._prefetch_queue: collections.deque[_Stream] = collections.deque()
         self._prefetcher: threading.Thread | None = None
-        self._ahead: set[tuple[Identity, int]] = set()  # frames queued for decode_ahead
+        # Frames queued for decode_ahead and not decoded by anyone yet -> their sizes.
+        self._ahead: dict[tuple[Identity, int], int] = {}
         self._ahead_pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._ahead_bytes = 0
         self.spill_dir = spill_dir
         self.spill_limit = spill_limit
         self.spill_idle = spill_idle
@@ -1413,6 +1413,12 @@ class Decoders:
     def frame_bytes(self, fd: int, identity: Identity, frame_no: int, frame: _Frame) -> bytes:
         """A cacheable frame decoded whole (verified), from the cache or decoded once even when
         several threads miss it at the same moment (the kernel's parallel readahead)."""
+        data = self._decode_frame(fd, identity, frame_no, frame, ahead=False)
+        assert data is not None
+        return data
+
+    def _decode_frame(self, fd: int, identity: Identity, frame_no: int, frame: _Frame, *,
+                      ahead: bool) -> bytes | None:
         key = (identity, frame_no)
         while True:
             data = self.cached_frame(key)
@@ -1422,6 +1428,10 @@ class Decoders:
             if event is not None:
                 break
         try:
+            if ahead:
+                with self._cond:
+                    if key not in self._ahead:
+                        return None  # decoded by its reader meanwhile (and maybe evicted since)
             comp = frame.comp_end - frame.comp_start
             self.reserve(frame.log_size + comp, f"frame at offset {frame.comp_start}",
                          never_wait=True)
@@ -1430,9 +1440,10 @@ class Decoders:
             except BaseException:
                 self.release(frame.log_size + comp)
                 raise
-            self.frames_decoded += 1  # statistics (tests): races only blur them
             self._mark_verified(identity, frame.comp_start)
             with self._cond:
+                self.frames_decoded += 1  # statistics (tests)
+                self._ahead.pop(key, None)  # decoded: a job queued for it has nothing to do
                 self._used -= comp
                 if len(data) <= self.cacheable_size and key not in self._frames:
                     self._trim_cache_locked(len(data))
@@ -1456,20 +1467,19 @@ class Decoders:
             # ahead (older frames are evicted first: least recently read).
             if (key in self._frames or ("frame", identity, frame_no) in self._inflight
                     or key in self._ahead or len(self._ahead) >= AHEAD_FRAMES
-                    or reading + self._ahead_bytes + frame.log_size > self.cache_limit
+                    or reading + sum(self._ahead.values()) + frame.log_size > self.cache_limit
                     or self._used + frame.log_size + (frame.comp_end - frame.comp_start)
                     > self.memory):
                 return
-            self._ahead.add(key)
-            self._ahead_bytes += frame.log_size
+            self._ahead[key] = frame.log_size
             if self._ahead_pool is None:
                 self._ahead_pool = concurrent.futures.ThreadPoolExecutor(
                     AHEAD_FRAMES, thread_name_prefix="zstfs-decode-ahead")
             pool = self._ahead_pool
+
         def done() -> None:
             with self._cond:
-                self._ahead.discard(key)
-                self._ahead_bytes -= frame.log_size
+                self._ahead.pop(key, None)
 
         try:
             own = os.dup(fd)  # the reader's descriptor may be closed before the job runs
@@ -1479,7 +1489,9 @@ class Decoders:
 
         def job() -> None:
             try:
-                self.frame_bytes(own, identity, frame_no, frame)
+                # Checked again once it is the one decoder of the frame: never a frame its
+                # reader decoded meanwhile.
+                self._decode_frame(own, identity, frame_no, frame, ahead=True)
             except (CorruptError, OSError):
                 pass  # the reader that wants it decodes it again, and reports the damage
             finally:
