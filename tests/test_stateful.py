@@ -221,7 +221,8 @@ class ZstfsMachine(RuleBasedStateMachine):
         self.rootdir = MDir(stat.S_IMODE(os.stat(self.root).st_mode))
         self.rootdir.ino = ROOT_INODE
         self.handles: dict[int, tuple[MFile, int]] = {}  # fh -> (file, open flags)
-        self.dirhandles: dict[int, tuple[MDir, list[str]]] = {}  # fh -> (dir, names at opendir)
+        # fh -> (dir, the names its first readdir listed; None before that readdir)
+        self.dirhandles: dict[int, tuple[MDir, list[str] | None]] = {}
         self.holders: list[Holder] = []
         self.bg: Background | None = None
         self.krefs: Counter[int] = Counter({ROOT_INODE: 1})  # the kernel's lookup references
@@ -912,16 +913,19 @@ class ZstfsMachine(RuleBasedStateMachine):
         if "fh" in out:
             d = self.obj(path)
             assert isinstance(d, MDir)
-            self.dirhandles[out["fh"]] = (d, self.children(path))
+            self.dirhandles[out["fh"]] = (d, None)  # listed by its first readdir
 
     @precondition(lambda self: self.dirhandles)
     @rule(data=st.data())
     def readdir(self, data: st.DataObject) -> None:
         """Through a handle opened before any number of other steps (stale handles matter):
-        the names listed at opendir that still exist, each as what it is now."""
+        the names its first readdir listed that still exist, each as what it is now."""
         fh = data.draw(st.sampled_from(sorted(self.dirhandles)), label="dh")
         d, names = self.dirhandles[fh]
         path = self.path_of_dir(d)
+        if names is None and path is not None:
+            names = self.children(path)
+            self.dirhandles[fh] = (d, names)
 
         async def go() -> None:
             token: list[tuple[bytes, Any, int]] = []
@@ -933,6 +937,7 @@ class ZstfsMachine(RuleBasedStateMachine):
                 return
             self.expect(f"readdir {path or '/'}", got, 0)
             listed = [os.fsdecode(n) for n, _, _ in token]
+            assert names is not None
             want = [n for n in names if n in self.children(path)]
             if sorted(listed) != sorted(want):
                 raise Mismatch(f"readdir {path or '/'} (stale handle): {sorted(listed)}, "
@@ -941,6 +946,37 @@ class ZstfsMachine(RuleBasedStateMachine):
                 child = pjoin(path, os.fsdecode(n))
                 self.took(attrs, self.tree.get(child), f"readdir entry {child}")
             for n, _, _ in token:  # and each is what a lookup says it is
+                await self.walk(pjoin(path, os.fsdecode(n)))
+
+        self.run(go)
+
+    @rule(data=st.data())
+    def readdir_by_inode(self, data: st.DataObject) -> None:
+        """Without a handle (`directories_by_inode`, the kernel's FUSE_NO_OPENDIR_SUPPORT): a
+        listing from the start is what the directory holds now, each entry as what it is."""
+        path = "" if data.draw(st.booleans(), label="root") else data.draw(
+            st.sampled_from(self.candidates()), label="path")
+
+        async def go() -> None:
+            attrs = await self.walk(path)
+            if attrs is None or not stat.S_ISDIR(attrs.st_mode):
+                return
+            token: list[tuple[bytes, Any, int]] = []
+            self.world.ops.directories_by_inode = True
+            try:
+                got = await self.attempt(self.world.ops.readdir(attrs.st_ino, 0, token))  # type: ignore
+            finally:
+                self.world.ops.directories_by_inode = False
+            self.expect(f"readdir by inode {path or '/'}", got, 0)
+            token = dotless(token)
+            listed = sorted(os.fsdecode(n) for n, _, _ in token)
+            if listed != sorted(self.children(path)):
+                raise Mismatch(f"readdir by inode {path or '/'}: {listed}, the model has "
+                               f"{sorted(self.children(path))}")
+            for n, entry_attrs, _ in token:
+                child = pjoin(path, os.fsdecode(n))
+                self.took(entry_attrs, self.tree.get(child), f"readdir entry {child}")
+            for n, _, _ in token:
                 await self.walk(pjoin(path, os.fsdecode(n)))
 
         self.run(go)
@@ -1276,3 +1312,20 @@ async def test_a_new_file_under_the_name_of_a_file_renamed_during_its_swap(world
         gate.go.set()
     assert await world.content("b.jsonl") == jsonl(300)
     assert world.below() == ["a.jsonl", "b.jsonl"]
+
+
+async def test_a_handle_lists_what_is_there_at_its_first_readdir(world: World) -> None:
+    """Found when the machine's model still said "names at opendir": a handle lists at its first
+    readdir (opendir does no I/O, the kernel may keep listings and never ask), so a file made
+    between opendir and that readdir is listed, and one made after it is not (POSIX leaves both
+    open; zstfs keeps one snapshot per handle)."""
+    write_cold(world.root / "a.jsonl", jsonl(5))
+    dh = await world.opendir("")
+    await world.release(await world.create("b.jsonl"))
+    assert await world.listdir(dh) == ["a.jsonl", "b.jsonl"]
+    await world.release(await world.create("c.jsonl"))
+    assert await world.listdir(dh) == ["a.jsonl", "b.jsonl"]  # the same listing, paged again
+    await world.ops.releasedir(dh)  # type: ignore[arg-type]
+    dh = await world.opendir("")
+    assert await world.listdir(dh) == ["a.jsonl", "b.jsonl", "c.jsonl"]
+    await world.ops.releasedir(dh)  # type: ignore[arg-type]
