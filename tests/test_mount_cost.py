@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -375,8 +376,6 @@ def test_directories_list_whole_while_their_files_are_compressed(
         store: Path, mount_factory) -> None:
     """Each swap replaces a file by its `.zst` in the very directory being listed (and a listing
     may be kept by the kernel): every listing meanwhile shows every name, and none fails."""
-    import time
-
     d = store / "s"
     d.mkdir()
     names = {f"r{i:02}.jsonl" for i in range(40)}

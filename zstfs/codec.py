@@ -1035,7 +1035,6 @@ class Decoders:
         self.spill_keep_free = (SPILL_FREE_SHARE, SPILL_MIN_FREE)  # share of the fs, bytes
         self._spills: OrderedDict[tuple[Identity, int], _Spill] = OrderedDict()  # LRU first
         self._spill_bytes = 0
-        self.spills_made = 0  # statistics: copies kept
         self.spills_skipped = 0  # big frames checked without a copy (no room, no O_TMPFILE)
 
     # ---------------------------------------------------------------- accounting
@@ -1201,8 +1200,7 @@ class Decoders:
         need = expected or 0
         try:
             sv = os.fstatvfs(dir_fd)
-            share, least = self.spill_keep_free
-            keep = max(sv.f_blocks * sv.f_frsize * share, least)
+            keep = self._keep_free(sv)
             if need > self.spill_limit or sv.f_bavail * sv.f_frsize - need < keep:
                 raise OSError("no room")
             fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
@@ -1210,6 +1208,11 @@ class Decoders:
             self.spills_skipped += 1
             return None
         return _Spill(fd, self.spill_limit if expected is None else expected, keep)
+
+    def _keep_free(self, sv: os.statvfs_result) -> float:
+        """Bytes of that filesystem that copies must leave free (``spill_keep_free``)."""
+        share, least = self.spill_keep_free
+        return max(sv.f_blocks * sv.f_frsize * share, least)
 
     def _short_of_room(self) -> bool:
         """Whether the spill directory's filesystem has less free space than copies must leave."""
@@ -1220,8 +1223,7 @@ class Decoders:
             sv = os.fstatvfs(dir_fd)
         except OSError:
             return False
-        share, least = self.spill_keep_free
-        return sv.f_bavail * sv.f_frsize < max(sv.f_blocks * sv.f_frsize * share, least)
+        return sv.f_bavail * sv.f_frsize < self._keep_free(sv)
 
     def _keep_spill(self, identity: Identity, comp_start: int, spill: _Spill | None,
                     size: int) -> None:
@@ -1240,7 +1242,6 @@ class Decoders:
                 self._drop_spill_locked(next(iter(self._spills)))
             self._spills[key] = spill
             self._spill_bytes += size
-            self.spills_made += 1
             spill.last_used = time.monotonic()
             self._start_janitor_locked()
 

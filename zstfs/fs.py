@@ -47,6 +47,8 @@ _DOTS = {b".": 0, b"..": 1}
 #: most names they hold together (the last one is kept whatever its size).
 LISTINGS_KEPT = 16
 LISTED_NAMES_KEPT = 100_000
+#: Entries one readdir call looks at: more than the kernel's largest reply (128 KiB) can hold.
+READDIR_BATCH = 1024
 
 
 def _cookie(name: bytes) -> int:
@@ -539,6 +541,9 @@ class Operations(pyfuse3.Operations):
                 if d.names is None:
                     d.names = [b".", b"..", *self.store.list_names(parent, dir_fd)]
                 slots = [(d.names[i], i + 1) for i in range(start_id, len(d.names))]
+            # No more than a reply can hold (a reply that stops early just brings the next
+            # call): stat'ing every remaining name on every page made big directories quadratic.
+            slots = slots[:READDIR_BATCH]
             # What each name is now, not what it was when listed: a file swapped or promoted
             # since has another backing inode, and a stale stat must never rekey the table.
             current = {name: self.store.resolve_in(dir_fd, parent, name)
