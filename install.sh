@@ -12,7 +12,7 @@ cd "$(dirname "$0")"
 mode=user
 [ "${1:-}" = "--test" ] && mode=test
 
-need=(fuse3 libfuse3-dev pkg-config gcc python3-dev zstd patch)
+need=(fuse3 libfuse3-dev pkg-config gcc python3-dev zstd patch curl meson ninja-build)
 if [ "$mode" = test ]; then
     # sqlite3/attr/psmisc/util-linux: real programs the tests drive; nodejs/npm: the Codex CLI.
     need+=(sqlite3 attr psmisc util-linux)

@@ -102,6 +102,8 @@ class World:
         # Directory handles, as on a kernel without FUSE_NO_OPENDIR_SUPPORT (the harness drives
         # opendir/readdir/releasedir itself); `by_inode()` switches to the other protocol.
         self.ops.directories_by_inode = False
+        # Reads and writes come here, as they do for a file opened without passthrough.
+        self.ops.enable_passthrough = False
         self.compactor.attach(self.files)
         self.invalidated: list[int] = []
         self.limiter = trio.CapacityLimiter(2)

@@ -647,3 +647,46 @@ async def test_listing_by_inode_pages_by_name_cookies_through_changes(world: Wor
     assert names == stayed | {f"new{i:02}".encode() for i in range(turn)}
     # fsyncdir by inode too.
     await world.ops.fsyncdir(ino, False)  # type: ignore[arg-type]
+
+
+async def test_fsync_of_a_small_file_runs_inline_until_one_is_slow(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsync of a small plain file runs on the trio thread (a thread hop costs more than the
+    sync); a big file, and a handle whose last sync was slow, sync on a worker thread; a fast
+    sync brings the handle back. The clock is the test's: each fake sync says how long it took."""
+    import threading
+    import time as real_time
+
+    from zstfs import fs
+
+    now = [1000.0]
+    took: list[float] = []
+    threads: list[bool] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        threads.append(threading.current_thread() is threading.main_thread())
+        real_fsync(fd)
+        now[0] += took.pop(0)
+
+    class Clock:
+        def monotonic(self) -> float:
+            return now[0]
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real_time, name)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(fs, "time", Clock())
+    small = await world.create("small.db", b"x" * 100)
+    big = await world.create("big.db")
+    os.ftruncate(world.ops.handles[big].fd, fs.INLINE_FSYNC_LIMIT + 1)
+
+    took[:] = [0.001, fs.INLINE_FSYNC_SLOW * 2, 0.001, 0.001, 0.001]
+    for _ in range(4):
+        await world.ops.fsync(small, False)
+    await world.ops.fsync(big, False)
+    # inline; inline but slow; so the next one on a thread (fast again); inline; big: a thread
+    assert threads == [True, True, False, True, False]
+    for fh in (small, big):
+        await world.release(fh)

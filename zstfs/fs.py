@@ -60,6 +60,12 @@ BLKSIZE = 128 * 1024
 #: more than decoding 1 MiB (~1 ms), and `grep -r` over many small files is bound by per-request
 #: overhead.
 INLINE_DECODE_LIMIT = 1 << 20
+#: fsync of a plain file up to this size runs on the trio thread: a thread hop costs more than
+#: fsync of a small file (measured here: 190 µs vs 60-130 µs), and SQLite syncs its WAL at every
+#: commit. Bigger files, and a handle whose last fsync took longer than INLINE_FSYNC_SLOW
+#: seconds, sync on a worker thread, so no request waits long behind another's sync.
+INLINE_FSYNC_LIMIT = 8 << 20
+INLINE_FSYNC_SLOW = 0.02
 #: Extended attributes on the mount root under this prefix are zstfs's own (`user.zstfs.status`).
 RESERVED_XATTR_PREFIX = b"user.zstfs."
 #: How long the status document given to a thread bounds the length of its next one.
@@ -122,10 +128,19 @@ def _linked(entry: Entry | None) -> bool:
     return entry is not None and not stat.S_ISDIR(entry.st.st_mode) and entry.st.st_nlink > 1
 
 
+def _file_info(fh: int, keep_cache: bool, backing_id: int) -> FileInfo:
+    if not backing_id:  # (a stock pyfuse3's FileInfo has no backing_id)
+        return FileInfo(fh=FileHandleT(fh), keep_cache=keep_cache)
+    # The kernel takes no open flags but its own beside passthrough (FOPEN_PASSTHROUGH_MASK).
+    return FileInfo(fh=FileHandleT(fh), keep_cache=False,  # type: ignore[call-arg]
+                    backing_id=backing_id)
+
+
 class Handle:
     """One open file description: a plain backing fd, or a `.zst` fd with its reader."""
 
-    __slots__ = ("fd", "flags", "generation", "inline", "node", "reader", "retired", "wrote")
+    __slots__ = ("backing", "fd", "flags", "generation", "inline", "node", "reader", "retired",
+                 "slow_sync", "wrote")
 
     def __init__(self, node: Node, fd: int, flags: int, reader: codec.ZstReader | None,
                  inline: bool = False) -> None:
@@ -136,6 +151,10 @@ class Handle:
         self.inline = inline  # small compressed file: decode without a thread hop
         self.generation = node.generation
         self.wrote = False
+        #: Opened in passthrough mode: the kernel reads, writes and maps the backing file
+        #: itself, and no READ or WRITE of this handle ever reaches the daemon.
+        self.backing = False
+        self.slow_sync = False  # an inline fsync of it was slow: the next ones go to a thread
         #: Descriptors of earlier representations: a read on a worker thread may still be
         #: using one, so they are closed at release, not when the handle moves on.
         self.retired: list[int] = []
@@ -169,10 +188,18 @@ class Operations(pyfuse3.Operations):
     # (5.1+) takes as success for good; readdir and fsyncdir then receive the directory's inode.
     # zstfs's pyfuse3 resets this to False at INIT where the kernel does not support it.
     directories_by_inode = "directories_by_inode" in getattr(pyfuse3, "ZSTFS_PATCHES", ())
+    # Files outside the patterns are opened in FUSE passthrough mode (Linux 6.9+, libfuse
+    # 3.17+, and CAP_SYS_ADMIN to register a backing file): the kernel reads, writes and maps
+    # the backing file itself, so a write costs no round trip through this daemon and nothing
+    # written is ever held here (see _passthrough). zstfs's pyfuse3 resets this at INIT where
+    # the kernel lacks it; the first refused registration turns it off for the mount.
+    enable_passthrough = "enable_passthrough" in getattr(pyfuse3, "ZSTFS_PATCHES", ())
     # The two calls into the kernel session, replaceable so that the in-process tests can drive
     # these operations without a mount.
     readdir_reply = staticmethod(pyfuse3.readdir_reply)
     invalidate_inode = staticmethod(pyfuse3.invalidate_inode)
+    passthrough_open = staticmethod(getattr(pyfuse3, "passthrough_open", lambda fd: 0))
+    passthrough_close = staticmethod(getattr(pyfuse3, "passthrough_close", lambda bid: None))
 
     def __init__(
         self,
@@ -207,6 +234,9 @@ class Operations(pyfuse3.Operations):
         self._listings: collections.OrderedDict[int, list[tuple[int, bytes]]] = (
             collections.OrderedDict())
         self._listed = 0  # names in _listings
+        #: Passthrough: node inode -> [backing id, handles opened with it]. The kernel allows
+        #: one backing file per inode, and no passthrough open beside a cached one.
+        self._backing: dict[int, list[int]] = {}
 
     def init(self) -> None:
         # pyfuse3 calls this while it handles the kernel's INIT request; the reply goes out as
@@ -953,9 +983,61 @@ class Operations(pyfuse3.Operations):
             os.ftruncate(handle.fd, 0)
             node.writes += 1
         fh = self._new_fh()
+        keep = self._keep_cache(node, handle)
+        backing_id = self._passthrough(node, handle)
         self.handles[fh] = handle
         node.opens += 1
-        return FileInfo(fh=FileHandleT(fh), keep_cache=self._keep_cache(node, handle))
+        return _file_info(fh, keep, backing_id)
+
+    def _passthrough(self, node: Node, handle: Handle) -> int:
+        """The backing id to open `handle` with in passthrough mode, or 0 for a handle whose
+        reads and writes come here. Called before `handle` is in the table.
+
+        Only files the compactor never takes (names outside the patterns: databases, configs,
+        working trees): a mapping of a passthrough file maps the backing file itself, and its
+        handle is released when its descriptor is closed, so the daemon could not count it as
+        open. And only where no handle of the file is served here (a file renamed out of the
+        patterns while its `.zst` or promoted form is read): the kernel refuses to mix the two
+        on one inode (the open would fail with EIO)."""
+        if handle.reader is not None:
+            return 0
+        entry = self._backing.get(node.ino)
+        if entry is None:
+            if not self.enable_passthrough:
+                return 0
+            path = self.table.path(node)
+            if path is None or self.rules.compressible(*split(path)):
+                return 0
+            if any(not h.backing for h in self._handles_of(node)):
+                return 0
+            try:
+                entry = self._backing[node.ino] = [self.passthrough_open(handle.fd), 0]
+            except OSError as e:
+                self.enable_passthrough = False
+                # Expected without CAP_SYS_ADMIN (a mount by an ordinary user).
+                log.info("passthrough is off for this mount: registering %s failed: %s",
+                            self._describe(node), os.strerror(e.errno or errno.EIO))
+                return 0
+        entry[1] += 1
+        handle.backing = True
+        if handle.flags & os.O_ACCMODE != os.O_RDONLY:
+            # Its writes bypass the kernel's page cache of this inode, and may leave the mtime
+            # as it was (utimensat): a later cached open (after a rename into the patterns)
+            # must not keep pages read before.
+            node.seen = (-2, -2)
+        self.stats.passthrough_opens += 1
+        return entry[0]
+
+    def _drop_passthrough(self, node: Node) -> None:
+        entry = self._backing[node.ino]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._backing[node.ino]
+            try:
+                self.passthrough_close(entry[0])
+            except OSError as e:  # the kernel holds its own reference: nothing is lost
+                log.warning("passthrough_close(%d) of %s: %s", entry[0], self._describe(node),
+                            os.strerror(e.errno or errno.EIO))
 
     def _open_handle(self, node: Node, flags: int) -> Handle:
         """A handle on the node's current representation (never decodes)."""
@@ -1073,9 +1155,10 @@ class Operations(pyfuse3.Operations):
         handle = Handle(node, fd, flags, None)
         node.seen = (st.st_size, st.st_mtime_ns)
         fh = self._new_fh()
+        backing_id = self._passthrough(node, handle)
         self.handles[fh] = handle
         node.opens += 1
-        return FileInfo(fh=FileHandleT(fh)), self._attrs(node, st, st.st_size)
+        return _file_info(fh, True, backing_id), self._attrs(node, st, st.st_size)
 
     @translate_errors
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
@@ -1122,8 +1205,16 @@ class Operations(pyfuse3.Operations):
     @translate_errors
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
         h = self.handles[fh]
-        if h.reader is None:
-            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd)
+        if h.reader is not None:
+            return
+        sync = os.fdatasync if datasync else os.fsync
+        started = time.monotonic()
+        if h.slow_sync or os.fstat(h.fd).st_size > INLINE_FSYNC_LIMIT:
+            await trio.to_thread.run_sync(sync, h.fd)
+        else:
+            sync(h.fd)
+        # Judged again at every sync (a thread's also counts its hop, a fraction of the limit).
+        h.slow_sync = time.monotonic() - started > INLINE_FSYNC_SLOW
 
     @translate_errors
     async def release(self, fh: FileHandleT) -> None:
@@ -1135,6 +1226,8 @@ class Operations(pyfuse3.Operations):
         os.close(h.fd)
         for fd in h.retired:
             os.close(fd)
+        if h.backing:
+            self._drop_passthrough(node)
         node.opens -= 1
         if node.opens == 0 and self.on_idle is not None and not node.compressed:
             path = self.table.path(node)

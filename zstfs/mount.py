@@ -184,6 +184,7 @@ def mount(opts: MountOptions) -> int:
             "open_files": sum(1 for n in ops.table if n.opens > 0),
             "open_file_accounting": store.accounting.mode,
             "pyfuse3_patches": list(getattr(pyfuse3, "ZSTFS_PATCHES", ())),
+            "passthrough": ops.enable_passthrough,
             "known_inodes": len(ops.table.nodes),
             "recovery": {"temps_removed": recovery.temps_removed,
                          "leftovers_removed": recovery.leftovers_removed,

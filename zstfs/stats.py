@@ -36,6 +36,7 @@ class Stats:
     promotions: int = 0
     bytes_compressed: int = 0
     corrupt_reads: int = 0
+    passthrough_opens: int = 0  # opens whose reads and writes the kernel served itself
     last_errors: collections.deque[dict[str, Any]] = field(
         default_factory=lambda: collections.deque(maxlen=10)
     )
@@ -62,6 +63,7 @@ class Stats:
             "promotions": self.promotions,
             "bytes_compressed": self.bytes_compressed,
             "corrupt_reads": self.corrupt_reads,
+            "passthrough_opens": self.passthrough_opens,
             "last_errors": list(self.last_errors),
         }
 
