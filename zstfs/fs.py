@@ -194,7 +194,7 @@ class Operations(pyfuse3.Operations):
     # written is ever held here (see _passthrough). zstfs's pyfuse3 resets this at INIT where
     # the kernel lacks it; the first refused registration turns it off for the mount.
     enable_passthrough = "enable_passthrough" in getattr(pyfuse3, "ZSTFS_PATCHES", ())
-    # The two calls into the kernel session, replaceable so that the in-process tests can drive
+    # The calls into the kernel session, replaceable so that the in-process tests can drive
     # these operations without a mount.
     readdir_reply = staticmethod(pyfuse3.readdir_reply)
     invalidate_inode = staticmethod(pyfuse3.invalidate_inode)
@@ -1016,7 +1016,7 @@ class Operations(pyfuse3.Operations):
                 self.enable_passthrough = False
                 # Expected without CAP_SYS_ADMIN (a mount by an ordinary user).
                 log.info("passthrough is off for this mount: registering %s failed: %s",
-                            self._describe(node), os.strerror(e.errno or errno.EIO))
+                         self._describe(node), os.strerror(e.errno or errno.EIO))
                 return 0
         entry[1] += 1
         handle.backing = True
