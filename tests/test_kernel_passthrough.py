@@ -16,6 +16,7 @@ from __future__ import annotations
 import mmap
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pyfuse3
@@ -271,3 +272,82 @@ def test_one_backing_file_per_inode_and_never_beside_a_cached_open(tmp_path: Pat
             w.close()
 
     trio.run(go)
+
+
+WORKER = r"""
+import mmap, os, random, sys, time
+d, wid, n, stop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+rng = random.Random(wid)
+names = ["x.log", "x.jsonl"]  # outside / inside the patterns
+bad, appended, i = [], 0, 0
+while i < n or not os.path.exists(stop):
+    i += 1
+    if rng.random() < 0.2:
+        time.sleep(0.02)  # a pause: a chance for the compactor to take x.jsonl
+    op = rng.choice(["read", "append", "rename", "mmap", "rw"])
+    name = os.path.join(d, rng.choice(names))
+    try:
+        if op == "read":
+            with open(name, "rb") as f:
+                f.read()
+        elif op == "append":
+            fd = os.open(name, os.O_WRONLY | os.O_APPEND)
+            try:
+                os.write(fd, b"w%d-%d\n" % (wid, i))
+                appended += 1
+            finally:
+                os.close(fd)
+        elif op == "rename":
+            os.rename(name, os.path.join(d, names[name.endswith(".log")]))
+        elif op == "mmap":
+            fd = os.open(name, os.O_RDONLY)
+            try:
+                if os.fstat(fd).st_size:
+                    with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as m:
+                        m[:10]
+            finally:
+                os.close(fd)
+        else:
+            with open(name, "r+b") as f:
+                f.read(5)
+    except FileNotFoundError:
+        pass  # renamed by the other worker meanwhile
+    except OSError as e:
+        bad.append(f"{op} {name}: {e}")
+print(appended, repr(bad))
+"""
+
+
+@needs_passthrough
+def test_renames_in_and_out_of_the_patterns_under_load_fail_no_open_and_lose_nothing(
+        store: Path, mount_factory: MountFactory) -> None:
+    """Two processes read, append, map and rename one file between a name outside the patterns
+    (passthrough) and one inside (served by the daemon, compressed whenever it rests), until the
+    compactor (`--compress-after 0`) has swapped it three times: no open may fail (EIO would be
+    the kernel refusing a passthrough open beside a cached one), and every appended line is
+    there."""
+    base = b"".join(b"line %d\n" % i for i in range(20_000))
+    (store / "x.log").write_bytes(base)
+    m = mount_factory(store, "--compress-after", "0")
+    stop = store.parent / "stop"
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(m.mountpoint), str(w), "400",
+                               str(stop)], stdout=subprocess.PIPE, text=True) for w in (1, 2)]
+    try:
+        # Go on until the compactor has taken the file a few times in between.
+        wait_until(lambda: m.status()["swaps_done"] >= 3, 240, "three swaps during the run")
+    finally:
+        stop.touch()
+    appended = 0
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0
+        count, bad = out.split(" ", 1)
+        assert bad.strip() == "[]", bad
+        appended += int(count)
+    status = m.status()
+    assert status["passthrough_opens"] > 0
+    assert status["last_errors"] == []
+    (name,) = [p.name for p in m.mountpoint.iterdir()]
+    lines = (m.mountpoint / name).read_bytes().splitlines(keepends=True)
+    assert len(lines) == 20_000 + appended
+    assert b"".join(lines[:20_000]) == base
