@@ -391,13 +391,17 @@ with open(os.path.join(d, "mine.jsonl"), "w") as f:
     f.write('{"user": "nobody"}\\n')
 print(open(os.path.join(d, "mine.jsonl")).read(), end="")
 st = os.stat(os.path.join(d, "mine.jsonl"))
-print(st.st_uid, json.loads(os.getxattr(d, "user.zstfs.status"))["pid"])
+info = json.loads(os.getxattr(d, "user.zstfs.status"))
+print(st.st_uid, info["pid"], int(info.get("passthrough", False)))
 """, str(user_dir)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[:2] == ["from before", '{"user": "nobody"}']
-    uid, pid = map(int, lines[2].split())
+    uid, pid, passthrough = map(int, lines[2].split())
     assert uid == NOBODY
+    # Registering a backing file needs CAP_SYS_ADMIN: an ordinary user's mount serves its
+    # files itself, and says so from the start.
+    assert passthrough == 0
     assert Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0] == str(NOBODY)
     del info
     r = zstfs("umount", user_dir, user=NOBODY, env=env)

@@ -1028,6 +1028,26 @@ class Operations(pyfuse3.Operations):
         self.stats.passthrough_opens += 1
         return entry[0]
 
+    def probe_passthrough(self) -> None:
+        """Learn at once (after INIT) whether backing files can be registered here (it needs
+        CAP_SYS_ADMIN, and a backing filesystem stacked at most once), so that status says so
+        before the first open: with an unnamed file in the store, which nothing can see."""
+        if not self.enable_passthrough:
+            return
+        try:
+            fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600,
+                         dir_fd=self.store.root_fd)
+        except OSError:
+            return  # (a read-only store, or no O_TMPFILE): the first open decides
+        try:
+            self.passthrough_close(self.passthrough_open(fd))
+        except OSError as e:
+            self.enable_passthrough = False
+            log.info("passthrough is off for this mount: %s (it needs CAP_SYS_ADMIN)",
+                     os.strerror(e.errno or errno.EIO))
+        finally:
+            os.close(fd)
+
     def _drop_passthrough(self, node: Node) -> None:
         entry = self._backing[node.ino]
         entry[1] -= 1
