@@ -307,7 +307,8 @@ def test_descriptor_and_mapping_from_before_the_mount_stop_the_swap(
             holders.append(Holder([sys.executable, "-c", MMAP_HOLDER, str(mapped_path), patch]))
             # The mount refuses a store in use; forced (as after a crash, or by a user who
             # insists), the leases must still keep the held files plain.
-            r = zstfs_cli("mount", "--compress-after", "0", str(store))
+            r = zstfs_cli("mount", "--compress-after", "0", "--log",
+                          str(store.parent / "refused.log"), str(store))
             if is_mounted(store):
                 lazy_unmount(store)
             assert r.returncode == 1, r.stderr
