@@ -68,5 +68,9 @@ PKG_CONFIG_PATH=$prefix/lib/pkgconfig LDFLAGS="-Wl,-rpath,$prefix/lib" \
 import pyfuse3
 print("pyfuse3", pyfuse3.__version__, "patched:", ", ".join(pyfuse3.ZSTFS_PATCHES))
 PY
-ldd "$venv"/lib/python3*/site-packages/pyfuse3/__init__*.so | grep -q "$prefix/lib/libfuse3" \
-    || { echo "error: pyfuse3 is not linked against $prefix" >&2; exit 1; }
+# (ldd's whole output first: `ldd | grep -q` fails under pipefail when grep exits early)
+linked=$(ldd "$venv"/lib/python3*/site-packages/pyfuse3/__init__*.so)
+case $linked in
+    *"$prefix/lib/libfuse3"*) ;;
+    *) echo "error: pyfuse3 is not linked against $prefix:" >&2; echo "$linked" >&2; exit 1 ;;
+esac

@@ -690,3 +690,45 @@ async def test_fsync_of_a_small_file_runs_inline_until_one_is_slow(
     assert threads == [True, True, False, True, False]
     for fh in (small, big):
         await world.release(fh)
+
+
+@pytest.mark.parametrize("attempts", [1, 3])
+async def test_a_directory_renamed_while_the_first_scan_walks_the_store(
+        world: World, monkeypatch: pytest.MonkeyPatch, attempts: int) -> None:
+    """The scan at start runs on a worker thread while the mount is served. A directory
+    renamed through the mount after the walk saw it (found under `d/`, now `e/`) must still
+    have its files compressed: they are found again by a second walk, or, when the walks are
+    used up, queued under where the renames took them (queued under `d/`, they were dropped as
+    gone). Found by a real-mount test that flips a directory while the daemon starts."""
+    import threading
+
+    from zstfs import compactor as compactor_module
+
+    monkeypatch.setattr(compactor_module, "SCAN_ATTEMPTS", attempts)
+    data = jsonl(3000)
+    write_cold(world.root / "d" / "a.jsonl", data)
+    real_scan = world.compactor._scan
+    walks: list[list[tuple[bytes, float]]] = []
+    walked, go = threading.Event(), threading.Event()
+
+    def scan() -> list[tuple[bytes, float]]:
+        found = real_scan()
+        walks.append(found)
+        if len(walks) == 1:
+            walked.set()  # the walk saw d/a.jsonl ...
+            assert go.wait(30)  # ... and returns only after the rename below
+        return found
+
+    monkeypatch.setattr(world.compactor, "_scan", scan)
+    async with trio.open_nursery() as n:
+        n.start_soon(world.compactor.run)
+        await trio.to_thread.run_sync(walked.wait)
+        await world.rename("d", "e")
+        go.set()
+        await wait_for(lambda: world.stats.swaps_done == 1, "the renamed file's compaction")
+        await world.compactor.stop()
+        n.cancel_scope.cancel()
+    assert [p for p, _ in walks[0]] == [b"d/a.jsonl"]
+    assert len(walks) == min(attempts, 2)
+    assert world.below("e") == ["a.jsonl.zst"]
+    assert await world.content("e/a.jsonl") == data

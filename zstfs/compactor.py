@@ -38,6 +38,16 @@ MAX_BACKOFF = 3600.0
 #: A file open outside the mount sends no release: look again after this long (doubling).
 BUSY_RETRY = 30.0
 MAX_BUSY_RETRY = 900.0
+#: Walks of the store at start, at most, while directories are renamed through the mount.
+SCAN_ATTEMPTS = 3
+
+
+def _moved_along(path: bytes, moves: list[tuple[bytes, bytes]]) -> bytes:
+    """Where `path` is after the renames `moves` (in the order they were made)."""
+    for old, new in moves:
+        if path == old or path.startswith(old + b"/"):
+            path = new + path[len(old):]
+    return path
 
 
 class Compactor:
@@ -71,6 +81,9 @@ class Compactor:
         self._paused = False
         self._idle = trio.Event()
         self._scanned = False
+        #: Renames through the mount while a scan walks the store (None when none is running):
+        #: what the scan found under an old path is queued under the new one.
+        self._scan_moves: list[tuple[bytes, bytes]] | None = None
         self._census = CensusCache()
         self.files: OpenFiles | None = None
 
@@ -115,6 +128,8 @@ class Compactor:
         must not fall out of the queue)."""
         if not self.enabled:
             return
+        if self._scan_moves is not None:
+            self._scan_moves.append((old, new))
         prefix = old + b"/"
         if old + b".zst" in self._due:  # a renamed file whose .zst waits to be adopted
             self._schedule(new + b".zst", self._due.pop(old + b".zst"))
@@ -145,7 +160,7 @@ class Compactor:
         task_status.started()
         if not self.enabled:
             await trio.sleep_forever()
-        candidates = await trio.to_thread.run_sync(self._scan)
+        candidates = await self._initial_scan()
         for path, mtime in candidates:
             self._schedule(path, mtime + (self.compress_after or 0.0))
         self._scanned = True
@@ -195,6 +210,25 @@ class Compactor:
         self._stopping = True
         self._wake.set()
         await self._drain()
+
+    async def _initial_scan(self) -> list[tuple[bytes, float]]:
+        """The scan at start, which walks the store on a worker thread while the mount is
+        served. A directory renamed through the mount meanwhile may have been walked under its
+        old name, or missed between two names: the walk is repeated (up to SCAN_ATTEMPTS times)
+        until none was renamed during it, and what the last walk found is then moved along the
+        renames made during it (so nothing is queued under a path that leads nowhere, and
+        nothing is dropped later as gone)."""
+        for attempt in range(1, SCAN_ATTEMPTS + 1):
+            self._scan_moves = []
+            try:
+                found = await trio.to_thread.run_sync(self._scan)
+                moves = self._scan_moves
+            finally:
+                self._scan_moves = None
+            if not moves or attempt == SCAN_ATTEMPTS:
+                break
+            log.debug("compactor: %d renames during the scan; scanning again", len(moves))
+        return [(_moved_along(path, moves), mtime) for path, mtime in found]
 
     def _scan(self) -> list[tuple[bytes, float]]:
         """Every plain file to compress, and every `.zst` not in zstfs's format to adopt."""
