@@ -219,6 +219,7 @@ class Operations(pyfuse3.Operations):
         files.on_swapped = self.invalidate_attrs
         self.on_moved = on_moved
         self.handles: dict[int, Handle] = {}
+        self._by_node: dict[Node, list[Handle]] = {}  # the same handles, by node
         self.dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
         self.status_provider = status  # set by the mount once it can describe itself
@@ -263,8 +264,23 @@ class Operations(pyfuse3.Operations):
         return self._path(node)
 
     def _handles_of(self, node: Node) -> list[Handle]:
-        """The open handles on a node (a few at most: a scan beats keeping an index)."""
-        return [h for h in self.handles.values() if h.node is node]
+        """The open handles on a node (indexed: a writer's every GETXATTR asks, and a process
+        may hold thousands of files open)."""
+        return list(self._by_node.get(node, ()))
+
+    def _add_handle(self, fh: int, handle: Handle) -> None:
+        self.handles[fh] = handle
+        self._by_node.setdefault(handle.node, []).append(handle)
+        handle.node.opens += 1
+
+    def _remove_handle(self, fh: int) -> Handle:
+        handle = self.handles.pop(fh)
+        held = self._by_node[handle.node]
+        held.remove(handle)
+        if not held:
+            del self._by_node[handle.node]
+        handle.node.opens -= 1
+        return handle
 
     def _new_fh(self) -> int:
         fh = self._next_fh
@@ -985,8 +1001,7 @@ class Operations(pyfuse3.Operations):
         fh = self._new_fh()
         keep = self._keep_cache(node, handle)
         backing_id = self._passthrough(node, handle)
-        self.handles[fh] = handle
-        node.opens += 1
+        self._add_handle(fh, handle)
         return _file_info(fh, keep, backing_id)
 
     def _passthrough(self, node: Node, handle: Handle) -> int:
@@ -1008,7 +1023,7 @@ class Operations(pyfuse3.Operations):
             path = self.table.path(node)
             if path is None or self.rules.compressible(*split(path)):
                 return 0
-            if any(not h.backing for h in self._handles_of(node)):
+            if node.opens:  # with no backing id, every open handle is one served here
                 return 0
             try:
                 entry = self._backing[node.ino] = [self.passthrough_open(handle.fd), 0]
@@ -1176,8 +1191,7 @@ class Operations(pyfuse3.Operations):
         node.seen = (st.st_size, st.st_mtime_ns)
         fh = self._new_fh()
         backing_id = self._passthrough(node, handle)
-        self.handles[fh] = handle
-        node.opens += 1
+        self._add_handle(fh, handle)
         return _file_info(fh, True, backing_id), self._attrs(node, st, st.st_size)
 
     @translate_errors
@@ -1238,7 +1252,7 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def release(self, fh: FileHandleT) -> None:
-        h = self.handles.pop(fh)
+        h = self._remove_handle(fh)
         node = h.node
         if h.wrote:
             st = os.fstat(h.fd)
@@ -1248,7 +1262,6 @@ class Operations(pyfuse3.Operations):
             os.close(fd)
         if h.backing:
             self._drop_passthrough(node)
-        node.opens -= 1
         if node.opens == 0 and self.on_idle is not None and not node.compressed:
             path = self.table.path(node)
             if path is not None and self.rules.compressible(*split(path)):
