@@ -63,6 +63,20 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
         time.sleep(interval)
 
 
+def compress_in_place(path: Path) -> None:
+    """Replace a plain backing file by its `.zst` in zstfs's format (what a swap leaves)."""
+    from zstfs.codec import CodecParams, compress_file
+
+    src = os.open(path, os.O_RDONLY)
+    dst = os.open(f"{path}.zst", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        compress_file(src, dst, CodecParams())
+    finally:
+        os.close(src)
+        os.close(dst)
+    path.unlink()
+
+
 def is_mounted(path: Path) -> bool:
     real = os.path.realpath(path)
     with open("/proc/self/mountinfo") as f:

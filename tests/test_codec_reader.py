@@ -462,20 +462,27 @@ def test_out_of_order_readahead_is_served_from_history(tmp_path: Path, fds: list
     assert dec.streams_started == 1
 
 
+def read_through_new_handles(path: Path, dec: Decoders, data: bytes, step: int) -> None:
+    """Read `path` sequentially, each read through a descriptor of its own, closed right after
+    (as FUSE reads may come through different handles): parked decoders and frames decoded
+    ahead must read their own duplicate descriptors."""
+    pos = 0
+    while pos < len(data):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert ZstReader(fd, dec).read(pos, step) == data[pos : pos + step]
+        finally:
+            os.close(fd)
+        pos += step
+
+
 def test_new_handles_resume_parked_decoders(tmp_path: Path, fds: list[int]) -> None:
     """Each FUSE read may come through another handle: decoders belong to the budget."""
     data = text(3 << 20, 5)
     path = tmp_path / "f.zst"
     path.write_bytes(frame(data))
     dec = Decoders(cache=1 << 20, idle_seconds=0)
-    pos = 0
-    while pos < len(data):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            assert ZstReader(fd, dec).read(pos, 256 << 10) == data[pos : pos + (256 << 10)]
-        finally:
-            os.close(fd)  # the parked decoder reads its own duplicate descriptor
-        pos += 256 << 10
+    read_through_new_handles(path, dec, data, 256 << 10)
     assert dec.streams_started == 1
 
 
@@ -900,14 +907,7 @@ def test_decoding_ahead_decodes_each_frame_once_and_survives_a_closed_reader(
     path = tmp_path / "f.zst"
     path.write_bytes(ours(data, frame_size=128 << 10))
     dec = Decoders(cache=1 << 20, idle_seconds=0)
-    pos = 0
-    while pos < len(data):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            assert ZstReader(fd, dec).read(pos, 64 << 10) == data[pos : pos + (64 << 10)]
-        finally:
-            os.close(fd)  # the frames decoded ahead read their own duplicate
-        pos += 64 << 10
+    read_through_new_handles(path, dec, data, 64 << 10)
     fd = os.open(path, os.O_RDONLY)
     try:
         n = len(dec.index(fd, codec._identity(fd)).frames)

@@ -22,10 +22,8 @@ from pathlib import Path
 import pyfuse3
 import pytest
 import trio
-from conftest import Mount, MountFactory, wait_until
+from conftest import Mount, MountFactory, compress_in_place, wait_until
 from inprocess import CTX, World
-
-from zstfs.codec import CodecParams, compress_file
 
 
 def kernel_at_least(major: int, minor: int) -> bool:
@@ -38,17 +36,6 @@ PASSTHROUGH_POSSIBLE = (os.geteuid() == 0
                         and kernel_at_least(6, 9))
 needs_passthrough = pytest.mark.skipif(
     not PASSTHROUGH_POSSIBLE, reason="needs root, zstfs's pyfuse3 build and Linux 6.9+")
-
-
-def compress(path: Path) -> None:
-    src = os.open(path, os.O_RDONLY)
-    dst = os.open(f"{path}.zst", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        compress_file(src, dst, CodecParams())
-    finally:
-        os.close(src)
-        os.close(dst)
-    path.unlink()
 
 
 def counting(mount_factory: MountFactory, store: Path, *args: str) -> Mount:
@@ -228,7 +215,7 @@ def test_one_backing_file_per_inode_and_never_beside_a_cached_open(tmp_path: Pat
             (w.root / "p.db").write_bytes(b"plain\n")
             (w.root / "q.db").write_bytes(b"other\n")
             (w.root / "c.jsonl").write_bytes(b"compressed\n" * 100)
-            compress(w.root / "c.jsonl")
+            compress_in_place(w.root / "c.jsonl")
             (w.root / "r.jsonl").write_bytes(b"plain rollout\n")
             p, q = await w.lookup("p.db"), await w.lookup("q.db")
             c, r = await w.lookup("c.jsonl"), await w.lookup("r.jsonl")

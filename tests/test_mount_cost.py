@@ -16,9 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Mount, wait_until
-
-from zstfs.codec import CodecParams, compress_file
+from conftest import Mount, compress_in_place, wait_until
 
 
 def enoent(path: Path) -> bool:
@@ -34,17 +32,6 @@ def run(*cmd: str | Path, cwd: Path | None = None) -> str:
                        cwd=cwd)
     assert r.returncode == 0, f"{cmd} exited {r.returncode}:\n{r.stdout}\n{r.stderr}"
     return r.stdout
-
-
-def compress(path: Path) -> None:
-    src = os.open(path, os.O_RDONLY)
-    dst = os.open(f"{path}.zst", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        compress_file(src, dst, CodecParams())
-    finally:
-        os.close(src)
-        os.close(dst)
-    path.unlink()
 
 
 def test_names_created_after_a_failed_lookup_are_visible_at_once(mounted: Mount) -> None:
@@ -111,7 +98,7 @@ def test_unlink_then_lookup_and_rename_over(mounted: Mount) -> None:
 
 def test_compressed_names_resolve_and_zst_names_never_do(store: Path, mount_factory) -> None:
     (store / "old.jsonl").write_bytes(b'{"a":1}\n' * 500)
-    compress(store / "old.jsonl")
+    compress_in_place(store / "old.jsonl")
     m = mount_factory(store, "--compress-after", "0").mountpoint
     assert enoent(m / "old.jsonl.zst")
     assert enoent(m / "old.jsonl.zst")
@@ -224,7 +211,7 @@ def test_rm_rf_of_a_compressed_tree(store: Path, mount_factory) -> None:
     d.mkdir(parents=True)
     for i in range(5):
         (d / f"r{i}.jsonl").write_bytes(b'{"i":%d}\n' % i * 100)
-        compress(d / f"r{i}.jsonl")
+        compress_in_place(d / f"r{i}.jsonl")
     m = mount_factory(store).mountpoint
     assert sorted(os.listdir(m / "sessions" / "2026" / "01" / "02")) == [
         f"r{i}.jsonl" for i in range(5)]
@@ -258,7 +245,7 @@ def test_xattrs_of_open_files_are_answered_from_the_handle(store: Path, mount_fa
     descriptor: the same answers as by path, for plain and compressed files, and after unlink."""
     (store / "z.jsonl").write_bytes(b'{"z":1}\n' * 100)
     os.setxattr(store / "z.jsonl", "user.k", b"zv")
-    compress(store / "z.jsonl")
+    compress_in_place(store / "z.jsonl")
     os.setxattr(store / "z.jsonl.zst", "user.k", b"zv")
     m = mount_factory(store).mountpoint
     p = m / "p.txt"
@@ -362,7 +349,7 @@ def test_kernel_kept_listings_follow_every_change_made_through_the_mount(
     assert ls(other) == set()
     # A compressed file turned plain by an append keeps its place in the listing.
     m.stop()
-    compress(store / "d" / "a.jsonl")
+    compress_in_place(store / "d" / "a.jsonl")
     m = mount_factory(store)
     assert ls(d) == expected
     with open(d / "a.jsonl", "a") as f:

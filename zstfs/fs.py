@@ -66,6 +66,8 @@ INLINE_DECODE_LIMIT = 1 << 20
 #: seconds, sync on a worker thread, so no request waits long behind another's sync.
 INLINE_FSYNC_LIMIT = 8 << 20
 INLINE_FSYNC_SLOW = 0.02
+#: `Node.seen` after a passthrough writer: no cached open keeps the pages it finds.
+NEVER_SEEN = (-1, -1)
 #: Extended attributes on the mount root under this prefix are zstfs's own (`user.zstfs.status`).
 RESERVED_XATTR_PREFIX = b"user.zstfs."
 #: How long the status document given to a thread bounds the length of its next one.
@@ -139,8 +141,8 @@ def _file_info(fh: int, keep_cache: bool, backing_id: int) -> FileInfo:
 class Handle:
     """One open file description: a plain backing fd, or a `.zst` fd with its reader."""
 
-    __slots__ = ("backing", "fd", "flags", "generation", "inline", "node", "reader", "retired",
-                 "slow_sync", "wrote")
+    __slots__ = ("backing_id", "fd", "flags", "generation", "inline", "node", "reader",
+                 "retired", "slow_sync", "wrote")
 
     def __init__(self, node: Node, fd: int, flags: int, reader: codec.ZstReader | None,
                  inline: bool = False) -> None:
@@ -151,9 +153,9 @@ class Handle:
         self.inline = inline  # small compressed file: decode without a thread hop
         self.generation = node.generation
         self.wrote = False
-        #: Opened in passthrough mode: the kernel reads, writes and maps the backing file
-        #: itself, and no READ or WRITE of this handle ever reaches the daemon.
-        self.backing = False
+        #: Opened in passthrough mode with this backing id (0: not): the kernel reads, writes
+        #: and maps the backing file itself, and no READ or WRITE of this handle reaches here.
+        self.backing_id = 0
         self.slow_sync = False  # an inline fsync of it was slow: the next ones go to a thread
         #: Descriptors of earlier representations: a read on a worker thread may still be
         #: using one, so they are closed at release, not when the handle moves on.
@@ -235,9 +237,6 @@ class Operations(pyfuse3.Operations):
         self._listings: collections.OrderedDict[int, list[tuple[int, bytes]]] = (
             collections.OrderedDict())
         self._listed = 0  # names in _listings
-        #: Passthrough: node inode -> [backing id, handles opened with it]. The kernel allows
-        #: one backing file per inode, and no passthrough open beside a cached one.
-        self._backing: dict[int, list[int]] = {}
 
     def init(self) -> None:
         # pyfuse3 calls this while it handles the kernel's INIT request; the reply goes out as
@@ -1016,32 +1015,37 @@ class Operations(pyfuse3.Operations):
         on one inode (the open would fail with EIO)."""
         if handle.reader is not None:
             return 0
-        entry = self._backing.get(node.ino)
-        if entry is None:
-            if not self.enable_passthrough:
+        # The kernel allows one backing file per inode: the node's other handles share theirs.
+        backing_id = self._backing_id_of(node)
+        if not backing_id:
+            if not self.enable_passthrough or node.opens:  # (each open handle is served here)
                 return 0
             path = self.table.path(node)
             if path is None or self.rules.compressible(*split(path)):
                 return 0
-            if node.opens:  # with no backing id, every open handle is one served here
-                return 0
             try:
-                entry = self._backing[node.ino] = [self.passthrough_open(handle.fd), 0]
+                backing_id = self.passthrough_open(handle.fd)
             except OSError as e:
-                self.enable_passthrough = False
-                # Expected without CAP_SYS_ADMIN (a mount by an ordinary user).
-                log.info("passthrough is off for this mount: registering %s failed: %s",
-                         self._describe(node), os.strerror(e.errno or errno.EIO))
+                self._passthrough_refused(e)
                 return 0
-        entry[1] += 1
-        handle.backing = True
+        handle.backing_id = backing_id
         if handle.flags & os.O_ACCMODE != os.O_RDONLY:
             # Its writes bypass the kernel's page cache of this inode, and may leave the mtime
             # as it was (utimensat): a later cached open (after a rename into the patterns)
             # must not keep pages read before.
-            node.seen = (-2, -2)
+            node.seen = NEVER_SEEN
         self.stats.passthrough_opens += 1
-        return entry[0]
+        return backing_id
+
+    def _backing_id_of(self, node: Node) -> int:
+        return next((h.backing_id for h in self._by_node.get(node, ()) if h.backing_id), 0)
+
+    def _passthrough_refused(self, e: OSError) -> None:
+        """Expected without CAP_SYS_ADMIN (a mount by an ordinary user): passthrough is off
+        for the mount from now on; handles that have a backing id keep it."""
+        self.enable_passthrough = False
+        log.info("passthrough is off for this mount: registering a backing file failed: %s",
+                 os.strerror(e.errno or errno.EIO))
 
     def probe_passthrough(self) -> None:
         """Learn at once (after INIT) whether backing files can be registered here (it needs
@@ -1057,22 +1061,20 @@ class Operations(pyfuse3.Operations):
         try:
             self.passthrough_close(self.passthrough_open(fd))
         except OSError as e:
-            self.enable_passthrough = False
-            log.info("passthrough is off for this mount: %s (it needs CAP_SYS_ADMIN)",
-                     os.strerror(e.errno or errno.EIO))
+            self._passthrough_refused(e)
         finally:
             os.close(fd)
 
-    def _drop_passthrough(self, node: Node) -> None:
-        entry = self._backing[node.ino]
-        entry[1] -= 1
-        if entry[1] == 0:
-            del self._backing[node.ino]
-            try:
-                self.passthrough_close(entry[0])
-            except OSError as e:  # the kernel holds its own reference: nothing is lost
-                log.warning("passthrough_close(%d) of %s: %s", entry[0], self._describe(node),
-                            os.strerror(e.errno or errno.EIO))
+    def _drop_passthrough(self, handle: Handle) -> None:
+        """After `handle` left the table: the node's last passthrough handle gives its backing
+        id back (the kernel keeps its own reference for as long as it needs one)."""
+        if self._backing_id_of(handle.node):
+            return
+        try:
+            self.passthrough_close(handle.backing_id)
+        except OSError as e:
+            log.warning("passthrough_close(%d) of %s: %s", handle.backing_id,
+                        self._describe(handle.node), os.strerror(e.errno or errno.EIO))
 
     def _open_handle(self, node: Node, flags: int) -> Handle:
         """A handle on the node's current representation (never decodes)."""
@@ -1260,8 +1262,8 @@ class Operations(pyfuse3.Operations):
         os.close(h.fd)
         for fd in h.retired:
             os.close(fd)
-        if h.backing:
-            self._drop_passthrough(node)
+        if h.backing_id:
+            self._drop_passthrough(h)
         if node.opens == 0 and self.on_idle is not None and not node.compressed:
             path = self.table.path(node)
             if path is not None and self.rules.compressible(*split(path)):
