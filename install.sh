@@ -12,10 +12,21 @@ cd "$(dirname "$0")"
 mode=user
 [ "${1:-}" = "--test" ] && mode=test
 
-need=(fuse3 libfuse3-dev pkg-config gcc python3-dev zstd patch curl meson ninja-build)
+# zstfs's build of pyfuse3 (scripts/build-pyfuse3.sh). FUSE passthrough needs libfuse 3.17 and
+# CAP_SYS_ADMIN: root gets the bundled libfuse 3.17 build, an ordinary user the build against
+# the system's libfuse (no passthrough, which it could never use). ZSTFS_LIBFUSE=system|bundled
+# chooses otherwise. A build that fails, or does not load, never stays: the next choice is
+# tried, down to stock pyfuse3 (same behaviour, slower on request-bound work); the tests need a
+# patched build.
+libfuse=${ZSTFS_LIBFUSE:-$([ "$(id -u)" -eq 0 ] && echo bundled || echo system)}
+case $libfuse in system|bundled) ;; *) echo "ZSTFS_LIBFUSE must be system or bundled" >&2; exit 2 ;; esac
+
+need=(fuse3 libfuse3-dev pkg-config gcc python3-dev zstd patch)
+[ "$libfuse" = bundled ] && need+=(curl meson ninja-build)
 if [ "$mode" = test ]; then
-    # sqlite3/attr/psmisc/util-linux: real programs the tests drive; nodejs/npm: the Codex CLI.
-    need+=(sqlite3 attr psmisc util-linux)
+    # sqlite3/attr/psmisc/util-linux: real programs the tests drive; nodejs/npm: the Codex CLI;
+    # python3-venv: the README's user install, which a test runs with the distribution's python3.
+    need+=(sqlite3 attr psmisc util-linux python3-venv)
     command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
 fi
 python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)
@@ -32,28 +43,47 @@ if [ "${#missing[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# zstfs's build of pyfuse3 (scripts/build-pyfuse3.sh): the tests need it; a user install falls
-# back to stock pyfuse3 (same behaviour, slower on request-bound work) if it cannot be built.
-patched_pyfuse3() {
-    bash scripts/build-pyfuse3.sh "$1" && return 0
-    [ "$mode" = test ] && { echo "error: building zstfs's pyfuse3 failed" >&2; exit 1; }
-    echo "warning: building zstfs's pyfuse3 failed; using stock pyfuse3" >&2
+stock_pyfuse3() {
+    local py=$1/bin/python
+    (unset PKG_CONFIG_PATH LDFLAGS
+     "$py" -m pip --disable-pip-version-check -q install --force-reinstall --no-deps \
+         --no-cache-dir "pyfuse3==3.5.0"
+     "$py" -m pip --disable-pip-version-check -q install "trio>=0.25")
+    "$py" -c 'import pyfuse3' || { echo "error: stock pyfuse3 does not load either" >&2; exit 1; }
+}
+
+install_pyfuse3() {
+    local venv=$1 choice
+    for choice in $libfuse system; do
+        bash scripts/build-pyfuse3.sh "$venv" "$choice" && return 0
+        [ "$mode" = test ] && { echo "error: building zstfs's pyfuse3 ($choice) failed" >&2; exit 1; }
+        echo "warning: building zstfs's pyfuse3 against the $choice libfuse failed" >&2
+        [ "$choice" = system ] && break
+    done
+    echo "warning: using stock pyfuse3 (zstfs works the same, slower on request-bound work)" >&2
+    stock_pyfuse3 "$venv"
+}
+
+# A venv (pip upgraded once, when it is made), zstfs's pyfuse3, then zstfs itself.
+make_venv() {
+    [ -x "$1/bin/python" ] && "$1/bin/python" -c 'import sys' 2>/dev/null && return 0
+    python3 -m venv --clear "$1"
+    "$1/bin/python" -m pip --disable-pip-version-check -q install --upgrade pip >/dev/null
 }
 
 if [ "$mode" = user ]; then
     venv="${XDG_DATA_HOME:-$HOME/.local/share}/zstfs/venv"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install -q --upgrade pip >/dev/null
-    patched_pyfuse3 "$venv"
-    "$venv/bin/pip" install -q .
+    make_venv "$venv"
+    install_pyfuse3 "$venv"
+    "$venv/bin/python" -m pip --disable-pip-version-check -q install .
+    "$venv/bin/zstfs" --version >/dev/null
     mkdir -p "$HOME/.local/bin"
     ln -sf "$venv/bin/zstfs" "$HOME/.local/bin/zstfs"
     echo "zstfs installed: $HOME/.local/bin/zstfs" >&2
 else
-    python3 -m venv .venv
-    .venv/bin/pip install -q --upgrade pip >/dev/null
-    patched_pyfuse3 .venv
-    .venv/bin/pip install -q -e '.[test]'
+    make_venv .venv
+    install_pyfuse3 .venv
+    .venv/bin/python -m pip --disable-pip-version-check -q install -e '.[test]'
     bash scripts/install-codex.sh >/dev/null
     echo "test environment ready: .venv (codex: $(bash scripts/install-codex.sh | tail -n 1))" >&2
 fi
