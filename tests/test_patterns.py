@@ -58,6 +58,16 @@ def test_reserved_names_are_never_compressible() -> None:
     assert not rules.visible(b"sessions", name)
 
 
+def test_a_name_whose_zst_form_cannot_exist_is_only_plain() -> None:
+    rules = NameRules(["*"])
+    longest = b"L" * (255 - len(b".zst"))
+    assert rules.compressible(b"d", longest)
+    for n in range(len(longest) + 1, 256):
+        assert not rules.compressible(b"d", b"L" * n)
+        assert rules.visible(b"d", b"L" * n)
+        assert rules.logical(b"d", b"L" * n) == b"L" * n
+
+
 def test_name_pattern_matches_in_every_directory() -> None:
     rules = NameRules("*.jsonl")
     assert not rules.path_aware
@@ -229,5 +239,43 @@ def test_directory_move_that_changes_views_is_exdev(store: Path,
         assert (below / old).read_bytes() == data  # copied as the plain file it is now
         assert not (store / "sessions").exists()
         m.stop()
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.timeout(120)
+def test_names_too_long_for_a_zst_form(store: Path, mount_factory: MountFactory) -> None:
+    """A 252-255 byte name matching the patterns has no `.zst` form: unlink, rename and link
+    succeed as on the backing filesystem, and the names made after them (which may reuse the
+    freed inode numbers) are served right."""
+    fd = os.open(store, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        mount_factory(store, "--pattern", "*", "--compress-after", "0", flat=False)
+        below = Path(f"/proc/self/fd/{fd}")
+        d = store / "d"
+        d.mkdir()
+        for n in (252, 255):
+            long_name = "L" * n
+            (d / long_name).write_bytes(b"A\n")
+            os.unlink(d / long_name)
+            (d / "f1").write_bytes(b"c\n")
+            assert (d / "f1").read_bytes() == b"c\n"
+            (d / "sub").mkdir()
+            assert list((d / "sub").iterdir()) == []
+
+            (d / long_name).write_bytes(b"B\n")
+            os.rename(d / long_name, d / ("M" * n))
+            assert (d / ("M" * n)).read_bytes() == b"B\n"
+            os.rename(d / ("M" * n), d / "short")
+            os.rename(d / "short", d / long_name)
+            os.link(d / long_name, d / ("H" * n))
+            assert (d / ("H" * n)).read_bytes() == b"B\n"
+            for name in (long_name, "H" * n, "f1"):
+                os.unlink(d / name)
+            (d / "sub").rmdir()
+            (d / "f2").write_bytes(b"e\n")
+            assert (d / "f2").read_bytes() == b"e\n"
+            os.unlink(d / "f2")
+            assert sorted(os.listdir(below / "d")) == []
     finally:
         os.close(fd)

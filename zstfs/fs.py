@@ -32,7 +32,7 @@ import trio
 from pyfuse3 import FileHandleT, FileInfo, FUSEError, InodeT
 
 from zstfs import codec
-from zstfs.names import STATUS_XATTR, zst_name
+from zstfs.names import NAME_MAX, STATUS_XATTR, zst_name
 from zstfs.openfiles import ROOT_INODE, Node, OpenFiles
 from zstfs.stats import Stats
 from zstfs.store import Entry, Leased, join, split
@@ -72,8 +72,6 @@ NEVER_SEEN = (-1, -1)
 RESERVED_XATTR_PREFIX = b"user.zstfs."
 #: How long the status document given to a thread bounds the length of its next one.
 STATUS_PAIR_SECONDS = 1.0
-#: Longest name component the backing filesystems take (statfs f_namemax of ext4, xfs, btrfs...).
-NAME_MAX = 255
 _OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | getattr(os, "O_DIRECT", 0)
 
 

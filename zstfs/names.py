@@ -25,6 +25,8 @@ RESERVED_PREFIX = b".zstfs"
 LOCK_NAME = ".zstfs.lock"
 LOG_NAME = ".zstfs.log"
 TEMP_PREFIX = ".zstfs-tmp."
+#: Longest name component the backing filesystems take (statfs f_namemax of ext4, xfs, btrfs...).
+NAME_MAX = 255
 #: Codex's rollouts, exactly what its own compressor matches (`rollout-*.jsonl` anywhere under
 #: `sessions/` and `archived_sessions/`).
 DEFAULT_PATTERNS: tuple[str, ...] = (
@@ -106,8 +108,9 @@ class NameRules:
         return " ".join(self.patterns)
 
     def compressible(self, parent: bytes, name: bytes) -> bool:
-        """True if a file `name` in `parent` is shown plain and may be stored as `name.zst`."""
-        if is_reserved(name):
+        """True if a file `name` in `parent` is shown plain and may be stored as `name.zst`. A
+        name whose `.zst` form would be longer than NAME_MAX has only its plain form."""
+        if is_reserved(name) or len(name) + len(ZST_SUFFIX_B) > NAME_MAX:
             return False
         dir_key: bytes | None = None
         for name_re, dir_re in self._rules:

@@ -255,10 +255,6 @@ class Store:
             st = lstat(at(parent, zname))
         except FileNotFoundError:
             return None
-        except OSError as e:
-            if e.errno == errno.ENAMETOOLONG:  # a name that fits, whose `.zst` would not
-                return None
-            raise
         if not stat.S_ISREG(st.st_mode):
             return None
         return Entry(zname, st, True)
