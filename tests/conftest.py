@@ -1,4 +1,5 @@
-"""Shared fixtures: real zstfs mounts in temporary directories.
+"""Shared fixtures: real zstfs mounts in temporary directories, the `zstfs` command as users run
+it (detached; as an ordinary user too), and what an ordinary user's mount needs.
 
 A mount is the real `zstfs mount` command run as a subprocess (`--foreground`, so a test can also
 kill it), over its own source directory by default. Every mount is bounded in time: waiting for it
@@ -13,8 +14,10 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +27,8 @@ import pytest
 
 STATUS_XATTR = "user.zstfs.status"
 MOUNT_TIMEOUT = 20.0
+#: The ordinary user that tests run zstfs as (`nobody`).
+NOBODY = 65534
 #: Most tests use flat stores of `*.jsonl` files rather than codex's `sessions/**/rollout-*`
 #: layout (the default patterns); `flat_pattern` gives their commands `--pattern '*.jsonl'`.
 FLAT_PATTERN = "*.jsonl"
@@ -221,6 +226,122 @@ def mounted(store: Path, mount_factory: MountFactory) -> Iterator[Mount]:
     with contextlib.suppress(Exception):
         if m.proc is not None:
             m.stop()
+
+
+# ------------------------------------------------------- the command, as users run it
+def zstfs(*args: str | Path, timeout: float = 30, user: int | None = None,
+          env: dict[str, str] | None = None, cwd: Path | None = None,
+          ) -> subprocess.CompletedProcess[str]:
+    """`zstfs ARGS` as a command (detaching as a user's does), with `--pattern '*.jsonl'` (see
+    `flat_pattern`); as `user` when given."""
+    cmd = [sys.executable, "-m", "zstfs", *flat_pattern([str(a) for a in args])]
+    if user is not None:
+        # No `env` in between: the environment passes through setpriv as it is. (Here the venv's
+        # interpreter is a symlink into root's 0700 home; only setpriv's own exec reaches it.)
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+def status(mountpoint: Path) -> dict | None:
+    """The daemon's status, or None if nothing answers it at `mountpoint`."""
+    try:
+        return json.loads(os.getxattr(mountpoint, STATUS_XATTR))
+    except OSError:
+        return None
+
+
+def gone(pid: int) -> bool:
+    """The process no longer exists (a zombie waiting for an absent reaper counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.fixture
+def detached() -> Iterator[list[Path]]:
+    """Mountpoints of detached daemons started by a test; cleared at teardown whatever happens."""
+    mounts: list[Path] = []
+    yield mounts
+    for mp in mounts:
+        info = status(mp)
+        if is_mounted(mp):
+            lazy_unmount(mp)
+        if info is not None:
+            with contextlib.suppress(AssertionError):
+                wait_until(lambda info=info: gone(info["pid"]), 20, "the daemon to exit")
+            if not gone(info["pid"]):
+                os.kill(info["pid"], signal.SIGKILL)
+
+
+def one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line of error, got:\n{stderr}"
+    return lines[0]
+
+
+# -------------------------------------------------------------- an ordinary user's mount
+@pytest.fixture
+def user_dir() -> Iterator[Path]:
+    """A directory owned by user nobody, holding `before.txt`: for nobody's own mount."""
+    base = Path(tempfile.mkdtemp(prefix="zstfs-user-", dir="/tmp"))
+    base.chmod(0o755)
+    d = base / "codex"
+    d.mkdir()
+    os.chown(d, NOBODY, NOBODY)
+    (d / "before.txt").write_text("from before\n")
+    os.chown(d / "before.txt", NOBODY, NOBODY)
+    yield d
+    if is_mounted(d):
+        lazy_unmount(d)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def stock_permissions() -> Iterator[None]:
+    """Give this machine, for one test, the permissions of a stock Debian install where an
+    ordinary user can mount: /dev/fuse mode 0666, and the interpreter reachable by every user
+    (here it lives under /root, mode 0700). Restored afterwards. Only root can do this."""
+    changed: list[tuple[str, int]] = []
+    if os.geteuid() == 0:
+        wanted = [("/dev/fuse", 0o006)]
+        real = os.path.realpath(sys.executable)
+        parent = os.path.dirname(real)
+        while parent not in ("/", ""):
+            wanted.append((parent, 0o001))
+            parent = os.path.dirname(parent)
+        for path, bits in wanted:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+            if mode & bits != bits:
+                os.chmod(path, mode | bits)
+                changed.append((path, mode))
+    try:
+        yield
+    finally:
+        for path, mode in reversed(changed):
+            os.chmod(path, mode)
+
+
+def why_user_cannot_mount() -> str | None:
+    if shutil.which("setpriv") is None:
+        return "setpriv not installed"
+    fm = shutil.which("fusermount3")
+    if fm is None or not os.stat(fm).st_mode & 0o4000 or os.stat(fm).st_uid != 0:
+        return "fusermount3 is not setuid root"
+    mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+    if mode & 0o006 != 0o006:
+        return (f"/dev/fuse is mode {mode:04o} here (distributions ship 0666): libfuse3's "
+                "fuse_kern_mount() opens /dev/fuse itself and falls back to the setuid "
+                "fusermount3 only when mount(2) fails with EPERM, not when that open() fails "
+                "with EACCES, so a non-root mount fails with 'fuse: failed to open /dev/fuse: "
+                "Permission denied'")
+    r = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                        sys.executable, "-c", "import zstfs, pyfuse3, trio"],
+                       capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        return f"user {NOBODY} cannot import zstfs from {sys.executable}: {r.stderr.strip()}"
+    return None
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
