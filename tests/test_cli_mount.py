@@ -93,6 +93,7 @@ def test_mount_on_another_mountpoint_and_status_json(src: Path, tmp_path: Path,
     ("file", "not a directory"),
     ("unknown-option", "unknown mount option 'frobnicate'"),
     ("bad-o-duration", "invalid duration 'soon'"),
+    ("o-duration-without-unit", "invalid duration '7': give a unit"),
     ("missing-mountpoint", "no such directory"),
     ("unwritable-log", "cannot open the log file"),
 ])
@@ -113,6 +114,9 @@ def test_refusals_are_one_line_and_leave_nothing_mounted(
     elif case == "bad-o-duration":
         args += ["-o", "compress_after=soon"]
         named = Path("compress_after=soon")
+    elif case == "o-duration-without-unit":
+        args += ["-o", "compress_after=7"]
+        named = Path("compress_after=7")
     elif case == "unwritable-log":
         named = tmp_path / "no-dir" / "zstfs.log"
         args = ["mount", src, "--log", named]
@@ -129,11 +133,20 @@ def test_refusals_are_one_line_and_leave_nothing_mounted(
     assert status(src) is None
 
 
-def test_bad_compress_after_is_a_usage_error(src: Path) -> None:
-    r = zstfs("mount", src, "--compress-after", "soon")
+@pytest.mark.parametrize(("args", "needle"), [
+    (["mount", "--compress-after", "soon"], "argument --compress-after: invalid duration 'soon'"),
+    (["mount", "--compress-after", "7"], "argument --compress-after: invalid duration '7': "
+                                         "give a unit (7d, 12h, 30m, 45s; s m h d w), or 0"),
+    (["compress", "--older-than", "7"], "argument --older-than: invalid duration '7': "
+                                        "give a unit (7d, 12h, 30m, 45s; s m h d w), or 0"),
+])
+def test_bad_duration_is_a_usage_error(src: Path, args: list[str], needle: str) -> None:
+    (src / "old.jsonl").write_text("{}\n" * 1000)
+    r = zstfs(*args, src)
     assert r.returncode == 2
-    assert "argument --compress-after: invalid duration 'soon'" in r.stderr.splitlines()[-1]
+    assert needle in r.stderr.splitlines()[-1]
     assert not is_mounted(src)
+    assert sorted(p.name for p in src.iterdir()) == ["hello.txt", "old.jsonl"]  # nothing done
 
 
 @pytest.mark.timeout(60)

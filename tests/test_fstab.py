@@ -26,7 +26,7 @@ from conftest import STATUS_XATTR, fuse_available, is_mounted, lazy_unmount, wai
 
 from zstfs.cli import GENERIC_MOUNT_OPTIONS, UsageError, apply_o_options, fstab_argv
 from zstfs.names import DEFAULT_PATTERNS
-from zstfs.options import MountOptions
+from zstfs.options import MountOptions, parse_duration
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "contrib" / "zstfs-codex.service"
@@ -85,12 +85,28 @@ def test_zstfs_option_values_are_parsed() -> None:
     assert opts("").compress_after is None  # nothing given: never compress in the background
 
 
+def test_durations_need_a_unit_except_zero() -> None:
+    assert [parse_duration(t) for t in ("7d", "12h", "30m", "45s", "2w", "1.5h", " 90M ")] == [
+        7 * 86400, 12 * 3600, 1800, 45, 14 * 86400, 5400, 5400]
+    assert [parse_duration(t) for t in ("0", "0.0", "0s", "0d")] == [0, 0, 0, 0]
+    for text in ("7", "1.5", "12 ", "90"):
+        with pytest.raises(ValueError, match="give a unit") as e:
+            parse_duration(text)
+        assert str(e.value) == (f"invalid duration {text!r}: give a unit "
+                                "(7d, 12h, 30m, 45s; s m h d w), or 0")
+    for text in ("soon", "7x", "-1d", "d", ""):
+        with pytest.raises(ValueError, match="give a number and a unit"):
+            parse_duration(text)
+
+
 @pytest.mark.parametrize(("item", "why"), [
     ("bogus", "unknown mount option 'bogus'"),
     ("bogus=1", "unknown mount option 'bogus=1'"),
     ("compress_after", "unknown mount option 'compress_after'"),  # a value is required
     ("allow_other=yes", "unknown mount option 'allow_other=yes'"),  # a flag takes none
     ("compress_after=soon", "mount option 'compress_after=soon': invalid duration"),
+    ("compress_after=7", "mount option 'compress_after=7': invalid duration '7': give a unit "
+                         "(7d, 12h, 30m, 45s; s m h d w), or 0"),
     ("level=0", "mount option 'level=0': level must be between 1 and 19"),
     ("jobs=0", "mount option 'jobs=0': jobs must be at least 1"),
 ])

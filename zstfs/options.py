@@ -8,15 +8,23 @@ from dataclasses import dataclass, field
 
 from zstfs.names import DEFAULT_PATTERNS
 
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_EXAMPLES = "7d, 12h, 30m, 45s; s m h d w"
 
 
 def parse_duration(text: str) -> float:
-    """`7d`, `12h`, `30m`, `45s`, `0`, `1.5h` → seconds. Raises ValueError with a clear message."""
+    """`7d`, `12h`, `30m`, `45s`, `1.5h`, `0` → seconds. Raises ValueError with a clear message.
+
+    A number needs its unit (`7` could be days as well as seconds); only zero stands alone."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text.lower())
     if m is None:
-        raise ValueError(f"invalid duration {text!r} (use e.g. 7d, 12h, 30m, 45s or 0)")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+        raise ValueError(f"invalid duration {text!r}: give a number and a unit ({_EXAMPLES}), or 0")
+    value = float(m.group(1))
+    if not m.group(2):
+        if value == 0:
+            return 0.0
+        raise ValueError(f"invalid duration {text!r}: give a unit ({_EXAMPLES}), or 0")
+    return value * _UNITS[m.group(2)]
 
 
 def default_jobs() -> int:
