@@ -240,6 +240,15 @@ def _mount(args: argparse.Namespace) -> int:
         jobs=args.jobs,
     )
     apply_o_options(opts, args.options)
+    from zstfs import control
+
+    # First, before anything looks through them (on a dead mount every look fails): SOURCE and
+    # MOUNTPOINT against the zstfs mounts there.
+    for path in dict.fromkeys((opts.source, opts.mountpoint)):
+        refusal = control.prepare_mountpoint(path)
+        if refusal is not None:
+            print(f"zstfs: {refusal}", file=sys.stderr)
+            return 1
     if not os.path.isdir(opts.source):
         what = "not a directory" if os.path.exists(opts.source) else "no such directory"
         print(f"zstfs: {opts.source}: {what}", file=sys.stderr)

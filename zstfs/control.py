@@ -7,8 +7,10 @@ unmounted store, `status` walks the backing directory itself.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,6 +21,121 @@ from typing import Any
 from zstfs import busy
 from zstfs.names import STATUS_XATTR, NameRules, Patterns
 from zstfs.stats import human_bytes
+
+#: The filesystem type of a zstfs mount in /proc/self/mountinfo (FUSE's `subtype=zstfs`).
+FSTYPE = "fuse.zstfs"
+#: What a FUSE mount whose daemon is gone answers: the kernel's connection to it is cut.
+DEAD_ERRNOS = frozenset({errno.ENOTCONN, errno.ECONNABORTED})
+#: One line for the user about what a dead daemon means for their data.
+NOTHING_LOST = "the store is plain files and .zst: nothing is lost"
+
+
+def mounts() -> list[tuple[str, str]]:
+    """(mountpoint, filesystem type) of every mount this process sees, in /proc/self/mountinfo
+    order (a mount listed later is on top of one listed earlier at the same place)."""
+    found = []
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                sep = parts.index("-")
+                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[4])
+                found.append((point, parts[sep + 1]))
+    except (OSError, ValueError, IndexError):
+        return []
+    return found
+
+
+def mount_type(path: str) -> str | None:
+    """The filesystem type mounted at `path` (the topmost mount there), or None."""
+    real = os.path.realpath(path)
+    types = [fstype for point, fstype in mounts() if point == real]
+    return types[-1] if types else None
+
+
+def enclosing_zstfs_mount(path: str) -> str | None:
+    """The mountpoint of the zstfs mount that `path` is on or inside (the innermost mount
+    holding it is a zstfs mount), or None."""
+    real = os.path.realpath(path)
+    best: tuple[str, str] | None = None
+    for point, fstype in mounts():
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(best[0])):
+            best = (point, fstype)
+    return best[0] if best is not None and best[1] == FSTYPE else None
+
+
+def is_dead(mountpoint: str) -> bool:
+    """Does the FUSE mount at `mountpoint` have no daemon any more (killed, crashed)? Every
+    request fails with ENOTCONN (ECONNABORTED for one in flight when it died). A stat alone
+    may still succeed from the kernel's attribute cache; the status attribute and statfs
+    always go to the daemon."""
+    try:
+        os.getxattr(mountpoint, STATUS_XATTR)
+        return False  # a daemon answered
+    except OSError as e:
+        if e.errno in DEAD_ERRNOS:
+            return True
+    for probe in (os.statvfs, os.stat):
+        try:
+            probe(mountpoint)
+        except OSError as e:
+            if e.errno in DEAD_ERRNOS:
+                return True
+    return False
+
+
+def dead_mount(path: str) -> str | None:
+    """The mountpoint of the dead zstfs mount that `path` is on or inside, or None."""
+    point = enclosing_zstfs_mount(path)
+    return point if point is not None and is_dead(point) else None
+
+
+def dead_message(path: str, dead: str) -> str:
+    """One line for the user about `path` on or inside `dead`, a dead zstfs mount."""
+    what = ("its zstfs daemon is gone (killed or crashed), the mount is dead"
+            if dead == os.path.realpath(path) else
+            f"inside the zstfs mount on {dead}, whose daemon is gone (killed or crashed)")
+    return f"{path}: {what}; run `zstfs umount {dead}`"
+
+
+def clear_dead_mount(mountpoint: str) -> str | None:
+    """Detach a dead mount (lazily: there is no daemon to finish, and processes that still
+    have it as their working directory keep only an error). As root with umount(8); as an
+    ordinary user with the setuid fusermount3, which lets a user unmount only their own
+    mounts. Returns why it failed, or None."""
+    cmd = [_fusermount(), "-u", "-z", mountpoint]
+    if os.geteuid() == 0 and shutil.which("umount"):
+        cmd = ["umount", "-l", mountpoint]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"cannot clear the dead mount: {e}"
+    if r.returncode != 0 or (mount_type(mountpoint) == FSTYPE and is_dead(mountpoint)):
+        msg = " ".join((r.stderr or r.stdout).split()) or f"{cmd[0]} exited {r.returncode}"
+        return f"cannot clear the dead mount: {msg}"
+    return None
+
+
+def prepare_mountpoint(path: str) -> str | None:
+    """Before a mount of or on `path` (its SOURCE or MOUNTPOINT): clear a dead zstfs mount
+    left on it (saying so on stderr). Returns why the mount must be refused, or None: `path`
+    is inside a dead zstfs mount, or on a dead one that could not be cleared. A live zstfs
+    mount on `path` itself is left to `mount` ("already mounted")."""
+    point = enclosing_zstfs_mount(path)
+    if point is None:
+        return None
+    dead = is_dead(point)
+    if point == os.path.realpath(path):
+        if not dead:
+            return None
+        why = clear_dead_mount(point)
+        if why is not None:
+            return f"{path}: the previous zstfs daemon is gone; {why}"
+        print(f"zstfs: {path}: the previous zstfs daemon is gone; cleared its dead mount "
+              f"({NOTHING_LOST})", file=sys.stderr)
+        return None
+    return dead_message(path, point) if dead else None
 
 
 def read_status(mountpoint: str) -> dict[str, Any] | None:
@@ -43,6 +160,19 @@ def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 600.0,
     mountpoint = os.path.abspath(os.path.expanduser(mountpoint))
     info = read_status(mountpoint)
     if info is None:
+        dead = dead_mount(mountpoint)
+        if dead is not None and dead != os.path.realpath(mountpoint):
+            print(f"zstfs: {dead_message(mountpoint, dead)}", file=sys.stderr)
+            return 1
+        if dead is not None:
+            # Nothing to wait for: the daemon is gone, only the kernel's mount is left.
+            why = clear_dead_mount(mountpoint)
+            if why is not None:
+                print(f"zstfs: {mountpoint}: its zstfs daemon is gone; {why}", file=sys.stderr)
+                return 1
+            print(f"zstfs: {mountpoint}: the zstfs daemon was gone (killed or crashed); "
+                  f"cleared its dead mount ({NOTHING_LOST})", file=sys.stderr)
+            return 0
         print(f"zstfs: {mountpoint}: not a zstfs mount (or its daemon does not answer)",
               file=sys.stderr)
         return 1
@@ -138,10 +268,23 @@ def status(path: str, *, as_json: bool, pattern: Patterns = None) -> int:
     path = os.path.abspath(os.path.expanduser(path))
     info = read_status(path)
     if info is None:
+        dead = dead_mount(path)
+        if dead is not None:
+            print(f"zstfs: {dead_message(path, dead)}", file=sys.stderr)
+            return 1
         if not os.path.isdir(path):
             print(f"zstfs: {path}: no such directory", file=sys.stderr)
             return 1
-        info = offline_status(path, pattern)
+        from zstfs.store import StoreError
+
+        try:
+            info = offline_status(path, pattern)
+        except StoreError as e:
+            print(f"zstfs: {e}", file=sys.stderr)
+            return 1
+        except OSError as e:
+            print(f"zstfs: {path}: {e.strerror or e}", file=sys.stderr)
+            return 1
     if as_json:
         print(json.dumps(info, indent=2, sort_keys=True))
     else:

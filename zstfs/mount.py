@@ -44,19 +44,8 @@ class MountError(Exception):
     """A mount that cannot start; the message is one line naming the path and the cause."""
 
 
-def is_mountpoint(path: str) -> str | None:
-    """The filesystem type mounted at `path`, or None."""
-    real = os.path.realpath(path)
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                parts = line.split()
-                sep = parts.index("-")
-                if parts[4].replace("\\040", " ") == real:
-                    return parts[sep + 1]
-    except OSError:
-        return None
-    return None
+#: The filesystem type mounted at a path (the topmost mount there), or None.
+is_mountpoint = control.mount_type
 
 
 def _mount_owner(path: str) -> str:
@@ -138,7 +127,7 @@ def mount(opts: MountOptions) -> int:
     if not os.path.exists("/dev/fuse"):
         raise MountError("/dev/fuse: no such device (is the fuse kernel module loaded?)")
     for path in {opts.source, opts.mountpoint}:
-        if is_mountpoint(path) == "fuse.zstfs":
+        if is_mountpoint(path) == control.FSTYPE:
             raise MountError(f"{path}: already mounted by zstfs{_mount_owner(path)}")
     if not os.path.isdir(opts.mountpoint):
         raise MountError(f"{opts.mountpoint}: no such directory")
@@ -227,12 +216,12 @@ def mount(opts: MountOptions) -> int:
         # Never unmount here: pyfuse3 would detach lazily, and processes still in the mount
         # would see the raw backing files. `main()` returns once the kernel ended the session
         # (an unmount: ours on a signal, `zstfs umount`, `fusermount3 -u`); after a crash the
-        # mount stays dead (ENOTCONN) until `fusermount3 -uz` clears it.
+        # mount stays dead (ENOTCONN) until `zstfs umount` (or `fusermount3 -uz`) clears it.
         pyfuse3.close(unmount=False)
         store.close()
-        if is_mountpoint(real_mountpoint) == "fuse.zstfs":
+        if is_mountpoint(real_mountpoint) == control.FSTYPE:
             log.error("%s is left mounted but dead (ENOTCONN); clear it with "
-                      "fusermount3 -uz", opts.mountpoint)
+                      "`zstfs umount %s`", opts.mountpoint, opts.mountpoint)
         else:
             log.info("unmounted %s", opts.mountpoint)
     return 0
