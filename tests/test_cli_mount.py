@@ -150,6 +150,35 @@ def test_bad_duration_is_a_usage_error(src: Path, args: list[str], needle: str) 
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("inside", ["source", "mountpoint"])
+def test_mount_inside_a_zstfs_mount_is_refused_naming_it(
+        src: Path, tmp_path: Path, inside: str, detached: list[Path]) -> None:
+    """`zstfs mount ~/.codex/sessions` while ~/.codex is mounted: the store would be served by
+    the outer daemon (which refuses zstfs's own names, such as the store lock)."""
+    detached.append(src)
+    assert zstfs("mount", src, "--log", tmp_path / "log").returncode == 0
+    pid = status(src)["pid"]  # type: ignore[index]
+    inner = src / "sessions"
+    inner.mkdir()
+    (inner / "a.jsonl").write_text("{}\n")
+    other = tmp_path / "other"
+    other.mkdir()
+    detached.append(other)
+    args = [inner] if inside == "source" else [other, inner]
+    r = zstfs("mount", *args, "--log", tmp_path / "inner.log")
+    assert r.returncode == 1
+    line = one_line(r.stderr)
+    assert line.startswith(f"zstfs: {inner}: ")
+    assert f"inside the zstfs mount on {src} (pid {pid})" in line
+    assert "store lock" not in line
+    assert not is_mounted(inner)
+    assert not is_mounted(other)
+    assert status(src)["pid"] == pid  # type: ignore[index]
+    assert (inner / "a.jsonl").read_text() == "{}\n"
+    assert zstfs("umount", src).returncode == 0
+
+
+@pytest.mark.timeout(60)
 def test_second_mount_of_the_same_source_is_refused(src: Path, tmp_path: Path,
                                                     detached: list[Path]) -> None:
     detached.append(src)

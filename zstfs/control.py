@@ -120,8 +120,10 @@ def clear_dead_mount(mountpoint: str) -> str | None:
 def prepare_mountpoint(path: str) -> str | None:
     """Before a mount of or on `path` (its SOURCE or MOUNTPOINT): clear a dead zstfs mount
     left on it (saying so on stderr). Returns why the mount must be refused, or None: `path`
-    is inside a dead zstfs mount, or on a dead one that could not be cleared. A live zstfs
-    mount on `path` itself is left to `mount` ("already mounted")."""
+    is inside another zstfs mount (a store inside a store: the outer daemon would serve the
+    inner one's files, and refuses its lock), inside a dead one, or on a dead one that could
+    not be cleared. A live zstfs mount on `path` itself is left to `mount` ("already
+    mounted")."""
     point = enclosing_zstfs_mount(path)
     if point is None:
         return None
@@ -135,7 +137,12 @@ def prepare_mountpoint(path: str) -> str | None:
         print(f"zstfs: {path}: the previous zstfs daemon is gone; cleared its dead mount "
               f"({NOTHING_LOST})", file=sys.stderr)
         return None
-    return dead_message(path, point) if dead else None
+    if dead:
+        return dead_message(path, point)
+    info = read_status(point)
+    owner = f" (pid {info['pid']})" if info and "pid" in info else ""
+    return (f"{path}: inside the zstfs mount on {point}{owner}; mount a directory outside "
+            "it (or unmount that one first)")
 
 
 def read_status(mountpoint: str) -> dict[str, Any] | None:
