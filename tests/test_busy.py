@@ -83,11 +83,12 @@ def test_mount_refuses_a_store_in_use(src: Path, tmp_path: Path, how: str) -> No
         r = zstfs("mount", src, "--log", tmp_path / "log")
         assert r.returncode == 1
         lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1, r.stderr
-        assert lines[0].startswith(f"zstfs: {src}: in use by pid {proc.pid} (")
-        assert HOLD[how][1] in lines[0]
-        assert "--force" in lines[0]
-        assert "codex" not in lines[0]  # not codex's daemon: no advice about it
+        assert len(lines) == 3, r.stderr
+        assert lines[0] == f"zstfs: {src}: in use by 1 process, not mounted:"
+        assert lines[1].startswith(f"  pid {proc.pid} (")
+        assert lines[1].endswith(HOLD[how][1])  # (an executable's mapping is not repeated)
+        assert "--force" in lines[2]
+        assert "codex" not in r.stderr  # not codex's daemon: no advice about it
         assert not is_mounted(src)
 
         r = zstfs("mount", src, "--force", "--log", tmp_path / "log")
@@ -126,6 +127,65 @@ def test_umount_names_a_mapping_through_the_mount(src: Path, tmp_path: Path) -> 
         assert r.returncode == 1
         assert f"pid {proc.pid} " in r.stderr
         assert "maps state.sqlite" in r.stderr
+        assert is_mounted(src)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)
+    wait_until(lambda: zstfs("umount", src).returncode == 0, 20, "the unmount")
+
+
+#: Holds the files named after the arguments open (the first argument is only long) and says so.
+LONG_HOLDER = """
+import sys, time
+held = [open(path, "rb") for path in sys.argv[2:]]
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_lines_about_a_process_with_a_long_command_line_stay_short(
+        src: Path, tmp_path: Path) -> None:
+    """Codex's app-server has a command line of thousands of characters; the refusal still
+    names each process on one line of at most 120 characters, its PID first, for the mount
+    and for the unmount."""
+    names = [f"{i}-{'long-name-' * 12}.sqlite" for i in range(5)]
+    for name in names:
+        (src / name).write_bytes(b"x")
+
+    def holder() -> subprocess.Popen[str]:
+        proc = subprocess.Popen([sys.executable, "-c", LONG_HOLDER, "--flag=" + "x" * 5000,
+                                 *(str(src / n) for n in names)],
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        return proc
+
+    def check(stderr: str, pid: int) -> list[str]:
+        lines = stderr.strip().splitlines()
+        assert all(len(line) <= busy.MAX_LINE for line in lines), stderr
+        assert [line for line in lines if line.startswith(f"  pid {pid} (")], stderr
+        return lines
+
+    proc = holder()
+    try:
+        r = zstfs("mount", src, "--log", tmp_path / "log")
+        assert r.returncode == 1
+        lines = check(r.stderr, proc.pid)
+        assert lines[0] == f"zstfs: {src}: in use by 1 process, not mounted:"
+        assert "has open" in lines[1]
+        assert not is_mounted(src)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)
+
+    assert zstfs("mount", src, "--log", tmp_path / "log").returncode == 0
+    proc = holder()  # now through the mount
+    try:
+        r = zstfs("umount", src)
+        assert r.returncode == 1
+        lines = check(r.stderr, proc.pid)
+        assert lines[0] == f"zstfs: {src}: mount is busy, not unmounted:"
         assert is_mounted(src)
     finally:
         proc.kill()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -671,10 +672,12 @@ def _zstfs(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProces
                           text=True, timeout=timeout)
 
 
-def _one_line(stderr: str) -> str:
+def _short_lines(stderr: str) -> list[str]:
+    """The lines of a message about processes, none longer than a terminal line (codex's
+    app-server has a command line of thousands of characters)."""
     lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
-    return lines[0]
+    assert all(len(x) <= 120 for x in lines), stderr
+    return lines
 
 
 def _history(codex_home: Path) -> list[str]:
@@ -714,13 +717,15 @@ def test_zstfs_history_and_codex_daemon_across_mounts(
     daemons = _wait_daemons(home.path)
     r = _zstfs("umount", home.path)
     assert r.returncode == 1
-    line = _one_line(r.stderr)
-    assert "busy" in line
+    lines = _short_lines(r.stderr)
+    assert "busy" in lines[0]
     for pid in daemons.values():
-        assert f"pid {pid} " in line
-    assert "codex app-server daemon stop" in line
-    assert f"kill {daemons['pid-update-loop']}" in line
-    assert f"zstfs umount --stop-codex {home.path}" in line
+        assert f"  pid {pid} (" in r.stderr
+    assert f"  CODEX_HOME={home.path} codex app-server daemon stop" in lines
+    assert any(x.startswith(f"  kill {daemons['pid-update-loop']}  # ") for x in lines)
+    assert lines[-3:] == ["or let zstfs stop it and unmount:",
+                          f"  zstfs umount --stop-codex {home.path}",
+                          "close the others, or use --lazy"]
     assert is_mounted(home.path)
 
     r = _zstfs("umount", "--stop-codex", home.path)
@@ -740,11 +745,11 @@ def test_zstfs_history_and_codex_daemon_across_mounts(
 
     r = _zstfs("mount", home.path, "--log", home.path.parent / "refused.log")
     assert r.returncode == 1
-    line = _one_line(r.stderr)
+    lines = _short_lines(r.stderr)
     for pid in daemons.values():
-        assert f"pid {pid} " in line
-    assert "codex app-server daemon stop" in line
-    assert "--force" in line
+        assert f"  pid {pid} (" in r.stderr
+    assert f"  CODEX_HOME={home.path} codex app-server daemon stop" in lines
+    assert "--force" in lines[-1]
     assert not is_mounted(home.path)
 
     # What the message says to do.
@@ -789,14 +794,19 @@ def test_mount_refuses_while_codex_daemon_runs(
 
     r = _zstfs("mount", home.path, "--log", home.path.parent / "refused.log")
     assert r.returncode == 1
-    line = _one_line(r.stderr)
-    assert line.startswith(f"zstfs: {home.path}: in use by ")
-    assert f"pid {server} (codex app-server --listen unix://" in line
-    assert "state_5.sqlite" in line
-    assert f"pid {daemons['pid-update-loop']} (codex app-server daemon pid-update-loop)" in line
-    assert "runs packages/app-server-daemon/" in line  # its executable is in the store
-    assert f"`CODEX_HOME={home.path} codex app-server daemon stop`" in line
-    assert f"`kill {daemons['pid-update-loop']}`" in line
+    lines = _short_lines(r.stderr)
+    assert lines[0] == f"zstfs: {home.path}: in use by 2 processes, not mounted:"
+    by_pid = {int(x.split()[1]): x for x in lines if x.startswith("  pid ")}
+    assert set(by_pid) == set(daemons.values())
+    assert by_pid[server].startswith(f"  pid {server} (codex app-server --listen unix://")
+    assert re.search(r"has open \w+\.sqlite", by_pid[server])  # its databases
+    updater = daemons["pid-update-loop"]
+    assert "(codex app-server daemon pid-update-loop)" in by_pid[updater]
+    # Its executable is in the store.
+    assert any("runs packages/" in x for x in by_pid.values())
+    at = lines.index(f"  CODEX_HOME={home.path} codex app-server daemon stop")
+    assert lines[at + 1].startswith(f"  kill {updater}  # its pid-update-loop")
+    assert "--force" in lines[-1]
     assert not is_mounted(home.path)
 
     m = mount_factory(home.path, "--force", flat=False)
@@ -821,10 +831,9 @@ def test_zstfs_umount_advice_stops_codex_daemon(
     daemons = _wait_daemons(home.path)
     r = _zstfs("umount", home.path)
     assert r.returncode == 1
-    line = _one_line(r.stderr)
-    advice = f"`CODEX_HOME={home.path} codex app-server daemon stop` and " \
-             f"`kill {daemons['pid-update-loop']}`"
-    assert advice in line
+    lines = _short_lines(r.stderr)
+    at = lines.index(f"  CODEX_HOME={home.path} codex app-server daemon stop")
+    assert lines[at + 1].startswith(f"  kill {daemons['pid-update-loop']}  # ")
     assert is_mounted(home.path)
     codex.run("app-server", "daemon", "stop")
     wait_until(lambda: h.process_gone(daemons["app-server"]), 30, "the app-server to exit")

@@ -332,9 +332,12 @@ def test_sigterm_on_a_busy_mount_keeps_it_mounted_and_served(
         m.proc.send_signal(signal.SIGTERM)
         wait_until(lambda: "is busy, not unmounted" in m.log_text(), 30,
                    "the daemon to report the busy mount")
-        line = next(x for x in m.log_text().splitlines() if "is busy" in x)
-        assert " WARNING " in line
-        assert str(proc.pid) in line, line
+        lines = m.log_text().splitlines()
+        at = next(i for i, x in enumerate(lines) if "is busy" in x)
+        assert " WARNING " in lines[at]
+        end = next(i for i in range(at, len(lines)) if lines[i].startswith("still serving"))
+        # A line for each process that uses the mount.
+        assert any(x.startswith(f"  pid {proc.pid} (") for x in lines[at + 1:end]), lines[at:]
         assert m.proc.poll() is None
         assert is_mounted(store)
         assert m.status()["pid"] == m.pid

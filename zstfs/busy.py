@@ -21,6 +21,12 @@ from dataclasses import dataclass, field
 #: Codex's background processes, by what distinguishes their command lines.
 CODEX_SERVER = "app-server"
 CODEX_UPDATER = "pid-update-loop"
+#: No line about a process is longer than this (a terminal's width, not codex's 4 KB argv).
+MAX_LINE = 120
+#: How much of a command line the line about its process shows.
+SHORT_COMMAND = 40
+#: Lines about processes and the commands to run are indented under the line they explain.
+INDENT = "  "
 
 
 @dataclass
@@ -60,13 +66,46 @@ class User:
         store underneath a mount on purpose.)"""
         return any(not u.startswith("dir ") for u in self.uses)
 
-    def describe(self) -> str:
-        opened = [u.split(" ", 1)[1] for u in self.uses if u.startswith(("file ", "dir "))]
-        parts = [u for u in self.uses if not u.startswith(("file ", "dir "))]
-        if opened:
-            more = f" and {len(opened) - 3} more" if len(opened) > 3 else ""
-            parts.insert(0, "has open " + ", ".join(opened[:3]) + more)
-        return f"pid {self.pid} ({self.command}): {'; '.join(parts)}"
+    @property
+    def short_command(self) -> str:
+        """The start of the command line: enough to recognise the program."""
+        text = self.command
+        return text if len(text) <= SHORT_COMMAND else text[:SHORT_COMMAND - 3] + "..."
+
+    def describe(self, width: int = MAX_LINE) -> str:
+        """`pid N (command): how it uses the tree`, at most `width` characters. To fit, fewer of
+        its open files are named and deep paths lose their middle; then the end is cut. The PID
+        and the command always stay."""
+        # Files before directories, short names (a database) before long ones (a rollout).
+        opened = [u.split(" ", 1)[1] for u in sorted(
+            (u for u in self.uses if u.startswith(("file ", "dir "))),
+            key=lambda u: (u.startswith("dir "), len(u)))]
+        others = [u for u in self.uses if not u.startswith(("file ", "dir "))]
+        head = f"pid {self.pid} ({self.short_command}): "
+        text = ""
+        for shown in range(min(3, len(opened)), -1, -1):
+            for short in (False, True):
+                parts = [_short_use(u) if short else u for u in others]
+                if opened:
+                    more = len(opened) - shown
+                    named = ", ".join(opened[:shown]) + (f" and {more} more" if more else "")
+                    parts.insert(0, "has open " + (named if shown else f"{more} files"))
+                text = head + "; ".join(parts)
+                if len(text) <= width:
+                    return text
+        return text[:width - 3] + "..."
+
+
+def _short_use(use: str) -> str:
+    """`runs a/b/c/d` → `runs a/.../d` (likewise for each path `maps` names)."""
+    verb, _, paths = use.partition(" ")
+    if verb not in ("runs", "maps"):
+        return use
+    short = []
+    for path in paths.split(", "):
+        parts = path.split("/")
+        short.append(f"{parts[0]}/.../{parts[-1]}" if len(parts) > 2 else path)
+    return f"{verb} {', '.join(short)}"
 
 
 def _under(path: str, root: str) -> str | None:
@@ -93,13 +132,17 @@ def _on_dev(link: str, dev: int | None) -> bool:
 def _uses(pid: int, root: str, dev: int | None) -> list[str]:
     proc = f"/proc/{pid}"
     uses: list[str] = []
+    runs: set[str] = set()
     for what, name in (("cwd", "cwd"), ("root directory", "root"), ("executable", "exe")):
         try:
             target = os.readlink(f"{proc}/{name}")
         except OSError:
             continue
-        if _under(target, root) is not None and _on_dev(f"{proc}/{name}", dev):
-            uses.append(what if name != "exe" else f"runs {_under(target, root)}")
+        rel = _under(target, root)
+        if rel is not None and _on_dev(f"{proc}/{name}", dev):
+            uses.append(what if name != "exe" else f"runs {rel}")
+            if name == "exe":
+                runs.add(rel)  # its mapping says nothing more
     try:
         fds = os.listdir(f"{proc}/fd")
     except OSError:
@@ -120,7 +163,7 @@ def _uses(pid: int, root: str, dev: int | None) -> list[str]:
         if dev is None or st.st_dev == dev:
             seen.add(rel)
             uses.append(f"{'dir' if stat.S_ISDIR(st.st_mode) else 'file'} {rel}")
-    mapped = _mapped(proc, root, dev) - seen
+    mapped = _mapped(proc, root, dev) - seen - runs
     if mapped:
         uses.append("maps " + ", ".join(sorted(mapped)[:3]))
     return uses
@@ -167,26 +210,43 @@ def users_of(root: str, *, dev: int | None = None, exclude: Iterable[int] = ()) 
     return found
 
 
-def codex_advice(users: list[User], codex_home: str) -> str | None:
-    """How to stop codex's background app-server among `users`, or None if it is not there."""
+def codex_advice(users: list[User], codex_home: str) -> list[str]:
+    """How to stop codex's background app-server among `users`: a line saying so, then each
+    command on a line of its own (indented, nothing else on it but a shell comment). Empty if
+    it is not among them."""
     servers = [u for u in users if u.codex == CODEX_SERVER]
     updaters = [u for u in users if u.codex == CODEX_UPDATER]
     if not servers and not updaters:
-        return None
+        return []
     home = os.path.realpath(codex_home)
     env = "" if home == os.path.realpath(os.path.expanduser("~/.codex")) else \
         f"CODEX_HOME={shlex.quote(home)} "
-    steps = []
+    lines = ["codex's background app-server (it outlives interactive codex) is one of them; "
+             "stop it with:"]
     if servers:
-        steps.append(f"`{env}codex app-server daemon stop`")
+        lines.append(f"{INDENT}{env}codex app-server daemon stop")
     if updaters:
         pids = " ".join(str(u.pid) for u in updaters)
-        steps.append(f"`kill {pids}` (its pid-update-loop, which `daemon stop` leaves running)")
-    return ("codex's background app-server (it outlives interactive codex) is one of them; "
-            "stop it with " + " and ".join(steps))
+        lines.append(f"{INDENT}kill {pids}  # its pid-update-loop, which `daemon stop` leaves "
+                     "running")
+    return lines
 
 
-def describe_users(users: list[User], limit: int = 5) -> str:
-    """The processes for one line of a message: `pid N (cmd): how, pid M (...): ...`."""
-    text = ", ".join(u.describe() for u in users[:limit])
-    return text + (f" and {len(users) - limit} more processes" if len(users) > limit else "")
+def count(users: list[User]) -> str:
+    return f"{len(users)} process{'es' if len(users) != 1 else ''}"
+
+
+def describe_users(users: list[User], limit: int = 5) -> list[str]:
+    """One indented line per process (the first `limit`, then how many more), none longer
+    than MAX_LINE: `pid N (command): how it uses the tree`."""
+    lines = [INDENT + u.describe(MAX_LINE - len(INDENT)) for u in users[:limit]]
+    if len(users) > limit:
+        lines.append(f"{INDENT}and {len(users) - limit} more processes")
+    return lines
+
+
+def explain(first: str, users: list[User], codex_home: str, last: str) -> str:
+    """A message about a refusal that processes cause, on several lines: `first` (what is
+    refused), a line per process, codex's stop commands when its app-server is among them,
+    then `last` (what to do)."""
+    return "\n".join([first, *describe_users(users), *codex_advice(users, codex_home), last])

@@ -203,12 +203,17 @@ def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 600.0,
         msg = (r.stderr or r.stdout).strip()
         if "busy" in msg.lower():
             users = busy.users_of(mountpoint, dev=dev, exclude={pid})
-            listed = f", in use by {busy.describe_users(users)}" if users else ""
-            advice = busy.codex_advice(users, str(info.get("source") or mountpoint))
-            if advice:
-                advice += f" (or run `zstfs umount --stop-codex {mountpoint}`)"
-            print(f"zstfs: {mountpoint}: mount is busy{listed}; "
-                  f"{advice + '; ' if advice else ''}close them, or use --lazy", file=sys.stderr)
+            home = str(info.get("source") or mountpoint)
+            if not users:
+                print(f"zstfs: {mountpoint}: mount is busy, not unmounted (by processes that "
+                      "could not be identified); close them, or use --lazy", file=sys.stderr)
+            else:
+                last = "close them, or use --lazy"
+                if any(u.codex for u in users):
+                    last = (f"or let zstfs stop it and unmount:\n{busy.INDENT}zstfs umount "
+                            f"--stop-codex {mountpoint}\nclose the others, or use --lazy")
+                print("zstfs: " + busy.explain(f"{mountpoint}: mount is busy, not unmounted:",
+                                               users, home, last), file=sys.stderr)
         else:
             print(f"zstfs: {mountpoint}: unmount failed: {msg}", file=sys.stderr)
         return 1
@@ -242,7 +247,7 @@ def _stop_codex_daemon(mountpoint: str, dev: int, timeout: float = 30.0) -> bool
     to exit. True if there were any."""
     daemons = [u for u in busy.users_of(mountpoint, dev=dev) if u.codex]
     for u in daemons:
-        print(f"zstfs: {mountpoint}: stopping {u.describe()}", file=sys.stderr)
+        print(f"zstfs: {mountpoint}: stopping pid {u.pid} ({u.short_command})", file=sys.stderr)
         try:
             os.kill(u.pid, signal.SIGTERM)
         except ProcessLookupError:

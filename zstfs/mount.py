@@ -41,7 +41,8 @@ UNMOUNT_RETRY_DELAY = 0.2
 
 
 class MountError(Exception):
-    """A mount that cannot start; the message is one line naming the path and the cause."""
+    """A mount that cannot start; the message names the path and the cause, on one line (on
+    more for processes that use the store: a line each, and the commands that stop them)."""
 
 
 #: The filesystem type mounted at a path (the topmost mount there), or None.
@@ -67,12 +68,14 @@ def check_not_in_use(opts: MountOptions) -> list[str]:
     users = [u for u in busy.users_of(source) if u.uses_files]
     if not users:
         return []
-    what = f"{source}: in use by {busy.describe_users(users)}"
-    advice = busy.codex_advice(users, source)
     if not opts.force:
-        raise MountError(f"{what}; they would keep using the directory underneath the mount"
-                         f"{'; ' + advice if advice else ''}; stop them (or mount with --force)")
-    warning = f"mounted with --force while {what}: they still use the directory underneath"
+        raise MountError(busy.explain(
+            f"{source}: in use by {busy.count(users)}, not mounted:", users, source,
+            "they would keep using the directory underneath the mount: stop them "
+            "(or mount with --force)"))
+    what = "; ".join(line.strip() for line in busy.describe_users(users))
+    warning = (f"mounted with --force while {source}: in use by {what}: they still use the "
+               "directory underneath")
     log.warning("%s", warning)
     return [warning]
 
@@ -263,7 +266,7 @@ async def _signals(compactor: Compactor, real_mountpoint: str) -> None:
             why = await unmount(real_mountpoint)
             if why is not None:
                 compactor.resume()
-                log.warning("signal %d: %s; still serving, background compression goes on "
+                log.warning("signal %d: %s\nstill serving, background compression goes on "
                             "(signal again to retry)", sig, why)
 
 
@@ -284,14 +287,17 @@ async def unmount(mountpoint: str) -> str | None:
 
 
 def _busy_message(mountpoint: str) -> str:
+    """Why a busy mount was not unmounted: a line, then a line per process using it (and how
+    to stop codex's app-server if it is one of them)."""
     try:
         users = busy.users_of(mountpoint, dev=os.stat(mountpoint).st_dev)
     except OSError:
         users = []
-    what = busy.describe_users(users) if users else "processes that could not be identified"
-    advice = busy.codex_advice(users, mountpoint)
-    return (f"{mountpoint} is busy, not unmounted (in use by {what})"
-            + (f"; {advice}" if advice else ""))
+    if not users:
+        return f"{mountpoint} is busy, not unmounted (by processes that could not be identified)"
+    lines = [f"{mountpoint} is busy, not unmounted; in use by {busy.count(users)}:",
+             *busy.describe_users(users), *busy.codex_advice(users, mountpoint)]
+    return "\n".join(lines)
 
 
 def _unmount_once(mountpoint: str) -> tuple[bool, str | None]:
