@@ -15,6 +15,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -251,7 +252,7 @@ def unit_commands(home: Path) -> dict[str, list[str]]:
 def test_unit_file_shape() -> None:
     text = UNIT.read_text()
     for line in ("Type=notify", "Restart=on-failure", "WantedBy=default.target",
-                 "ExecStartPre=-/usr/bin/fusermount3 -uz %h/.codex",
+                 "ExecStartPre=-%h/.local/bin/zstfs umount %h/.codex",
                  "ExecStart=%h/.local/bin/zstfs mount --foreground --compress-after 7d %h/.codex",
                  "ExecStop=%h/.local/bin/zstfs umount --stop-codex %h/.codex"):
         assert line in text.splitlines()
@@ -329,6 +330,73 @@ def test_unit_commands_notify_ready_and_stopping(tmp_path: Path) -> None:
             proc.wait(timeout=30)
         log.close()
         sock.close()
+    text = (tmp_path / "daemon.log").read_text()
+    assert " ERROR " not in text, text
+    assert "Traceback" not in text, text
+
+
+@needs_fuse
+@pytest.mark.timeout(90)
+def test_unit_starts_again_after_the_daemon_is_killed(tmp_path: Path) -> None:
+    """kill -9 of the daemon (the OOM killer) is a failure to systemd, so Restart=on-failure
+    runs ExecStartPre and ExecStart again: the first clears the dead mount, the second mounts,
+    and the store reads back as it was."""
+    assert "Restart=on-failure" in UNIT.read_text().splitlines()
+    assert any(ln.startswith("ExecStartPre=-") for ln in UNIT.read_text().splitlines())
+    home = tmp_path / "home"
+    (home / ".local" / "bin").mkdir(parents=True)
+    (home / ".local" / "bin" / "zstfs").symlink_to(ZSTFS)
+    codex = home / ".codex"
+    (codex / "sessions").mkdir(parents=True)
+    rollout = b'{"type":"session_meta"}\n' * 2000
+    (codex / "sessions" / "r.jsonl").write_bytes(rollout)
+    cmds = unit_commands(home)
+    env = {**os.environ, "HOME": str(home)}
+    env.pop("NOTIFY_SOCKET", None)
+    log = open(tmp_path / "daemon.log", "wb")  # noqa: SIM115 - closed in finally
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> subprocess.CompletedProcess[str]:
+        """ExecStartPre, then ExecStart until the mount answers; ExecStartPre's result."""
+        pre = subprocess.run(cmds["ExecStartPre"], env=env, capture_output=True, text=True,
+                             timeout=30)
+        proc = subprocess.Popen(cmds["ExecStart"], env=env, stdout=log, stderr=log,
+                                start_new_session=True)
+        procs.append(proc)
+
+        def mounted() -> bool:
+            assert proc.poll() is None, (tmp_path / "daemon.log").read_text()
+            return _status_or_none(codex) is not None
+
+        wait_until(mounted, 30, "the mount")
+        return pre
+
+    try:
+        assert start().returncode != 0  # nothing to clear: ignored ("-")
+        (codex / "sessions" / "new.jsonl").write_bytes(b'{"new": 1}\n')
+        procs[0].kill()
+        assert procs[0].wait(timeout=30) == -signal.SIGKILL  # a failure: systemd restarts it
+        assert is_mounted(codex)
+        with pytest.raises(OSError, match=r"not connected|connection abort"):
+            os.listdir(codex)
+
+        pre = start()
+        assert pre.returncode == 0, pre.stderr
+        assert "cleared its dead mount" in pre.stderr
+        assert _status_or_none(codex)["pid"] == procs[1].pid  # type: ignore[index]
+        assert (codex / "sessions" / "r.jsonl").read_bytes() == rollout
+        assert (codex / "sessions" / "new.jsonl").read_bytes() == b'{"new": 1}\n'
+        r = subprocess.run(cmds["ExecStop"], env=env, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert procs[1].wait(timeout=30) == 0
+        assert not is_mounted(codex)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+        lazy_unmount(codex)
+        log.close()
     text = (tmp_path / "daemon.log").read_text()
     assert " ERROR " not in text, text
     assert "Traceback" not in text, text
