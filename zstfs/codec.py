@@ -37,6 +37,7 @@ import os
 import struct
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -926,7 +927,8 @@ class _Spill:
     A reader pins it while it reads, so evicting it never closes the descriptor under a ``pread``.
     """
 
-    __slots__ = ("checked", "doomed", "fd", "keep_free", "last_used", "limit", "pins", "size")
+    __slots__ = ("__weakref__", "checked", "doomed", "fd", "given_up", "keep_free", "last_used",
+                 "limit", "pins", "size")
 
     def __init__(self, fd: int, limit: int, keep_free: float) -> None:
         self.fd = fd
@@ -937,6 +939,7 @@ class _Spill:
         self.last_used = time.monotonic()
         self.pins = 0
         self.doomed = False
+        self.given_up = False  # set by another thread: stop at the next write (space wanted)
 
     def write(self, data: memoryview) -> None:
         """Append decoded bytes; on any error (a full disk), past ``limit``, or once the
@@ -944,7 +947,7 @@ class _Spill:
         and the checking pass goes on without it."""
         if self.fd < 0:
             return
-        if self.size + len(data) > self.limit:
+        if self.size + len(data) > self.limit or self.given_up:
             self.close()
             return
         try:
@@ -1035,6 +1038,9 @@ class Decoders:
         self.spill_keep_free = (SPILL_FREE_SHARE, SPILL_MIN_FREE)  # share of the fs, bytes
         self._spills: OrderedDict[tuple[Identity, int], _Spill] = OrderedDict()  # LRU first
         self._spill_bytes = 0
+        #: Copies being written by a checking pass (not kept yet), so that they can be stopped.
+        self._writing: weakref.WeakSet[_Spill] = weakref.WeakSet()
+        self.spills_given_back = 0  # times copies were dropped because a write needed the space
         self.spills_skipped = 0  # big frames checked without a copy (no room, no O_TMPFILE)
 
     # ---------------------------------------------------------------- accounting
@@ -1190,6 +1196,20 @@ class Decoders:
         with self._cond:
             return len(self._spills), self._spill_bytes
 
+    def give_back_copies(self) -> int:
+        """Someone needs the space now (a write failed with ENOSPC): drop every decoded copy,
+        and stop the ones being written at their next block. Returns the bytes given back
+        (a copy that a reader is reading goes when that ``pread`` returns)."""
+        with self._cond:
+            freed = self._spill_bytes + sum(s.size for s in self._writing if s.fd >= 0)
+            for spill in self._writing:
+                spill.given_up = True
+            for key in list(self._spills):
+                self._drop_spill_locked(key)
+            if freed:
+                self.spills_given_back += 1
+        return freed
+
     def _new_spill(self, expected: int | None) -> _Spill | None:
         """An unnamed file for the decoded copy of a frame of ``expected`` bytes (None: unknown),
         or None when there is no directory, no room, or no O_TMPFILE there."""
@@ -1207,7 +1227,10 @@ class Decoders:
         except OSError:
             self.spills_skipped += 1
             return None
-        return _Spill(fd, self.spill_limit if expected is None else expected, keep)
+        spill = _Spill(fd, self.spill_limit if expected is None else expected, keep)
+        with self._cond:
+            self._writing.add(spill)
+        return spill
 
     def _keep_free(self, sv: os.statvfs_result) -> float:
         """Bytes of that filesystem that copies must leave free (``spill_keep_free``)."""
@@ -1230,6 +1253,8 @@ class Decoders:
         """Keep a finished copy of a frame just found intact (if it is whole)."""
         if spill is None:
             return
+        with self._cond:
+            self._writing.discard(spill)
         if spill.fd < 0 or spill.size != size:
             self.spills_skipped += 1
             spill.close()

@@ -1173,9 +1173,10 @@ class Operations(pyfuse3.Operations):
             # Exclusive, whatever the caller asked: an existing file (created below the mount
             # since the kernel cached its absence) is opened like any open, never chowned or
             # opened here while a swap of ours holds its lease.
-            fd = os.open(path, (flags & ~getattr(os, "O_DIRECT", 0)) | os.O_CREAT | os.O_EXCL
-                         | os.O_CLOEXEC | os.O_NOFOLLOW, stat.S_IMODE(mode) & ~ctx.umask,
-                         dir_fd=self.store.root_fd)
+            fd = self.store.with_room(lambda: os.open(
+                path, (flags & ~getattr(os, "O_DIRECT", 0)) | os.O_CREAT | os.O_EXCL
+                | os.O_CLOEXEC | os.O_NOFOLLOW, stat.S_IMODE(mode) & ~ctx.umask,
+                dir_fd=self.store.root_fd))
         except FileExistsError:
             return await self._create_existing(parent_inode, name, flags, ctx)
         try:
@@ -1225,10 +1226,31 @@ class Operations(pyfuse3.Operations):
         if h.node.compressed:
             await self._make_plain(h.node)
         self._refresh_handle(h)
-        n = os.pwrite(h.fd, buf, off)
+        n = self._write_all(h.fd, buf, off)
         h.wrote = True
         h.node.writes += 1
         return n
+
+    def _write_all(self, fd: int, buf: bytes, off: int) -> int:
+        """Write all of `buf`, as one write(2) does on the backing filesystem. Where the disk
+        fills up (a short write, then ENOSPC) while decoded copies hold space, they are given
+        back once and the rest is written; what was written before an error is reported."""
+        view, done, gave_back = memoryview(buf), 0, False
+        while done < len(view):
+            try:
+                n = os.pwrite(fd, view[done:], off + done)
+            except OSError as e:
+                if e.errno == errno.ENOSPC and not gave_back:
+                    gave_back = True
+                    if self.store.give_back_space():
+                        continue
+                if done:
+                    return done
+                raise
+            if n == 0:
+                break
+            done += n
+        return done
 
     @translate_errors
     async def flush(self, fh: FileHandleT) -> None:

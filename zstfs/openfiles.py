@@ -380,8 +380,15 @@ class OpenFiles:
         dir_fd = self.store.open_dir(parent)
         try:
             await self._step("promoting", path)
-            st = await trio.to_thread.run_sync(functools.partial(
+            st = await trio.to_thread.run_sync(self.store.with_room, functools.partial(
                 self.store.promote_at, dir_fd, name, empty=empty, expect=node.key))
+        except (FileNotFoundError, BlockingIOError):
+            raise  # gone meanwhile, or leased: not a failure of the store
+        except OSError as e:
+            # The writer gets the errno; status and the log say which file and why (damage is
+            # reported where it becomes EIO).
+            self.stats.error(os.fsdecode(path), f"cannot make it plain for writing: {e}")
+            raise
         finally:
             os.close(dir_fd)
         self.table.rekey(node, st, False)

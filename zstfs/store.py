@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 from zstfs import codec, leases
 from zstfs.names import (
@@ -41,6 +41,7 @@ from zstfs.stats import Census
 log = logging.getLogger(__name__)
 
 Stat = os.stat_result
+T = TypeVar("T")
 RENAME_NOREPLACE: Final = 1
 RENAME_EXCHANGE: Final = 2
 
@@ -227,6 +228,25 @@ class Store:
         if self._lock_fd is not None:
             os.ftruncate(self._lock_fd, 0)
             os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
+
+    # ----------------------------------------------------------------- space
+    def give_back_space(self) -> bool:
+        """A write into the store failed with ENOSPC: drop the daemon's decoded copies at once
+        (they are optional; the frames are decoded again when read). True if any were held."""
+        if codec.default_decoders().give_back_copies():
+            log.info("out of space: decoded copies given back")
+            return True
+        return False
+
+    def with_room(self, op: Callable[[], T]) -> T:
+        """Run `op` (a create or promotion into the store); if it fails with ENOSPC while
+        decoded copies hold space, give them back and run it once more."""
+        try:
+            return op()
+        except OSError as e:
+            if e.errno != errno.ENOSPC or not self.give_back_space():
+                raise
+        return op()
 
     # ----------------------------------------------------------------- lookups
     def lstat(self, path: bytes) -> os.stat_result:
