@@ -17,7 +17,8 @@ ratios to the baseline, the target and PASS/MISS:
   RSS while 8 processes hold 8 ``zstd --long=30`` files open;
 * the daemons' peak RSS (VmHWM) over all of it;
 * with ``--only mountcost``, the rows of ``scripts/bench_mount_cost.py`` (sqlite, git, tar,
-  diff, rm and codex through the mount vs on disk, issue 13).
+  diff, rm and codex through the mount vs on disk, issue 13); with ``--user NAME
+  --user-python PATH`` also as that ordinary user, side by side.
 
 Stores come from ``scripts/gen_rollouts.py`` and are cached in ``--workdir`` across runs (the
 plain store only; everything derived from it is rebuilt each run). Mounts use the real CLI
@@ -710,7 +711,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="comma list of: compaction,grep,append,cat,walk,promotion,"
                     "foreign,mountcost (mountcost only when named: "
                     "scripts/bench_mount_cost.py)")
+    ap.add_argument("--user", metavar="NAME",
+                    help="with --only mountcost, as root: those rows as root and as this "
+                         "ordinary user, side by side (scripts/bench_mount_cost.py --user)")
+    ap.add_argument("--user-python", type=Path, metavar="PATH",
+                    help="with --user: the python of that user's zstfs venv")
     args = ap.parse_args(argv)
+    if args.user and (not args.user_python or os.geteuid() != 0
+                      or "mountcost" not in (args.only or "").split(",")):
+        ap.error("--user needs root, --user-python and --only mountcost")
     cfg = QUICK if args.quick else FULL
     if args.reps:
         cfg.reps = args.reps
@@ -725,6 +734,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     cold_ok = can_drop_caches()
     res = Results()
+    both, user_ok = "", True  # with --user: the mount-cost rows as root and as that user
     if not cold_ok:
         res.notes.append("not root: cold-cache rows skipped (drop_caches needs root)")
     started = time.perf_counter()
@@ -751,7 +761,14 @@ def main(argv: list[str] | None = None) -> int:
     if only is not None and "mountcost" in only:  # issue 13: sqlite, git, tar, codex, ...
         import bench_mount_cost
 
-        bench_mount_cost.bench_mount_cost(res, work / "mountcost", cfg.reps, count=False)
+        if args.user:
+            user = bench_mount_cost.User(args.user, args.user_python,
+                                         work / "mountcost" / f"user-{args.user}", [])
+            text, user_ok = bench_mount_cost.root_and_user(res, work / "mountcost", cfg.reps,
+                                                           None, False, user)
+            both = "\n" + text
+        else:
+            bench_mount_cost.bench_mount_cost(res, work / "mountcost", cfg.reps, count=False)
     peak_label, peak = max(res.hwm.items(), key=lambda kv: kv[1])
     res.add(Row(f"daemon peak RSS (VmHWM, max over {len(res.hwm)} daemons: {peak_label})",
                 f"{peak / MB:.0f} MB", "-", None, "<= 200 MB", peak <= 200 * MB))
@@ -772,12 +789,12 @@ def main(argv: list[str] | None = None) -> int:
                                                   for k, v in res.hwm.items()),
         *res.notes,
     ]
-    text = "\n".join(f"- {h}" for h in header) + "\n\n" + res.table() + "\n"
+    text = "\n".join(f"- {h}" for h in header) + "\n\n" + res.table() + "\n" + both
     print()
     print(text)
     if args.markdown:
         args.markdown.write_text(text)
-    return 0 if all(r.ok is not False for r in res.rows) else 1
+    return 0 if user_ok and all(r.ok is not False for r in res.rows) else 1
 
 
 if __name__ == "__main__":

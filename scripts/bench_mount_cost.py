@@ -13,11 +13,18 @@ With `--count` (default on) every row is first run once on a mount started with
 the daemon's handlers and the daemon's CPU time per request. Timed runs use a mount without the
 counters.
 
+With `--user NAME --user-python PATH` (as root) every row runs twice, as root and as that
+ordinary user (their daemon and their workload: `setpriv`, their HOME, a workdir of theirs under
+`--workdir`, this checkout's zstfs and scripts copied into it, PATH their zstfs venv's python,
+whose pyfuse3 the daemon uses), and one table puts the two side by side. /dev/fuse is made
+mode 0666 for each of the user's runs if it is not, and put back after.
+
 Usage::
 
     python scripts/bench_mount_cost.py [--reps N] [--rows a,b] [--workdir DIR] [--markdown FILE]
+                                       [--user NAME --user-python PATH] [--json FILE]
 
-`scripts/bench.py --only mountcost` runs the same rows into bench.py's table.
+`scripts/bench.py --only mountcost` runs the same rows into bench.py's table (`--user` too).
 """
 
 from __future__ import annotations
@@ -26,8 +33,11 @@ import argparse
 import collections
 import contextlib
 import datetime
+import json
 import os
+import pwd
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -294,8 +304,11 @@ def other_mount(kind: str, src: Path, mnt: Path) -> Iterator[None]:
 
 
 def bench_mount_cost(res: bench.Results, work: Path, reps: int, only: set[str] | None = None,
-                     count: bool = True, mounter: str = "zstfs") -> dict[str, dict[str, Any]]:
-    """Run the rows into `res`; returns the request counts per row (empty without `count`)."""
+                     count: bool = True, mounter: str = "zstfs",
+                     record: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Run the rows into `res`; returns the request counts per row (empty without `count`).
+    `record`, if given, gets each row's run times (`rows`) and what the timed daemon reported
+    about its pyfuse3 (`daemon`)."""
     work.mkdir(parents=True, exist_ok=True)
     fx = Fixtures(work)
     disk, src, mnt = work / "disk", work / "src", work / "mnt"
@@ -350,7 +363,7 @@ def bench_mount_cost(res: bench.Results, work: Path, reps: int, only: set[str] |
                 del os.environ["ZSTFS_OPSTATS"]
         timed_mount = (bench.mounted(res, "mount cost", src, mnt) if mounter == "zstfs"
                        else other_mount(mounter, src, mnt))
-        with timed_mount:
+        with timed_mount as d:
             for w in rows:
                 times: dict[Path, list[float]] = {disk: [], mnt: []}
                 for i in range(reps):
@@ -358,10 +371,210 @@ def bench_mount_cost(res: bench.Results, work: Path, reps: int, only: set[str] |
                         w.prepare(base, i)
                         times[base].append(w.timed(base, i))
                 bench.ratio_row(res, w.what, times[mnt], times[disk], "disk", GOALS[w.name])
+                if record is not None:
+                    record.setdefault("rows", {})[w.name] = {
+                        "what": w.what, "mount": times[mnt], "disk": times[disk]}
+            if record is not None and d is not None:
+                time.sleep(1.1)  # the status document is cached for a second
+                st = d.status() or {}
+                record["daemon"] = {k: st.get(k) for k in ("pyfuse3_patches", "passthrough",
+                                                           "passthrough_opens")}
     finally:
         if server is not None:
             server.stop()
     return counts
+
+
+# --------------------------------------------------------------------------------------------
+# The same rows as an ordinary user
+
+#: What a run as the user needs of this checkout, copied into their workdir.
+STAGED = ("zstfs", "scripts", "tests/codex_harness.py")
+
+
+class User:
+    """An ordinary user who runs the rows too: their daemon and their workload, from their venv
+    (`--user-python`), with this checkout's zstfs and scripts copied where they can read them."""
+
+    def __init__(self, name: str, python: Path, work: Path, sets: list[str]) -> None:
+        pw = pwd.getpwnam(name)
+        self.name, self.uid, self.gid, self.home = name, pw.pw_uid, pw.pw_gid, Path(pw.pw_dir)
+        self.python, self.work, self.sets = python, work, sets
+        self.stage = work / "checkout"
+
+    def argv(self, *cmd: str, env: dict[str, str] | None = None) -> list[str]:
+        """`cmd` as the user (uid, gid, groups), in a clean environment with their HOME."""
+        full = {"HOME": str(self.home), "USER": self.name, "LOGNAME": self.name,
+                "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", **(env or {})}
+        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups", "--",
+                "env", "-i", *(f"{k}={v}" for k, v in full.items()), *cmd]
+
+    def can(self, *test: str) -> bool:
+        """`test ARGS` as the user (what they can read, write, run)."""
+        return subprocess.run(self.argv("test", *test), capture_output=True).returncode == 0
+
+    def prepare(self) -> None:
+        """Their workdir (theirs), with a copy of this checkout's zstfs, scripts and harness."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.stage, ignore_errors=True)
+        skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+        for rel in STAGED:
+            src, dst = REPO / rel, self.stage / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if src.is_dir():
+                shutil.copytree(src, dst, ignore=skip)
+            else:
+                shutil.copy2(src, dst)
+        subprocess.run(["chown", "-R", f"{self.uid}:{self.gid}", str(self.work)], check=True)
+        if not self.can("-x", str(self.python)):
+            raise RuntimeError(f"{self.python} is not executable by {self.name}")
+
+    def run_row(self, name: str, reps: int, count: bool,
+                codex_dir: Path | None) -> dict[str, Any]:
+        """One row as the user (a child bench_mount_cost.py); its --json document."""
+        out = self.work / f"result-{name}.json"
+        out.unlink(missing_ok=True)
+        cmd = [str(self.python), str(self.stage / "scripts" / "bench_mount_cost.py"),
+               "--reps", str(reps), "--rows", name, "--workdir", str(self.work),
+               "--json", str(out), *([] if count else ["--no-count"])]
+        for a in self.sets:
+            cmd += ["--set", a]
+        env = {"ZSTFS_CODEX_DIR": str(codex_dir)} if codex_dir is not None else {}
+        print(f"  as {self.name}: {name}", flush=True)
+        with fuse_device_open():
+            r = subprocess.run(self.argv(*cmd, env=env), cwd=self.work)
+        umount_under(self.work)  # a child that failed may leave its mount behind
+        if not out.exists():
+            return {"error": f"exited {r.returncode} without results (daemon log: "
+                             f"{self.work / 'mnt.log'})"}
+        doc: dict[str, Any] = json.loads(out.read_text())
+        if r.returncode != 0:
+            doc["error"] = f"exited {r.returncode}"
+        return doc
+
+
+@contextlib.contextmanager
+def fuse_device_open() -> Iterator[None]:
+    """/dev/fuse readable and writable by everyone (what distributions ship, and what an ordinary
+    user's mount needs) for the duration; its mode is put back after."""
+    mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+    if mode & 0o006 == 0o006:
+        yield
+        return
+    os.chmod("/dev/fuse", mode | 0o006)
+    try:
+        yield
+    finally:
+        os.chmod("/dev/fuse", mode)
+
+
+def umount_under(path: Path) -> None:
+    """Lazily unmount whatever is still mounted under `path` (root cannot even stat another
+    user's FUSE mount, so this reads the mount table)."""
+    prefix = str(path) + "/"
+    with open("/proc/self/mountinfo") as f:
+        points = [ln.split()[4].encode().decode("unicode_escape") for ln in f]
+    for p in points:
+        if p.startswith(prefix):
+            subprocess.run(["umount", "-l", p], capture_output=True)
+
+
+def total_requests(counts: dict[str, Any] | None) -> str:
+    return str(sum(counts["count"].values())) if counts else "-"
+
+
+def describe_daemons(who: str, daemons: list[dict[str, Any]]) -> str:
+    """What the timed daemons (one per row) said about their pyfuse3 and passthrough."""
+    if not daemons:
+        return f"{who}: no timed daemon"
+    patches = {", ".join(d.get("pyfuse3_patches") or []) or "none (stock pyfuse3)"
+               for d in daemons}
+    on = {bool(d.get("passthrough")) for d in daemons}
+    opens = sum(d.get("passthrough_opens") or 0 for d in daemons)
+    return (f"{who}'s daemons: pyfuse3 patches {' | '.join(sorted(patches))}; passthrough "
+            f"{' | '.join('on' if x else 'off' for x in sorted(on))} ({opens} passthrough opens "
+            "in the timed runs)")
+
+
+def side_by_side(names: list[str], root: dict[str, Any], user: dict[str, dict[str, Any]],
+                 user_name: str) -> str:
+    """workload | disk | root | ratio | ordinary user | ratio | requests root / user."""
+    med, secs = bench.median, bench.secs
+    lines = [f"| workload | disk (root / {user_name}) | root | ratio | ordinary user | ratio | "
+             "requests root / user |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for n in names:
+        r = root.get("rows", {}).get(n)
+        u = user.get(n, {}).get("rows", {}).get(n)
+        what = (r or u or {}).get("what", n)
+        if r is None and u is None:
+            continue
+        disk = " / ".join(secs(med(x["disk"])) if x else "n/a" for x in (r, u))
+        cells = []
+        for x in (r, u):
+            cells += ([secs(med(x["mount"])), f"{med(x['mount']) / med(x['disk']):.2f}x"]
+                      if x else ["n/a", "n/a"])
+        reqs = " / ".join(total_requests(c) for c in (
+            root.get("counts", {}).get(n), user.get(n, {}).get("counts", {}).get(n)))
+        lines.append(f"| {what} | {disk} | {' | '.join(cells)} | {reqs} |")
+    return "\n".join(lines)
+
+
+def root_and_user(res: bench.Results, work: Path, reps: int, only: set[str] | None,
+                  count: bool, user: User) -> tuple[str, bool]:
+    """Each row as root (into `res`), then as `user` (the order alternates row by row); the
+    side-by-side table with its notes, and whether every user row ran."""
+    import codex_harness
+
+    names = [n for n in GOALS if only is None or n in only]
+    codex_dir = None
+    user_skips: dict[str, str] = {}
+    codex_rows = [n for n in names if n.startswith("codex")]
+    binary = codex_harness.find_codex() if codex_rows else None
+    if codex_rows and binary is None:
+        res.notes.append("codex rows skipped: run scripts/install-codex.sh "
+                         "(or set ZSTFS_CODEX_DIR)")
+        names = [n for n in names if n not in codex_rows]
+    elif binary is not None:
+        if user.can("-x", str(binary)):
+            codex_dir = codex_harness.codex_dir().resolve()
+        else:
+            for n in codex_rows:
+                user_skips[n] = f"{binary} is not executable by {user.name}"
+    user.prepare()
+    root: dict[str, Any] = {"counts": {}}
+    root_daemons: list[dict[str, Any]] = []
+    by_user: dict[str, dict[str, Any]] = {}
+    for k, n in enumerate(names):
+        for side in (("root", "user") if k % 2 == 0 else ("user", "root")):
+            if side == "root":
+                root["counts"].update(bench_mount_cost(res, work, reps, {n}, count,
+                                                       record=root))
+                root_daemons.append(root.pop("daemon", {}))
+            elif n in user_skips:
+                by_user[n] = {"error": user_skips[n]}
+            else:
+                by_user[n] = user.run_row(n, reps, count, codex_dir)
+    notes = [describe_daemons("root", root_daemons),
+             describe_daemons(user.name, [d["daemon"] for d in by_user.values()
+                                          if d.get("daemon")])]
+    last = next((d for d in reversed(by_user.values()) if "rows" in d), {})
+    if last.get("versions"):
+        notes.append(f"{user.name}: {last['python']}; {last['versions']}")
+    notes += sorted({f"{user.name}: {x}" for d in by_user.values() for x in d.get("notes", [])})
+    missing = {n: d["error"] for n, d in by_user.items() if n not in d.get("rows", {})}
+    notes += [f"{n} as {user.name}: n/a ({why})" for n, why in missing.items()]
+    text = (f"Root and the ordinary user {user.name}, row by row (which goes first alternates), "
+            f"medians of {reps}; each ratio is against that side's own interleaved disk runs:"
+            "\n\n" + "\n".join(f"- {x}" for x in notes) + "\n\n"
+            + side_by_side(names, root, by_user, user.name) + "\n")
+    user_counts = {n: d["counts"][n] for n, d in by_user.items() if n in d.get("counts", {})}
+    rows = [Workload(n, n, lambda b, i: None, lambda b, i: 0.0) for n in GOALS]
+    for who, counts in (("root", root["counts"]), (user.name, user_counts)):
+        if counts:
+            text += (f"\nFUSE requests of one run per row, as {who}:\n\n"
+                     + request_table(counts, rows) + "\n")
+    return text, not missing or set(missing) <= set(user_skips)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -380,7 +593,17 @@ def main(argv: list[str] | None = None) -> int:
                          "cache_readdir=True (needs a pyfuse3 that reads it)")
     ap.add_argument("--mounter", default="zstfs", choices=["zstfs", "fuse-overlayfs"],
                     help="experiment: time another FUSE daemon (a C one) instead of zstfs")
+    ap.add_argument("--user", metavar="NAME",
+                    help="as root: run every row as root and then as this ordinary user (their "
+                         "daemon and workload), and print both side by side")
+    ap.add_argument("--user-python", type=Path, metavar="PATH",
+                    help="with --user: the python of that user's zstfs venv, e.g. "
+                         "~NAME/.local/share/zstfs/venv/bin/python (its pyfuse3 is used)")
+    ap.add_argument("--json", type=Path, metavar="FILE",
+                    help="also write the run times, request counts and notes here")
     args = ap.parse_args(argv)
+    if args.user and (os.geteuid() != 0 or not args.user_python or args.mounter != "zstfs"):
+        ap.error("--user needs root, --user-python and the zstfs mounter")
     if args.python or args.set:
         sets = "".join(f"setattr(f.Operations, {k!r}, {v});"
                        for k, v in (a.split("=", 1) for a in args.set))
@@ -391,8 +614,18 @@ def main(argv: list[str] | None = None) -> int:
     res = bench.Results()
     load0 = os.getloadavg()
     t0 = time.perf_counter()
-    counts = bench_mount_cost(res, args.workdir.resolve(), args.reps, only,
-                              not args.no_count and args.mounter == "zstfs", args.mounter)
+    count = not args.no_count and args.mounter == "zstfs"
+    record: dict[str, Any] = {}
+    both = ""
+    user_ok = True
+    if args.user:
+        work = args.workdir.resolve()
+        user = User(args.user, args.user_python, work / f"user-{args.user}", args.set)
+        both, user_ok = root_and_user(res, work, args.reps, only, count, user)
+        counts = {}
+    else:
+        counts = bench_mount_cost(res, args.workdir.resolve(), args.reps, only, count,
+                                  args.mounter, record=record)
     load1 = os.getloadavg()
     header = [
         f"date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; "
@@ -408,11 +641,20 @@ def main(argv: list[str] | None = None) -> int:
         rows += [Workload(n, n, lambda b, i: None, lambda b, i: 0.0)
                  for n in ("codex-exec", "codex-resume")]
         text += "\nFUSE requests of one run per row:\n\n" + request_table(counts, rows) + "\n"
+    if both:
+        text += "\n" + both
     print()
     print(text)
     if args.markdown:
         args.markdown.write_text(text)
-    return 0 if all(r.ok is not False for r in res.rows) else 1
+    if args.json:
+        import pyfuse3
+
+        args.json.write_text(json.dumps({
+            **record, "counts": counts, "notes": res.notes, "versions": bench.versions(),
+            "python": f"{sys.executable} (uid {os.geteuid()}, pyfuse3 patches: "
+                      f"{', '.join(getattr(pyfuse3, 'ZSTFS_PATCHES', ())) or 'none'})"}))
+    return 0 if user_ok and all(r.ok is not False for r in res.rows) else 1
 
 
 if __name__ == "__main__":
