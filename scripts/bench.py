@@ -714,8 +714,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--user", metavar="NAME",
                     help="with --only mountcost, as root: those rows as root and as this "
                          "ordinary user, side by side (scripts/bench_mount_cost.py --user)")
-    ap.add_argument("--user-python", type=Path, metavar="PATH",
-                    help="with --user: the python of that user's zstfs venv")
+    ap.add_argument("--user-python", type=Path, metavar="PATH", action="append", default=[],
+                    help="with --user: the python of that user's zstfs venv (repeatable)")
     args = ap.parse_args(argv)
     if args.user and (not args.user_python or os.geteuid() != 0
                       or "mountcost" not in (args.only or "").split(",")):
@@ -762,10 +762,11 @@ def main(argv: list[str] | None = None) -> int:
         import bench_mount_cost
 
         if args.user:
-            user = bench_mount_cost.User(args.user, args.user_python,
-                                         work / "mountcost" / f"user-{args.user}", [])
+            users = [bench_mount_cost.User(args.user, py,
+                                           work / "mountcost" / f"user-{args.user}", [])
+                     for py in args.user_python]
             text, user_ok = bench_mount_cost.root_and_user(res, work / "mountcost", cfg.reps,
-                                                           None, False, user)
+                                                           None, False, users)
             both = "\n" + text
         else:
             bench_mount_cost.bench_mount_cost(res, work / "mountcost", cfg.reps, count=False)

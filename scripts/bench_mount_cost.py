@@ -16,8 +16,10 @@ counters.
 With `--user NAME --user-python PATH` (as root) every row runs twice, as root and as that
 ordinary user (their daemon and their workload: `setpriv`, their HOME, a workdir of theirs under
 `--workdir`, this checkout's zstfs and scripts copied into it, PATH their zstfs venv's python,
-whose pyfuse3 the daemon uses), and one table puts the two side by side. /dev/fuse is made
-mode 0666 for each of the user's runs if it is not, and put back after.
+whose pyfuse3 the daemon uses), and one table puts the two side by side. `--user-python` may be
+repeated (e.g. venvs with stock pyfuse3, and zstfs's against libfuse 3.14 and 3.17): a column
+each, the order of the sides rotating row by row. /dev/fuse is made mode 0666 for each of the
+user's runs if it is not, and put back after.
 
 Usage::
 
@@ -36,6 +38,7 @@ import datetime
 import json
 import os
 import pwd
+import re
 import shutil
 import stat
 import subprocess
@@ -491,44 +494,52 @@ def describe_daemons(who: str, daemons: list[dict[str, Any]]) -> str:
                for d in daemons}
     on = {bool(d.get("passthrough")) for d in daemons}
     opens = sum(d.get("passthrough_opens") or 0 for d in daemons)
-    return (f"{who}'s daemons: pyfuse3 patches {' | '.join(sorted(patches))}; passthrough "
+    return (f"{who}: pyfuse3 patches {' | '.join(sorted(patches))}; passthrough "
             f"{' | '.join('on' if x else 'off' for x in sorted(on))} ({opens} passthrough opens "
             "in the timed runs)")
 
 
-def side_by_side(names: list[str], root: dict[str, Any], user: dict[str, dict[str, Any]],
-                 user_name: str) -> str:
-    """workload | disk | root | ratio | ordinary user | ratio | requests root / user."""
+def pyfuse3_label(doc: dict[str, Any]) -> str:
+    """"patched, libfuse 3.14.0" (zstfs's pyfuse3) or "stock, ..." from a --json document."""
+    f = doc.get("pyfuse3") or {}
+    return f"{'patched' if f.get('patches') else 'stock'}, libfuse {f.get('libfuse') or '?'}"
+
+
+def side_by_side(names: list[str], sides: list[tuple[str, dict[str, dict[str, Any]]]]) -> str:
+    """workload | disk | root | ratio | ordinary user | ratio | ... | requests root / user ...;
+    `sides`: (label, {row: that side's --json document}), root first."""
     med, secs = bench.median, bench.secs
-    lines = [f"| workload | disk (root / {user_name}) | root | ratio | ordinary user | ratio | "
-             "requests root / user |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| workload | disk (each side, in column order) | "
+             + " | ".join(f"{lbl} | ratio" for lbl, _ in sides)
+             + " | requests (" + " / ".join(lbl.split(" (")[0] for lbl, _ in sides) + ") |",
+             "|---|" + "---:|" * (2 * len(sides) + 2)]
     for n in names:
-        r = root.get("rows", {}).get(n)
-        u = user.get(n, {}).get("rows", {}).get(n)
-        what = (r or u or {}).get("what", n)
-        if r is None and u is None:
+        got = [docs.get(n, {}).get("rows", {}).get(n) for _, docs in sides]
+        if not any(got):
             continue
-        disk = " / ".join(secs(med(x["disk"])) if x else "n/a" for x in (r, u))
+        what = next(x for x in got if x)["what"]
+        disk = " / ".join(secs(med(x["disk"])) if x else "n/a" for x in got)
         cells = []
-        for x in (r, u):
+        for x in got:
             cells += ([secs(med(x["mount"])), f"{med(x['mount']) / med(x['disk']):.2f}x"]
                       if x else ["n/a", "n/a"])
-        reqs = " / ".join(total_requests(c) for c in (
-            root.get("counts", {}).get(n), user.get(n, {}).get("counts", {}).get(n)))
+        reqs = " / ".join(total_requests(docs.get(n, {}).get("counts", {}).get(n))
+                          for _, docs in sides)
         lines.append(f"| {what} | {disk} | {' | '.join(cells)} | {reqs} |")
     return "\n".join(lines)
 
 
 def root_and_user(res: bench.Results, work: Path, reps: int, only: set[str] | None,
-                  count: bool, user: User) -> tuple[str, bool]:
-    """Each row as root (into `res`), then as `user` (the order alternates row by row); the
-    side-by-side table with its notes, and whether every user row ran."""
+                  count: bool, users: list[User]) -> tuple[str, bool]:
+    """Each row as root (into `res`) and as each of `users` (one user, a venv each; which side
+    goes first rotates row by row); the side-by-side table with its notes, and whether every
+    user row that could run did."""
     import codex_harness
 
     names = [n for n in GOALS if only is None or n in only]
+    name = users[0].name
     codex_dir = None
-    user_skips: dict[str, str] = {}
+    skips: dict[str, str] = {}
     codex_rows = [n for n in names if n.startswith("codex")]
     binary = codex_harness.find_codex() if codex_rows else None
     if codex_rows and binary is None:
@@ -536,45 +547,54 @@ def root_and_user(res: bench.Results, work: Path, reps: int, only: set[str] | No
                          "(or set ZSTFS_CODEX_DIR)")
         names = [n for n in names if n not in codex_rows]
     elif binary is not None:
-        if user.can("-x", str(binary)):
+        if users[0].can("-x", str(binary)):
             codex_dir = codex_harness.codex_dir().resolve()
         else:
-            for n in codex_rows:
-                user_skips[n] = f"{binary} is not executable by {user.name}"
-    user.prepare()
-    root: dict[str, Any] = {"counts": {}}
+            skips = {n: f"{binary} is not executable by {name}" for n in codex_rows}
+    for u in users:
+        u.prepare()
+    root: dict[str, dict[str, Any]] = {}
     root_daemons: list[dict[str, Any]] = []
-    by_user: dict[str, dict[str, Any]] = {}
+    by_user: list[dict[str, dict[str, Any]]] = [{} for _ in users]
+    sides = len(users) + 1
     for k, n in enumerate(names):
-        for side in (("root", "user") if k % 2 == 0 else ("user", "root")):
-            if side == "root":
-                root["counts"].update(bench_mount_cost(res, work, reps, {n}, count,
-                                                       record=root))
-                root_daemons.append(root.pop("daemon", {}))
-            elif n in user_skips:
-                by_user[n] = {"error": user_skips[n]}
+        for side in (k + j for j in range(sides)):
+            side %= sides
+            if side == 0:
+                rec: dict[str, Any] = {}
+                rec["counts"] = bench_mount_cost(res, work, reps, {n}, count, record=rec)
+                root_daemons.append(rec.pop("daemon", {}))
+                root[n] = rec
+            elif n in skips:
+                by_user[side - 1][n] = {"error": skips[n]}
             else:
-                by_user[n] = user.run_row(n, reps, count, codex_dir)
-    notes = [describe_daemons("root", root_daemons),
-             describe_daemons(user.name, [d["daemon"] for d in by_user.values()
-                                          if d.get("daemon")])]
-    last = next((d for d in reversed(by_user.values()) if "rows" in d), {})
-    if last.get("versions"):
-        notes.append(f"{user.name}: {last['python']}; {last['versions']}")
-    notes += sorted({f"{user.name}: {x}" for d in by_user.values() for x in d.get("notes", [])})
-    missing = {n: d["error"] for n, d in by_user.items() if n not in d.get("rows", {})}
-    notes += [f"{n} as {user.name}: n/a ({why})" for n, why in missing.items()]
-    text = (f"Root and the ordinary user {user.name}, row by row (which goes first alternates), "
+                by_user[side - 1][n] = users[side - 1].run_row(n, reps, count, codex_dir)
+    labels = []
+    notes = [describe_daemons("root's daemons", root_daemons)]
+    for u, docs in zip(users, by_user, strict=True):
+        ran = [d for d in docs.values() if "rows" in d]
+        label = f"user ({pyfuse3_label(ran[-1])})" if ran else str(u.python)
+        labels.append(label)
+        notes.append(describe_daemons(f"{name}'s daemons, {u.python}",
+                                      [d["daemon"] for d in ran if d.get("daemon")]))
+        if ran:
+            notes.append(f"{label}: {name}, {ran[-1]['versions']}")
+        notes += sorted({f"{name}: {x}" for d in docs.values() for x in d.get("notes", [])})
+    missing = [(n, u, d["error"]) for u, docs in zip(users, by_user, strict=True)
+               for n, d in docs.items() if n not in d.get("rows", {})]
+    notes += [f"{n} as {name} ({u.python}): n/a ({why})" for n, u, why in missing]
+    text = (f"Root and the ordinary user {name}, row by row (which side goes first rotates), "
             f"medians of {reps}; each ratio is against that side's own interleaved disk runs:"
             "\n\n" + "\n".join(f"- {x}" for x in notes) + "\n\n"
-            + side_by_side(names, root, by_user, user.name) + "\n")
-    user_counts = {n: d["counts"][n] for n, d in by_user.items() if n in d.get("counts", {})}
+            + side_by_side(names, [("root", root), *zip(labels, by_user, strict=True)])
+            + "\n")
     rows = [Workload(n, n, lambda b, i: None, lambda b, i: 0.0) for n in GOALS]
-    for who, counts in (("root", root["counts"]), (user.name, user_counts)):
+    for who, docs in (("root", root), *zip(labels, by_user, strict=True)):
+        counts = {n: d["counts"][n] for n, d in docs.items() if n in d.get("counts", {})}
         if counts:
             text += (f"\nFUSE requests of one run per row, as {who}:\n\n"
                      + request_table(counts, rows) + "\n")
-    return text, not missing or set(missing) <= set(user_skips)
+    return text, all(n in skips for n, _, _ in missing)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -596,9 +616,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--user", metavar="NAME",
                     help="as root: run every row as root and then as this ordinary user (their "
                          "daemon and workload), and print both side by side")
-    ap.add_argument("--user-python", type=Path, metavar="PATH",
+    ap.add_argument("--user-python", type=Path, metavar="PATH", action="append", default=[],
                     help="with --user: the python of that user's zstfs venv, e.g. "
-                         "~NAME/.local/share/zstfs/venv/bin/python (its pyfuse3 is used)")
+                         "~NAME/.local/share/zstfs/venv/bin/python (its pyfuse3 is used); "
+                         "repeat for a column per venv")
     ap.add_argument("--json", type=Path, metavar="FILE",
                     help="also write the run times, request counts and notes here")
     args = ap.parse_args(argv)
@@ -620,8 +641,9 @@ def main(argv: list[str] | None = None) -> int:
     user_ok = True
     if args.user:
         work = args.workdir.resolve()
-        user = User(args.user, args.user_python, work / f"user-{args.user}", args.set)
-        both, user_ok = root_and_user(res, work, args.reps, only, count, user)
+        users = [User(args.user, py, work / f"user-{args.user}", args.set)
+                 for py in args.user_python]
+        both, user_ok = root_and_user(res, work, args.reps, only, count, users)
         counts = {}
     else:
         counts = bench_mount_cost(res, args.workdir.resolve(), args.reps, only, count,
@@ -650,10 +672,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         import pyfuse3
 
+        with open("/proc/self/maps") as f:
+            libfuse = re.search(r"libfuse3\.so\.(\d[\d.]*)", f.read())
         args.json.write_text(json.dumps({
             **record, "counts": counts, "notes": res.notes, "versions": bench.versions(),
-            "python": f"{sys.executable} (uid {os.geteuid()}, pyfuse3 patches: "
-                      f"{', '.join(getattr(pyfuse3, 'ZSTFS_PATCHES', ())) or 'none'})"}))
+            "python": sys.executable, "uid": os.geteuid(),
+            "pyfuse3": {"patches": list(getattr(pyfuse3, "ZSTFS_PATCHES", ())),
+                        "libfuse": libfuse.group(1) if libfuse else None}}))
     return 0 if user_ok and all(r.ok is not False for r in res.rows) else 1
 
 
