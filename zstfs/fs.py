@@ -35,7 +35,7 @@ from zstfs import codec
 from zstfs.names import NAME_MAX, STATUS_XATTR, zst_name
 from zstfs.openfiles import ROOT_INODE, Node, OpenFiles
 from zstfs.stats import Stats
-from zstfs.store import Entry, Leased, join, split
+from zstfs.store import Entry, Leased, join, no_zst_form, split
 
 log = logging.getLogger(__name__)
 
@@ -780,8 +780,9 @@ class Operations(pyfuse3.Operations):
             try:
                 os.unlink(join(parent, form), dir_fd=self.store.root_fd)
                 removed = True
-            except FileNotFoundError:
-                pass
+            except OSError as e:
+                if not (e.errno == errno.ENOENT or (form != name and no_zst_form(e))):
+                    raise
         if not removed and not missing_ok:
             raise FUSEError(errno.ENOENT)
         return removed
@@ -871,8 +872,9 @@ class Operations(pyfuse3.Operations):
             # A stale compressed form of the destination would resurface if the plain one went.
             try:
                 os.unlink(join(new_dir, zst_name(n_new)), dir_fd=self.store.root_fd)
-            except FileNotFoundError:
-                pass
+            except OSError as e:
+                if not no_zst_form(e):
+                    raise
         self.table.unlink(p_new, n_new, linked_elsewhere=_linked(dst))
         self.table.move((p_old, n_old), (p_new, n_new))
 

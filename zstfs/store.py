@@ -158,6 +158,12 @@ def full_identity(st: os.stat_result) -> tuple[int, int, int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink)
 
 
+def no_zst_form(e: OSError) -> bool:
+    """Does this error from a `.zst` form's name say that form is not there? Not found, or it
+    cannot exist: beside a name or a path at the length limit, the `.zst` is too long."""
+    return e.errno in (errno.ENOENT, errno.ENAMETOOLONG)
+
+
 class Store:
     """One backing directory, addressed through `root_fd`."""
 
@@ -273,8 +279,10 @@ class Store:
         zname = zst_name(name)
         try:
             st = lstat(at(parent, zname))
-        except FileNotFoundError:
-            return None
+        except OSError as e:
+            if no_zst_form(e):
+                return None
+            raise
         if not stat.S_ISREG(st.st_mode):
             return None
         return Entry(zname, st, True)
@@ -409,8 +417,10 @@ class Store:
         try:
             rename_at(self.root_fd, join(parent, name), self.root_fd, join(parent, kept),
                       RENAME_NOREPLACE)
-        except FileNotFoundError:
-            return None
+        except OSError as e:
+            if no_zst_form(e):  # (only `.zst` forms are set aside)
+                return None
+            raise
         log.warning("%s: a leftover that differs from its plain file is kept as %s",
                     os.fsdecode(join(parent, name)), os.fsdecode(kept))
         return kept
