@@ -24,7 +24,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Any, ParamSpec, TypeVar, cast
 
 import pyfuse3
@@ -35,7 +35,7 @@ from zstfs import codec
 from zstfs.names import NAME_MAX, STATUS_XATTR, zst_name
 from zstfs.openfiles import ROOT_INODE, Node, OpenFiles
 from zstfs.stats import Stats
-from zstfs.store import Entry, Leased, join, no_zst_form, split
+from zstfs.store import Entry, Leased, join, no_zst_form, rename_at, split
 
 log = logging.getLogger(__name__)
 
@@ -255,10 +255,31 @@ class Operations(pyfuse3.Operations):
         return path
 
     def _dir_path(self, ino: int) -> bytes:
+        """A directory's path from the store root: for the naming rules and messages only.
+        The backing store is reached through descriptors (`_dfd`), never by this path."""
         node = self._node(ino)
         if not node.is_dir:
             raise FUSEError(errno.ENOTDIR)
         return self._path(node)
+
+    def _dfd(self, ino: int) -> int:
+        """The descriptor of directory `ino` (FileTable.dir_fd): names in it are resolved
+        relative to it. Borrowed: valid until the next await."""
+        node = self._node(ino)
+        if not node.is_dir:
+            raise FUSEError(errno.ENOTDIR)
+        return self.table.dir_fd(node)
+
+    def _at(self, node: Node) -> tuple[int, bytes, bytes]:
+        """(descriptor of its directory, that directory's path, its name) for a node with a
+        name; the descriptor is borrowed until the next await."""
+        if not node.links:
+            raise FUSEError(errno.ENOENT)
+        parent_ino, name = node.links[0]
+        parent = self.table.get(parent_ino)
+        if parent is None:
+            raise FUSEError(errno.ENOENT)
+        return self.table.dir_fd(parent), self._path(parent), name
 
     def _handles_of(self, node: Node) -> list[Handle]:
         """The open handles on a node (indexed: a writer's every GETXATTR asks, and a process
@@ -289,38 +310,48 @@ class Operations(pyfuse3.Operations):
         if not self.rules.visible(self._dir_path(parent_ino), name):
             raise FUSEError(errno.EPERM)
 
-    async def _logical_size(self, path: bytes, st: os.stat_result) -> int:
+    async def _logical_size(self, dfd: int, parent: bytes, zname: bytes,
+                            st: os.stat_result) -> int:
+        """The decoded size of `.zst` `zname` in directory `dfd` (`parent`). Opened here, on
+        the trio thread (the directory's descriptor is only borrowed), read in a worker."""
         size = self.store.known_size(st)
         if size is None:
             try:
-                size = await trio.to_thread.run_sync(
-                    self.store.logical_size, path, st, limiter=self.read_limiter
-                )
+                fd = self.store.open_compressed(zname, st, dir_fd=dfd)
+                try:
+                    size = await trio.to_thread.run_sync(
+                        self.store.size_of, fd, st, limiter=self.read_limiter)
+                finally:
+                    os.close(fd)
             except codec.CorruptError as e:
                 # A damaged file still lists (with its stored size); reading it gives EIO.
-                parent, name = split(path)  # named like reads name it: one line per file
-                self.stats.error(os.fsdecode(join(parent, self.rules.logical(parent, name))),
+                # (named like reads name it: one line per file)
+                self.stats.error(os.fsdecode(join(parent, self.rules.logical(parent, zname))),
                                  codec_problem(e))
                 self.store.remember_size(st, st.st_size)
                 size = st.st_size
         return size
 
-    async def _resolve(self, parent: bytes, name: bytes) -> tuple[Entry, int]:
-        """The entry for a logical name and its logical size, or ENOENT."""
-        entry = self.store.resolve(parent, name)
+    async def _resolve(self, parent_ino: int, name: bytes) -> tuple[Entry, int]:
+        """The entry for a logical name in directory `parent_ino` and its logical size, or
+        ENOENT."""
+        parent = self._dir_path(parent_ino)
+        entry = self.store.resolve_in(self._dfd(parent_ino), parent, name)
         if entry is None:
             raise FUSEError(errno.ENOENT)
         if not entry.compressed:
             return entry, entry.st.st_size
-        size = await self._logical_size(join(parent, entry.name), entry.st)
-        again = self.store.resolve(parent, name)  # the await let other requests run
+        size = await self._logical_size(self._dfd(parent_ino), parent, entry.name, entry.st)
+        # The await let other requests run: the directory may have been renamed or dropped.
+        parent = self._dir_path(parent_ino)
+        again = self.store.resolve_in(self._dfd(parent_ino), parent, name)
         if again is None:
             raise FUSEError(errno.ENOENT)
         if again.compressed and (again.st.st_ino, again.st.st_size) != (
             entry.st.st_ino,
             entry.st.st_size,
         ):
-            size = await self._logical_size(join(parent, again.name), again.st)
+            size = await self._logical_size(self._dfd(parent_ino), parent, again.name, again.st)
         return again, (size if again.compressed else again.st.st_size)
 
     def _attrs(self, node: Node, st: os.stat_result, size: int) -> pyfuse3.EntryAttributes:
@@ -344,20 +375,19 @@ class Operations(pyfuse3.Operations):
 
     async def _entry(self, parent_ino: int, name: bytes) -> tuple[Node, pyfuse3.EntryAttributes]:
         """Resolve (parent, name) to a node (created if new) and its attributes; no lookup count."""
-        parent = self._dir_path(parent_ino)
-        entry, size = await self._resolve(parent, name)
+        entry, size = await self._resolve(parent_ino, name)
         node = self.table.attach(parent_ino, name, entry.st, entry.compressed)
         return node, self._attrs(node, entry.st, size)
 
     async def _stat_node(self, node: Node) -> pyfuse3.EntryAttributes:
-        path = self.table.path(node)
-        if path is None:
-            return await self._stat_unlinked(node)
-        if node.ino == ROOT_INODE:
-            st = self.store.lstat(b".")
+        if node.is_dir or node.ino == ROOT_INODE:
+            # The directory itself, through its descriptor (whatever its name holds now).
+            st = os.fstat(self.table.dir_fd(node))
             return self._attrs(node, st, st.st_size)
-        parent, name = split(path)
-        entry, size = await self._resolve(parent, name)
+        if self.table.path(node) is None:
+            return await self._stat_unlinked(node)
+        parent_ino, name = node.links[0]
+        entry, size = await self._resolve(parent_ino, name)
         return self._attrs(node, entry.st, size)
 
     async def _stat_unlinked(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -456,23 +486,18 @@ class Operations(pyfuse3.Operations):
         target = self._target(node, handle)
         if fields.update_mode:
             mode = stat.S_IMODE(attr.st_mode)
-            self._apply(target, lambda t: os.chmod(t, mode),
-                        lambda p: os.chmod(p, mode, dir_fd=self.store.root_fd), node)
+            self._apply(target, lambda t: os.chmod(t, mode), node)
         if fields.update_uid or fields.update_gid:
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
-            self._apply(target, lambda t: os.chown(t, uid, gid),
-                        lambda p: os.chown(p, uid, gid, dir_fd=self.store.root_fd,
-                                           follow_symlinks=False), node)
+            self._apply(target, lambda t: os.chown(t, uid, gid), node)
         if fields.update_atime or fields.update_mtime:
             current = await self._stat_node(node)
             ns = (
                 attr.st_atime_ns if fields.update_atime else current.st_atime_ns,
                 attr.st_mtime_ns if fields.update_mtime else current.st_mtime_ns,
             )
-            self._apply(target, lambda t: os.utime(t, ns=ns),
-                        lambda p: os.utime(p, ns=ns, dir_fd=self.store.root_fd,
-                                           follow_symlinks=False), node)
+            self._apply(target, lambda t: os.utime(t, ns=ns), node)
         return await self._stat_node(node)
 
     @contextlib.asynccontextmanager
@@ -494,7 +519,8 @@ class Operations(pyfuse3.Operations):
             self.table.maybe_drop(node)
 
     def _truncate(self, node: Node, size: int) -> None:
-        fd = self.store.open_plain(self._path(node), os.O_WRONLY)
+        dfd, _, name = self._at(node)
+        fd = self.store.open_plain(name, os.O_WRONLY, dir_fd=dfd)
         try:
             os.ftruncate(fd, size)
         finally:
@@ -513,33 +539,38 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.ENOENT)
         return fd
 
-    def _apply(
-        self,
-        fd: int | None,
-        by_fd: Callable[[int], None],
-        by_path: Callable[[bytes], None],
-        node: Node,
-    ) -> None:
-        """Apply a metadata change to whichever representation exists (never decoding)."""
+    def _apply(self, fd: int | None, change: Callable[[int | bytes], None], node: Node) -> None:
+        """Apply a metadata change (chmod, chown, utime: given a descriptor or a path) to
+        `fd`, else to the node's backing object itself (never decoding)."""
         if fd is not None:
-            by_fd(fd)
+            change(fd)
             return
-        by_path(self._backing_path(node))
+        with self._backing_object(node) as path:
+            change(path)
 
-    def _backing_path(self, node: Node) -> bytes:
-        """The path of whichever representation of the node exists now (plain or `.zst`)."""
-        path = self._path(node)
-        if node.ino == ROOT_INODE:
-            return path
-        parent, name = split(path)
-        entry = self.store.resolve(parent, name)
+    @contextlib.contextmanager
+    def _backing_object(self, node: Node) -> Iterator[bytes]:
+        """`/proc/self/fd/N` of the node's backing object itself: a directory's own descriptor,
+        or the current representation (plain or `.zst`) of anything else opened O_PATH without
+        following a symlink (a symlink is then the link itself). A change made through it never
+        lands on whatever a name underneath was replaced by."""
+        if node.is_dir or node.ino == ROOT_INODE:
+            yield f"/proc/self/fd/{self.table.dir_fd(node)}".encode()
+            return
+        dfd, parent, name = self._at(node)
+        entry = self.store.resolve_in(dfd, parent, name)
         if entry is None:
             raise FUSEError(errno.ENOENT)
-        return join(parent, entry.name)
+        fd = os.open(entry.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        try:
+            yield f"/proc/self/fd/{fd}".encode()
+        finally:
+            os.close(fd)
 
     @translate_errors
     async def readlink(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> bytes:
-        return os.readlink(self._path(self._node(inode)), dir_fd=self.store.root_fd)
+        dfd, _, name = self._at(self._node(inode))
+        return os.readlink(name, dir_fd=dfd)
 
     # ------------------------------------------------------------------ directories
     @translate_errors
@@ -568,7 +599,9 @@ class Operations(pyfuse3.Operations):
             d = self.dirs[fh]
             node = d.node
         parent = self._path(node)
-        dir_fd = self.store.open_dir(parent)
+        # A descriptor of our own (the node's is only borrowed, and O_PATH cannot be listed).
+        dir_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                         dir_fd=self.table.dir_fd(node))
         try:
             # One getdents: cheaper inline than a thread hop.
             if self.directories_by_inode:
@@ -591,16 +624,16 @@ class Operations(pyfuse3.Operations):
             # since has another backing inode, and a stale stat must never rekey the table.
             current = {name: self.store.resolve_in(dir_fd, parent, name)
                        for name, _ in slots if name not in _DOTS}
+            unknown = [e.name for e in current.values()
+                       if e is not None and e.compressed and self.store.known_size(e.st) is None]
+            if unknown:
+                # One thread hop for the whole directory rather than one per compressed file:
+                # a cold `find` or `grep -r` reads every seek table once. The stats above are
+                # stale after it: each name is looked at again below.
+                await trio.to_thread.run_sync(self.store.learn_sizes, dir_fd, unknown,
+                                              limiter=self.read_limiter)
         finally:
             os.close(dir_fd)
-        unknown = [join(parent, e.name) for e in current.values()
-                   if e is not None and e.compressed and self.store.known_size(e.st) is None]
-        if unknown:
-            # One thread hop for the whole directory rather than one per compressed file: a
-            # cold `find` or `grep -r` reads every seek table once. The stats above are stale
-            # after it: each name is looked at again below.
-            await trio.to_thread.run_sync(self.store.learn_sizes, unknown,
-                                          limiter=self.read_limiter)
         for name, next_id in slots:
             if name in _DOTS:  # the kernel takes only their inode numbers (no lookup)
                 if not self.readdir_reply(token, name, self._dot(node, _DOTS[name]), next_id):
@@ -648,7 +681,8 @@ class Operations(pyfuse3.Operations):
         await (None if it is gone)."""
         for _ in range(3):
             parent = self._path(dir_node)
-            entry = self.store.resolve(parent, name)
+            dfd = self.table.dir_fd(dir_node)
+            entry = self.store.resolve_in(dfd, parent, name)
             if entry is None:
                 return None
             if not entry.compressed:
@@ -656,7 +690,7 @@ class Operations(pyfuse3.Operations):
             size = self.store.known_size(entry.st)
             if size is not None:
                 return entry, size
-            await self._logical_size(join(parent, entry.name), entry.st)
+            await self._logical_size(dfd, parent, entry.name, entry.st)
         return None  # changing faster than it can be listed
 
     @translate_errors
@@ -665,32 +699,33 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
-        path = self._path(self._node(fh) if self.directories_by_inode else self.dirs[fh].node)
-        await trio.to_thread.run_sync(self.store.fsync_dir, path)
+        node = self._node(fh) if self.directories_by_inode else self.dirs[fh].node
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                     dir_fd=self.table.dir_fd(node))
+        try:
+            await trio.to_thread.run_sync(os.fsync, fd)
+        finally:
+            os.close(fd)
 
     @translate_errors
     async def mkdir(
         self, parent_inode: InodeT, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         self._check_name(parent_inode, name)
-        path = join(self._dir_path(parent_inode), name)
-        os.mkdir(path, stat.S_IMODE(mode) & ~ctx.umask, dir_fd=self.store.root_fd)
-        self._give_to_caller(path, ctx)
+        dfd = self._dfd(parent_inode)
+        os.mkdir(name, stat.S_IMODE(mode) & ~ctx.umask, dir_fd=dfd)
+        self._give_to_caller(dfd, name, ctx)
         return await self._new_entry(parent_inode, name)
 
     @translate_errors
     async def rmdir(self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         if not self.rules.visible(self._dir_path(parent_inode), name):
             raise FUSEError(errno.ENOENT)
-        path = join(self._dir_path(parent_inode), name)
-        try:
-            st = self.store.lstat(path)
-        except FileNotFoundError:
-            raise FUSEError(errno.ENOENT) from None
+        st = os.stat(name, dir_fd=self._dfd(parent_inode), follow_symlinks=False)
         # A compaction abandoned by the unlink of the directory's last file may still have
         # its temp in there for a moment: let it clean up first.
         await self.files.settle_dir((st.st_dev, st.st_ino))
-        os.rmdir(path, dir_fd=self.store.root_fd)
+        os.rmdir(name, dir_fd=self._dfd(parent_inode))
         self.table.unlink(parent_inode, name)
 
     @translate_errors
@@ -702,9 +737,9 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         self._check_name(parent_inode, name)
-        path = join(self._dir_path(parent_inode), name)
-        os.symlink(target, path, dir_fd=self.store.root_fd)
-        self._give_to_caller(path, ctx)
+        dfd = self._dfd(parent_inode)
+        os.symlink(target, name, dir_fd=dfd)
+        self._give_to_caller(dfd, name, ctx)
         return await self._new_entry(parent_inode, name)
 
     @translate_errors
@@ -717,17 +752,18 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         self._check_name(parent_inode, name)
-        path = join(self._dir_path(parent_inode), name)
-        if self.rules.compressible(*split(path)) and self.store.resolve(*split(path)) is not None:
+        parent, dfd = self._dir_path(parent_inode), self._dfd(parent_inode)
+        if (self.rules.compressible(parent, name)
+                and self.store.resolve_in(dfd, parent, name) is not None):
             raise FUSEError(errno.EEXIST)
-        os.mknod(path, mode & ~ctx.umask, rdev, dir_fd=self.store.root_fd)
-        self._give_to_caller(path, ctx)
+        os.mknod(name, mode & ~ctx.umask, rdev, dir_fd=dfd)
+        self._give_to_caller(dfd, name, ctx)
         return await self._new_entry(parent_inode, name)
 
-    def _give_to_caller(self, path: bytes, ctx: pyfuse3.RequestContext) -> None:
+    def _give_to_caller(self, dfd: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         """A daemon running as root creates files owned by the user who asked."""
         if self.root_uid and (ctx.uid, ctx.gid) != (0, 0):
-            os.chown(path, ctx.uid, ctx.gid, dir_fd=self.store.root_fd, follow_symlinks=False)
+            os.chown(name, ctx.uid, ctx.gid, dir_fd=dfd, follow_symlinks=False)
 
     async def _new_entry(self, parent_ino: int, name: bytes) -> pyfuse3.EntryAttributes:
         node, attrs = await self._entry(parent_ino, name)
@@ -739,8 +775,7 @@ class Operations(pyfuse3.Operations):
         """The known node of (parent, name) with its lock taken (waits for a swap), or None."""
         node = self.table.by_link.get((parent_ino, name))
         if node is None:
-            parent = self._dir_path(parent_ino)
-            entry = self.store.resolve(parent, name)
+            entry = self.store.resolve_in(self._dfd(parent_ino), self._dir_path(parent_ino), name)
             if entry is None:
                 return None
             node = self.table.by_key.get((entry.st.st_dev, entry.st.st_ino))
@@ -765,20 +800,21 @@ class Operations(pyfuse3.Operations):
         node = await self._locked_node(parent_inode, name)
         try:
             self.files.abandon(node)  # compressing a removed file is wasted work
-            parent = self._dir_path(parent_inode)
-            entry = self.store.resolve(parent, name)
-            self._remove_forms(parent, name, missing_ok=False)
+            parent, dfd = self._dir_path(parent_inode), self._dfd(parent_inode)
+            entry = self.store.resolve_in(dfd, parent, name)
+            self._remove_forms(dfd, parent, name, missing_ok=False)
             self.table.unlink(parent_inode, name, linked_elsewhere=_linked(entry))
         finally:
             self._release_node(node)
 
-    def _remove_forms(self, parent: bytes, name: bytes, *, missing_ok: bool) -> bool:
-        """Remove every backing form of a logical file name; True if anything was removed."""
+    def _remove_forms(self, dfd: int, parent: bytes, name: bytes, *, missing_ok: bool) -> bool:
+        """Remove every backing form of a logical file name in directory `dfd` (`parent`);
+        True if anything was removed."""
         removed = False
         forms = [name, zst_name(name)] if self.rules.compressible(parent, name) else [name]
         for form in forms:
             try:
-                os.unlink(join(parent, form), dir_fd=self.store.root_fd)
+                os.unlink(form, dir_fd=dfd)
                 removed = True
             except OSError as e:
                 if not (e.errno == errno.ENOENT or (form != name and no_zst_form(e))):
@@ -836,42 +872,43 @@ class Operations(pyfuse3.Operations):
     async def _rename(
         self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, flags: int
     ) -> None:
-        old_dir, new_dir = self._dir_path(p_old), self._dir_path(p_new)
         if self.rules.path_aware:  # (awaits: everything below is resolved afterwards)
-            await self._check_subtree_move(old_dir, n_old, new_dir, n_new)
+            await self._check_subtree_move(p_old, n_old, p_new, n_new)
             if flags & pyfuse3.RENAME_EXCHANGE:
-                await self._check_subtree_move(new_dir, n_new, old_dir, n_old)
-        src = self.store.resolve(old_dir, n_old)
+                await self._check_subtree_move(p_new, n_new, p_old, n_old)
+        old_dir, new_dir = self._dir_path(p_old), self._dir_path(p_new)
+        src = self.store.resolve_in(self._dfd(p_old), old_dir, n_old)
         if src is None:
             raise FUSEError(errno.ENOENT)
-        dst = self.store.resolve(new_dir, n_new)
+        dst = self.store.resolve_in(self._dfd(p_new), new_dir, n_new)
         if flags & pyfuse3.RENAME_NOREPLACE and dst is not None:
             raise FUSEError(errno.EEXIST)
         if src.compressed and not self.rules.compressible(new_dir, n_new):
             # The new name cannot have a .zst form: the file becomes plain first.
             await self._make_plain(self._node_at(p_old, n_old, src))
-            src = self.store.resolve(old_dir, n_old)
+            old_dir, new_dir = self._dir_path(p_old), self._dir_path(p_new)
+            src = self.store.resolve_in(self._dfd(p_old), old_dir, n_old)
             assert src is not None
         if flags & pyfuse3.RENAME_EXCHANGE:
             await self._exchange(p_old, n_old, src, p_new, n_new, dst)
             return
+        old_fd, new_fd = self._dfd(p_old), self._dfd(p_new)
         target = zst_name(n_new) if src.compressed else n_new
         if dst is not None and dst.compressed != src.compressed:
             # Replace both forms of the destination. Remove the other form first, so that
             # no moment shows the old plain file winning over the new compressed one.
             if stat.S_ISDIR(src.st.st_mode) != stat.S_ISDIR(dst.st.st_mode):
                 raise FUSEError(errno.EISDIR if stat.S_ISDIR(dst.st.st_mode) else errno.ENOTDIR)
-            os.unlink(join(new_dir, dst.name), dir_fd=self.store.root_fd)
-        self.store.rename(join(old_dir, src.name), join(new_dir, target),
-                          flags & pyfuse3.RENAME_NOREPLACE)
+            os.unlink(dst.name, dir_fd=new_fd)
+        rename_at(old_fd, src.name, new_fd, target, flags & pyfuse3.RENAME_NOREPLACE)
         if not src.compressed and self.rules.compressible(old_dir, n_old):
             # A differing leftover `.zst` that recovery kept hidden behind the plain file
             # would show its old content under the old name: keep it aside, hidden.
-            self.store.set_aside(old_dir, zst_name(n_old))
+            self.store.set_aside(old_dir, zst_name(n_old), dir_fd=old_fd)
         if self.rules.compressible(new_dir, n_new) and not src.compressed:
             # A stale compressed form of the destination would resurface if the plain one went.
             try:
-                os.unlink(join(new_dir, zst_name(n_new)), dir_fd=self.store.root_fd)
+                os.unlink(zst_name(n_new), dir_fd=new_fd)
             except OSError as e:
                 if not no_zst_form(e):
                     raise
@@ -889,14 +926,14 @@ class Operations(pyfuse3.Operations):
     ) -> None:
         if dst is None:
             raise FUSEError(errno.ENOENT)
-        old_dir, new_dir = self._dir_path(p_old), self._dir_path(p_new)
         for parent_ino, name, entry in ((p_old, n_old, src), (p_new, n_new, dst)):
             if entry.compressed:
                 # Both sides must have the same form to swap names atomically.
                 await self._make_plain(self._node_at(parent_ino, name, entry))
-        src = self.store.resolve(old_dir, n_old) or src
-        dst = self.store.resolve(new_dir, n_new) or dst
-        self.store.rename(join(old_dir, src.name), join(new_dir, dst.name), pyfuse3.RENAME_EXCHANGE)
+        old_fd, new_fd = self._dfd(p_old), self._dfd(p_new)
+        src = self.store.resolve_in(old_fd, self._dir_path(p_old), n_old) or src
+        dst = self.store.resolve_in(new_fd, self._dir_path(p_new), n_new) or dst
+        rename_at(old_fd, src.name, new_fd, dst.name, pyfuse3.RENAME_EXCHANGE)
         a = self.table.by_link.pop((p_old, n_old), None)
         b = self.table.by_link.pop((p_new, n_new), None)
         for node, old, new in ((a, (p_old, n_old), (p_new, n_new)),
@@ -909,17 +946,19 @@ class Operations(pyfuse3.Operations):
         return self.table.attach(parent_ino, name, entry.st, entry.compressed)
 
     async def _check_subtree_move(
-        self, old_dir: bytes, old_name: bytes, new_dir: bytes, new_name: bytes
+        self, p_old: int, old_name: bytes, p_new: int, new_name: bytes
     ) -> None:
         """With path-dependent patterns, moving a directory can change which `.zst` files inside
         it are compressed forms of files and which are files of their own: refuse such a move
         with EXDEV, so that `mv` copies the files (their logical content) instead."""
-        old, new = join(old_dir, old_name), join(new_dir, new_name)
         try:
-            if not stat.S_ISDIR(self.store.lstat(old).st_mode):
-                return
+            st = os.stat(old_name, dir_fd=self._dfd(p_old), follow_symlinks=False)
         except FileNotFoundError:
             return
+        if not stat.S_ISDIR(st.st_mode):
+            return
+        old = join(self._dir_path(p_old), old_name)
+        new = join(self._dir_path(p_new), new_name)
         changed = await trio.to_thread.run_sync(self.store.moved_representation, old, new)
         if changed is not None:
             log.info("rename %s -> %s refused (EXDEV): it would change what %s is",
@@ -939,11 +978,12 @@ class Operations(pyfuse3.Operations):
         # A hard link to a compressed file would be broken by its next promotion: link the
         # plain form instead.
         await self._make_plain(node)
-        new_dir = self._dir_path(new_parent_inode)
-        if self.rules.compressible(new_dir, new_name) and self.store.resolve(new_dir, new_name):
+        new_dir, new_fd = self._dir_path(new_parent_inode), self._dfd(new_parent_inode)
+        if (self.rules.compressible(new_dir, new_name)
+                and self.store.resolve_in(new_fd, new_dir, new_name)):
             raise FUSEError(errno.EEXIST)
-        os.link(self._path(node), join(new_dir, new_name), src_dir_fd=self.store.root_fd,
-                dst_dir_fd=self.store.root_fd, follow_symlinks=False)
+        src_fd, _, src_name = self._at(node)
+        os.link(src_name, new_name, src_dir_fd=src_fd, dst_dir_fd=new_fd, follow_symlinks=False)
         return await self._new_entry(new_parent_inode, new_name)
 
     # ------------------------------------------------------------------ open files
@@ -964,8 +1004,13 @@ class Operations(pyfuse3.Operations):
                 return await attempt()
             except Leased as e:
                 if not await self.files.settle_file(e.key):
-                    await trio.to_thread.run_sync(self.store.wait_unleased, self._path(node),
-                                                  flags)
+                    dfd, _, name = self._at(node)
+                    owned = os.dup(dfd)  # (the node's is borrowed: the thread outlives an await)
+                    try:
+                        await trio.to_thread.run_sync(self.store.wait_unleased, owned, name,
+                                                      flags)
+                    finally:
+                        os.close(owned)
         return await attempt()
 
     async def _open(self, node: Node, flags: int) -> FileInfo:
@@ -1083,17 +1128,22 @@ class Operations(pyfuse3.Operations):
         if same is not None:
             # Unlinked (but open elsewhere): reopen that very inode through its descriptor.
             return Handle(node, os.open(f"/proc/self/fd/{same}", backing_flags), flags, None)
-        path = self._path(node)
-        parent, name = split(path)
-        entry = self.store.resolve(parent, name) if node.ino != ROOT_INODE else None
+        if node.ino == ROOT_INODE:
+            raise FUSEError(errno.EISDIR)
+        dfd, parent, name = self._at(node)
+        entry = self.store.resolve_in(dfd, parent, name)
         if entry is None:
             raise FUSEError(errno.ENOENT)
         if entry.compressed:
-            fd = self.store.open_compressed(join(parent, entry.name), entry.st)
+            try:
+                fd = self.store.open_compressed(entry.name, entry.st, dir_fd=dfd)
+            except codec.CorruptError as e:
+                e.zstfs_path = os.fsdecode(join(parent, entry.name))  # type: ignore[attr-defined]
+                raise
             reader = codec.ZstReader(fd)
             size = self.store.known_size(entry.st)
             return Handle(node, fd, flags, reader, size is not None and size <= INLINE_DECODE_LIMIT)
-        return Handle(node, self.store.open_plain(path, backing_flags), flags, None)
+        return Handle(node, self.store.open_plain(name, backing_flags, dir_fd=dfd), flags, None)
 
     def _current_fd(self, node: Node) -> int | None:
         """For a node with no name: a descriptor of its current plain content (its anonymous
@@ -1164,21 +1214,19 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> tuple[FileInfo, pyfuse3.EntryAttributes]:
         self._check_name(parent_inode, name)
-        parent = self._dir_path(parent_inode)
+        parent, dfd = self._dir_path(parent_inode), self._dfd(parent_inode)
         compressible = self.rules.compressible(parent, name)
-        existing = self.store.resolve(parent, name) if compressible else None
+        existing = self.store.resolve_in(dfd, parent, name) if compressible else None
         if existing is not None:
             # The name exists in compressed form: O_CREAT without O_EXCL opens it.
             return await self._create_existing(parent_inode, name, flags, ctx)
-        path = join(parent, name)
         try:
             # Exclusive, whatever the caller asked: an existing file (created below the mount
             # since the kernel cached its absence) is opened like any open, never chowned or
             # opened here while a swap of ours holds its lease.
             fd = self.store.with_room(lambda: os.open(
-                path, (flags & ~getattr(os, "O_DIRECT", 0)) | os.O_CREAT | os.O_EXCL
-                | os.O_CLOEXEC | os.O_NOFOLLOW, stat.S_IMODE(mode) & ~ctx.umask,
-                dir_fd=self.store.root_fd))
+                name, (flags & ~getattr(os, "O_DIRECT", 0)) | os.O_CREAT | os.O_EXCL
+                | os.O_CLOEXEC | os.O_NOFOLLOW, stat.S_IMODE(mode) & ~ctx.umask, dir_fd=dfd))
         except FileExistsError:
             return await self._create_existing(parent_inode, name, flags, ctx)
         try:
@@ -1296,18 +1344,12 @@ class Operations(pyfuse3.Operations):
     def _xattr_call(self, node: Node, call: Callable[..., Any], *args: Any) -> Any:
         """Run an `os.*xattr` call on the node's backing file, never through the mount.
 
-        The root is the store's own descriptor (its `/proc/self/fd/N` magic link, not followed,
-        would be the link itself). Other nodes are named below their directory's descriptor,
-        resolved with no symlink followed, the last component not followed either (a symlink's
-        own xattrs)."""
+        The root is the store's own descriptor. Anything else is its backing object itself
+        (`_backing_object`: a symlink's own xattrs, never its target's)."""
         if node.ino == ROOT_INODE:
             return call(self.store.root_fd, *args)
-        parent, name = split(self._backing_path(node))
-        dir_fd = self.store.open_dir(parent)  # no symlink followed on the way
-        try:
-            return call(f"/proc/self/fd/{dir_fd}/".encode() + name, *args, follow_symlinks=False)
-        finally:
-            os.close(dir_fd)
+        with self._backing_object(node) as path:
+            return call(path, *args)
 
     @staticmethod
     def _reserved_xattr(inode: int, name: bytes) -> bool:

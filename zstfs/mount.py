@@ -7,9 +7,11 @@ unmounted one would silently show the raw backing files to a running codex).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -113,8 +115,18 @@ def fuse_options(opts: MountOptions) -> set[str]:
     return options
 
 
+def raise_open_files_limit() -> None:
+    """The daemon holds a descriptor for every directory the kernel knows (a `find` over a big
+    store), so it may have as many open as the hard limit allows, not the soft 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def mount(opts: MountOptions) -> int:
     """Run `zstfs mount`. Returns the exit status; raises MountError for a clean refusal."""
+    raise_open_files_limit()
     log_file = opts.log_file
     try:
         if log_file is None and not opts.foreground:

@@ -20,6 +20,7 @@ FUSE requests.
 from __future__ import annotations
 
 import enum
+import errno
 import functools
 import logging
 import os
@@ -102,6 +103,7 @@ class Node:
         "anon_fd",
         "claims",
         "compressed",
+        "dir_fd",
         "generation",
         "ino",
         "is_dir",
@@ -129,6 +131,8 @@ class Node:
         self.seen: tuple[int, int] | None = None  # (size, mtime_ns) at the last open
         self.anon_fd: int | None = None  # content of an unlinked file promoted while open
         self.swap: SwapTicket | None = None  # the compaction of this file in flight
+        #: A directory's O_PATH descriptor, held while the node lives (FileTable.dir_fd).
+        self.dir_fd: int | None = None
 
     @property
     def lock(self) -> trio.Lock:
@@ -144,9 +148,11 @@ class Node:
 
 
 class FileTable:
-    def __init__(self, root_st: os.stat_result) -> None:
+    def __init__(self, root_fd: int) -> None:
+        root_st = os.fstat(root_fd)
         root = Node(ROOT_INODE, root_st, False)
         root.lookups = 1 << 62  # never forgotten
+        root.dir_fd = root_fd  # the store's (closed with the store, never here)
         self.nodes: dict[int, Node] = {ROOT_INODE: root}
         self.by_key: dict[Key, Node] = {key_of(root_st): root}
         self.by_link: dict[tuple[int, bytes], Node] = {}
@@ -196,6 +202,37 @@ class FileTable:
 
     def get(self, ino: int) -> Node | None:
         return self.nodes.get(ino)
+
+    def dir_fd(self, node: Node) -> int:
+        """A descriptor of directory `node`, which names in it are resolved relative to (one
+        component at a time, so no path is ever built from the store root: no PATH_MAX, and
+        no symlink followed at any component). Opened from its parent's descriptor by name,
+        with O_NOFOLLOW, and kept only if it is the very directory the node stands for; held
+        until the node is dropped, so it follows the directory through renames. A directory
+        replaced underneath the mount (by another one, or by a symlink) is ENOENT."""
+        if node.dir_fd is not None:
+            return node.dir_fd
+        chain = []  # from `node` up to the nearest ancestor that has a descriptor
+        at: Node | None = node
+        while at is not None and at.dir_fd is None:
+            if not at.is_dir:
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+            if not at.links or at.key is None:
+                raise FileNotFoundError(errno.ENOENT, "the directory has no name")
+            chain.append(at)
+            at = self.nodes.get(at.links[0][0])
+        if at is None:
+            raise FileNotFoundError(errno.ENOENT, "the directory's parent is gone")
+        parent_fd = at.dir_fd
+        assert parent_fd is not None
+        for d in reversed(chain):
+            fd = os.open(d.links[0][1], os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=parent_fd)
+            if key_of(os.fstat(fd)) != d.key:
+                os.close(fd)
+                raise FileNotFoundError(errno.ENOENT, "the directory was replaced underneath")
+            d.dir_fd = parent_fd = fd
+        return parent_fd
 
     def find(self, parent: int, name: bytes, st: os.stat_result | None) -> Node | None:
         """The node known under (parent, name), if it is still the file `st` describes."""
@@ -296,6 +333,9 @@ class FileTable:
         if node.anon_fd is not None:
             os.close(node.anon_fd)
             node.anon_fd = None
+        if node.dir_fd is not None:
+            os.close(node.dir_fd)
+            node.dir_fd = None
 
 
 class OpenFiles:
@@ -304,7 +344,7 @@ class OpenFiles:
     def __init__(self, store: Store, stats: Stats) -> None:
         self.store = store
         self.stats = stats
-        self.table = FileTable(os.fstat(store.root_fd))
+        self.table = FileTable(store.root_fd)
         self.swaps: set[SwapTicket] = set()
         #: Called after a node's representation changed under the kernel's caches (a swap).
         self.on_swapped: Callable[[Node], None] = lambda node: None
@@ -374,10 +414,14 @@ class OpenFiles:
         if path is None or node.key is None:
             await self._promote_anonymous(node, empty=empty, source_fd=source_fd)
             return
-        parent, name = split(path)
-        # Resolve the directory now, under the lock: the promotion then happens in that very
-        # directory even if it is renamed while the file decodes.
-        dir_fd = self.store.open_dir(parent)
+        parent_ino, name = node.links[0]
+        parent = self.table.get(parent_ino)
+        if parent is None:
+            raise FileNotFoundError(errno.ENOENT, "the file's directory is gone")
+        # The directory's own descriptor, taken now, under the lock: the promotion happens in
+        # that very directory even if it is renamed while the file decodes.
+        dir_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                         dir_fd=self.table.dir_fd(parent))
         try:
             await self._step("promoting", path)
             st = await trio.to_thread.run_sync(self.store.with_room, functools.partial(

@@ -316,23 +316,36 @@ class Store:
 
     def logical_size(self, path: bytes, st: os.stat_result) -> int:
         """Decoded size of the `.zst` at `path` (reads its seek table or frame headers, cached)."""
+        size = self._size_known(st)
+        if size is not None:
+            return size
+        fd = self.open_compressed(path, st)
+        try:
+            return self.size_of(fd, st)
+        finally:
+            os.close(fd)
+
+    def _size_known(self, st: os.stat_result) -> int | None:
+        """The cached size of a `.zst`; raises what was found wrong with it, if anything."""
         key = identity(st)
         with self._sizes_lock:
             why = self._damaged.get(key)
             size = self._sizes.get(key)
         if why is not None:
             raise type(why)(*why.args)
+        return size
+
+    def size_of(self, fd: int, st: os.stat_result) -> int:
+        """Decoded size of the open `.zst` `fd`, whose stat is `st` (cached by identity)."""
+        size = self._size_known(st)
         if size is not None:
             return size
-        fd = self.open_compressed(path, st)
         try:
             size = codec.ZstReader(fd).size
         except codec.CorruptError as e:
             if not isinstance(e, codec.BudgetBusyError):
                 self.note_damaged(st, e)
             raise
-        finally:
-            os.close(fd)
         self.remember_size(st, size)
         return size
 
@@ -343,29 +356,33 @@ class Store:
                 self._damaged.clear()
             self._damaged.setdefault(identity(st), type(why)(*why.args))
 
-    def open_plain(self, path: bytes, flags: int) -> int:
-        """Open a plain backing file for the daemon's own use, never waiting on a lease (the
-        daemon's thread must not block on its own swap's lease): Leased instead."""
+    def open_plain(self, path: bytes, flags: int, *, dir_fd: int | None = None) -> int:
+        """Open a plain backing file for the daemon's own use (`path` relative to `dir_fd`,
+        else to the store root), never waiting on a lease (the daemon's thread must not block
+        on its own swap's lease): Leased instead."""
+        at = self.root_fd if dir_fd is None else dir_fd
         try:
-            fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         dir_fd=self.root_fd)
+            fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=at)
         except BlockingIOError:
-            st = self.lstat(path)
+            st = os.stat(path, dir_fd=at, follow_symlinks=False)
             raise Leased((st.st_dev, st.st_ino)) from None
         if not flags & os.O_NONBLOCK:
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         return fd
 
-    def wait_unleased(self, path: bytes, flags: int) -> None:
-        """Wait (in a worker thread) until someone else's lease on `path` lets us open it."""
+    def wait_unleased(self, dir_fd: int, name: bytes, flags: int) -> None:
+        """Wait (in a worker thread) until someone else's lease on `name` in `dir_fd` (a
+        descriptor the caller owns until this returns) lets us open it."""
         with contextlib.suppress(OSError):
-            os.close(os.open(path, (flags & os.O_ACCMODE) | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             dir_fd=self.root_fd))
+            os.close(os.open(name, (flags & os.O_ACCMODE) | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=dir_fd))
 
-    def open_compressed(self, path: bytes, st: os.stat_result) -> int:
-        """Open a `.zst` for reading. A small one is read ahead whole, in the background: its
-        seek table, header and frames would otherwise be several small reads waiting on the disk
-        one after another, on the thread that serves every request."""
+    def open_compressed(self, path: bytes, st: os.stat_result, *,
+                        dir_fd: int | None = None) -> int:
+        """Open a `.zst` for reading (`path` relative to `dir_fd`, else to the store root). A
+        small one is read ahead whole, in the background: its seek table, header and frames
+        would otherwise be several small reads waiting on the disk one after another, on the
+        thread that serves every request."""
         if st.st_size == 0:
             # zstd calls an empty file damaged; the kernel would never ask us to read a file whose
             # size is 0, so say it here.
@@ -373,7 +390,8 @@ class Store:
             self.note_damaged(st, error)
             error.zstfs_path = os.fsdecode(path)  # type: ignore[attr-defined]
             raise error
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.root_fd)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     dir_fd=self.root_fd if dir_fd is None else dir_fd)
         if st.st_size <= READAHEAD_LIMIT:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         return fd
@@ -391,14 +409,20 @@ class Store:
             and not self.rules.is_representation(parent, name)
         )
 
-    def learn_sizes(self, paths: list[bytes]) -> None:
-        """Read the logical sizes of several `.zst` files into the cache (damaged ones are left
-        for the caller, which reports them when it asks for that file)."""
-        for path in paths:
+    def learn_sizes(self, dir_fd: int, names: list[bytes]) -> None:
+        """Read the logical sizes of several `.zst` files of directory `dir_fd` into the cache
+        (damaged ones are left for the caller, which reports them when it asks for that file)."""
+        for name in names:
             try:
-                self.logical_size(path, self.lstat(path))
+                fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dir_fd)
+            except OSError:
+                continue
+            try:
+                self.size_of(fd, os.fstat(fd))
             except (OSError, codec.CorruptError):
                 continue
+            finally:
+                os.close(fd)
 
     def remember_size(self, st: os.stat_result, size: int) -> None:
         with self._sizes_lock:
@@ -407,16 +431,16 @@ class Store:
             self._sizes[identity(st)] = size
 
     # ----------------------------------------------------------------- renames
-    def rename(self, old: bytes, new: bytes, flags: int = 0) -> None:
-        rename_at(self.root_fd, old, self.root_fd, new, flags)
-
-    def set_aside(self, parent: bytes, name: bytes) -> bytes | None:
-        """Rename `parent/name`, if it exists, to a hidden name that nothing removes (a kept
-        leftover whose plain sibling went); returns the new name."""
+    def set_aside(self, parent: bytes, name: bytes, *, dir_fd: int | None = None) -> bytes | None:
+        """Rename `parent/name` (`name` in `dir_fd`, if given), if it exists, to a hidden name
+        that nothing removes (a kept leftover whose plain sibling went); returns the new name."""
         kept = KEPT_PREFIX + os.urandom(6).hex().encode() + b"." + name[-100:]
+        if dir_fd is None:
+            at, old, new = self.root_fd, join(parent, name), join(parent, kept)
+        else:
+            at, old, new = dir_fd, name, kept
         try:
-            rename_at(self.root_fd, join(parent, name), self.root_fd, join(parent, kept),
-                      RENAME_NOREPLACE)
+            rename_at(at, old, at, new, RENAME_NOREPLACE)
         except OSError as e:
             if no_zst_form(e):  # (only `.zst` forms are set aside)
                 return None
@@ -437,13 +461,6 @@ class Store:
                         != self.rules.is_representation(moved, n)):
                     return join(d, n)
         return None
-
-    def fsync_dir(self, path: bytes) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.root_fd)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     # ----------------------------------------------------------------- directories
     def open_dir(self, path: bytes) -> int:

@@ -1,0 +1,164 @@
+"""The backing store is reached through descriptors the daemon holds, one per directory it
+knows, opened from its parent's by one name, following no symlink. So:
+
+- a directory swapped for a symlink (or for another directory) underneath the mount never
+  leads the daemon outside the store: a root daemon with `--allow-other`, and an unprivileged
+  user who can write a directory of the store, cannot read or create files in a root-only
+  directory through it;
+- a directory renamed underneath keeps being the directory the mount showed;
+- paths longer than PATH_MAX from the store root work, as they do on the backing filesystem
+  relative to a directory descriptor (pjdfstest's `*/03.t` from a directory inside the mount).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import NOBODY, MountFactory
+
+ATTACK = r"""
+import errno, os, sys
+mnt, store, secret = sys.argv[1:4]
+def err(fn, *a):
+    try:
+        fn(*a)
+    except OSError as e:
+        return errno.errorcode[e.errno]
+    return "ok"
+os.mkdir(os.path.join(mnt, "d", "sub"))
+if sys.argv[4] == "listed":
+    os.listdir(os.path.join(mnt, "d", "sub"))  # the daemon has used the directory already
+os.rename(os.path.join(store, "d", "sub"), os.path.join(store, "d", "sub.old"))
+os.symlink(secret, os.path.join(store, "d", "sub"))
+print(err(lambda: open(os.path.join(mnt, "d", "sub", "victim")).read()))
+print(err(lambda: open(os.path.join(mnt, "d", "sub", "pwned"), "w").write("p\n")))
+print(err(os.mkdir, os.path.join(mnt, "d", "sub", "pwned-dir")))
+print(err(os.listdir, os.path.join(mnt, "d", "sub")))
+print(err(os.chmod, os.path.join(mnt, "d", "sub"), 0o777))
+"""
+
+
+@contextlib.contextmanager
+def shared_tmp() -> Iterator[Path]:
+    """A temporary directory every user can traverse (pytest's tmp_path is root-only)."""
+    base = Path(tempfile.mkdtemp(prefix="zstfs-ns-", dir="/tmp"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("when", ["listed", "fresh"])
+def test_a_directory_swapped_for_a_symlink_never_leads_outside(
+        mount_factory: MountFactory, when: str) -> None:
+    """`mkdir M/d/sub` (and, for `listed`, a listing of it), then, underneath, `sub` moved
+    aside and replaced by a symlink to a root-only directory holding a 0644 `victim`: through
+    the mount, nobody can neither read `victim` nor create anything beside it. A directory the
+    daemon has used goes on being that directory (now `sub.old`); one it has not used yet is
+    refused (ENOTDIR: no symlink is followed)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root (a root daemon and an unprivileged user) and setpriv")
+    with shared_tmp() as base:
+        store, mnt, secret = base / "store", base / "mnt", base / "secret"
+        (store / "d").mkdir(parents=True)
+        os.chown(store / "d", NOBODY, NOBODY)
+        mnt.mkdir()
+        secret.mkdir(mode=0o700)
+        (secret / "victim").write_text("root only\n")
+        (secret / "victim").chmod(0o644)
+        mount_factory(store, "--allow-other", "--pattern", "*", mountpoint=mnt, flat=False)
+        r = subprocess.run(
+            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+             sys.executable, "-c", textwrap.dedent(ATTACK), str(mnt), str(store), str(secret),
+             when], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        read, create, mkdir, listing, chmod = r.stdout.split()
+        assert read != "ok"
+        if when == "listed":
+            # The daemon goes on with the directory it knew, moved aside, inside the store.
+            assert (create, mkdir, listing, chmod) == ("ok", "ok", "ok", "ok")
+            assert (store / "d" / "sub.old").stat().st_mode & 0o777 == 0o777
+            assert sorted(os.listdir(store / "d" / "sub.old")) == ["pwned", "pwned-dir"]
+        else:
+            assert create != "ok"
+            assert mkdir != "ok"
+            assert listing != "ok"
+            assert chmod != "ok"
+        assert secret.stat().st_mode & 0o777 == 0o700
+        assert sorted(os.listdir(secret)) == ["victim"]
+        assert (secret / "victim").read_text() == "root only\n"
+
+
+@pytest.mark.timeout(60)
+def test_a_directory_renamed_underneath_is_still_the_one_shown(
+        store: Path, tmp_path: Path, mount_factory: MountFactory) -> None:
+    """Once the daemon knows a directory, its files are found in that directory wherever it is
+    moved underneath, and a directory put in its place underneath is not taken for it."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    (store / "a").mkdir()
+    (store / "a" / "f").write_text("first\n")
+    mount_factory(store, "--pattern", "*", mountpoint=mnt, flat=False)
+    assert (mnt / "a" / "f").read_text() == "first\n"
+    os.rename(store / "a", store / "a.moved")
+    (store / "a").mkdir()
+    (store / "a" / "f").write_text("impostor\n")
+    (mnt / "a" / "g").write_text("second\n")  # lands in the directory the mount showed
+    assert (store / "a.moved" / "g").read_text() == "second\n"
+    assert not (store / "a" / "g").exists()
+    assert (mnt / "a" / "f").read_text() == "first\n"
+
+
+@pytest.mark.timeout(120)
+def test_paths_past_path_max_from_the_store_root(store: Path,
+                                                 mount_factory: MountFactory) -> None:
+    """A tree deeper than PATH_MAX, built and used through directory descriptors inside the
+    mount (as pjdfstest does from a directory inside it): every operation works at 6 KiB from
+    the store root, with the default patterns and with every file compressible."""
+    for pattern in ("sessions/**/rollout-*.jsonl", "*"):
+        for p in list(store.iterdir()):
+            if p.is_dir():
+                shutil.rmtree(p)
+        m = mount_factory(store, "--pattern", pattern, flat=False)
+        fds = [os.open(store, os.O_RDONLY | os.O_DIRECTORY)]
+        try:
+            for i in range(24):  # 24 directories of 250 bytes: 6,024 bytes
+                part = f"{i:x}".rjust(250, "p")
+                os.mkdir(part, dir_fd=fds[-1])
+                fds.append(os.open(part, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fds[-1]))
+            deep = fds[-1]
+            fd = os.open("f.jsonl", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640, dir_fd=deep)
+            os.write(fd, b'{"deep": true}\n')
+            os.close(fd)
+            os.chmod("f.jsonl", 0o600, dir_fd=deep)
+            assert os.stat("f.jsonl", dir_fd=deep).st_mode & 0o777 == 0o600
+            os.truncate(f"/proc/self/fd/{deep}/f.jsonl", 8)
+            os.link("f.jsonl", "g.jsonl", src_dir_fd=deep, dst_dir_fd=deep)
+            os.rename("g.jsonl", "h.jsonl", src_dir_fd=deep, dst_dir_fd=deep)
+            os.symlink("f.jsonl", "s", dir_fd=deep)
+            assert os.readlink("s", dir_fd=deep) == "f.jsonl"
+            os.mkfifo("fifo", dir_fd=deep)
+            os.mkdir("sub", dir_fd=deep)
+            assert sorted(os.listdir(deep)) == ["f.jsonl", "fifo", "h.jsonl", "s", "sub"]
+            fd = os.open("h.jsonl", os.O_RDONLY, dir_fd=deep)
+            assert os.read(fd, 100) == b'{"deep":'
+            os.close(fd)
+            for name in ("f.jsonl", "h.jsonl", "s", "fifo"):
+                os.unlink(name, dir_fd=deep)
+            os.rmdir("sub", dir_fd=deep)
+            assert os.listdir(deep) == []
+        finally:
+            for fd in fds:
+                os.close(fd)
+        m.stop()
