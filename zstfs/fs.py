@@ -128,9 +128,24 @@ def _linked(entry: Entry | None) -> bool:
     return entry is not None and not stat.S_ISDIR(entry.st.st_mode) and entry.st.st_nlink > 1
 
 
-def _file_info(fh: int, keep_cache: bool, backing_id: int) -> FileInfo:
+def _kernel_at_least(major: int, minor: int) -> bool:
+    try:
+        release = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return release >= (major, minor)
+
+
+#: Appends are sent to the daemon as direct I/O (FOPEN_DIRECT_IO) where the kernel then drops
+#: the written range from the page cache, so that other openers' cached pages never go stale:
+#: Linux 6.13 (fuse_direct_io invalidates for every FOPEN_DIRECT_IO write; earlier kernels only
+#: with FUSE_DIRECT_IO_ALLOW_MMAP, or not at all).
+DIRECT_APPENDS = _kernel_at_least(6, 13)
+
+
+def _file_info(fh: int, keep_cache: bool, backing_id: int, direct_io: bool = False) -> FileInfo:
     if not backing_id:  # (a stock pyfuse3's FileInfo has no backing_id)
-        return FileInfo(fh=FileHandleT(fh), keep_cache=keep_cache)
+        return FileInfo(fh=FileHandleT(fh), keep_cache=keep_cache, direct_io=direct_io)
     # The kernel takes no open flags but its own beside passthrough (FOPEN_PASSTHROUGH_MASK).
     return FileInfo(fh=FileHandleT(fh), keep_cache=False,  # type: ignore[call-arg]
                     backing_id=backing_id)
@@ -199,6 +214,7 @@ class Operations(pyfuse3.Operations):
     readdir_reply = staticmethod(pyfuse3.readdir_reply)
     invalidate_inode = staticmethod(pyfuse3.invalidate_inode)
     passthrough_open = staticmethod(getattr(pyfuse3, "passthrough_open", lambda fd: 0))
+    direct_appends = DIRECT_APPENDS
     passthrough_close = staticmethod(getattr(pyfuse3, "passthrough_close", lambda bid: None))
 
     def __init__(
@@ -1046,7 +1062,21 @@ class Operations(pyfuse3.Operations):
         keep = self._keep_cache(node, handle)
         backing_id = self._passthrough(node, handle)
         self._add_handle(fh, handle)
-        return _file_info(fh, keep, backing_id)
+        return _file_info(fh, keep, backing_id, self._direct(flags, backing_id))
+
+    def _direct(self, flags: int, backing_id: int) -> bool:
+        """Whether a handle the daemon serves is opened for direct I/O: an appender's
+        (O_APPEND, for writing), where the kernel allows it (DIRECT_APPENDS).
+
+        A buffered write that starts inside a page the kernel has not cached whole (every
+        append that does not start on a page boundary) is cut after that page
+        (`fuse_fill_write_pages`): one `write(2)` reaches the daemon as two WRITEs, and a daemon
+        killed between them leaves the first part of a line in the file. A direct write is sent
+        whole, up to `max_write` per request (128 KiB). The kernel drops the written range from
+        other openers' page cache. Only appenders: a shared writable mapping of a direct-I/O
+        descriptor is refused (ENODEV) unless libfuse negotiates FUSE_DIRECT_IO_ALLOW_MMAP."""
+        return (self.direct_appends and not backing_id and bool(flags & os.O_APPEND)
+                and flags & os.O_ACCMODE != os.O_RDONLY)
 
     def _passthrough(self, node: Node, handle: Handle) -> int:
         """The backing id to open `handle` with in passthrough mode, or 0 for a handle whose
@@ -1243,7 +1273,8 @@ class Operations(pyfuse3.Operations):
         fh = self._new_fh()
         backing_id = self._passthrough(node, handle)
         self._add_handle(fh, handle)
-        return _file_info(fh, True, backing_id), self._attrs(node, st, st.st_size)
+        info = _file_info(fh, True, backing_id, self._direct(flags, backing_id))
+        return info, self._attrs(node, st, st.st_size)
 
     @translate_errors
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
