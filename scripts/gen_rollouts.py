@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Generate realistic Codex CLI rollout files (``rollout-*.jsonl``) for benchmarks.
 
-The data model follows ``codex-rollouts.md`` sections 1-2 (schema, sizes, generator hints):
+The data model is that of the rollouts codex writes (what it does to CODEX_HOME is described in
+tests/codex_harness.py):
 
 * line 1 is ``session_meta`` whose ``base_instructions.text`` (7-25 KB) is byte-identical for
   every session of the same *model*; the developer message and the AGENTS.md /
@@ -67,7 +68,7 @@ SMALL_MAX = 2_000_000
 
 ROLLOUT_RE = re.compile(r"rollout-\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}-[0-9a-f-]{36}\.jsonl")
 
-# (model slug, base_instructions size); sizes are the bundled prompts listed in codex-rollouts.md.
+# (model slug, base_instructions size); sizes are those of the prompts bundled with codex.
 _MODELS: list[tuple[str, int]] = [
     ("gpt-5.2-codex", 7_600),
     ("gpt-5.1", 24_200),

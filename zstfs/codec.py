@@ -1130,23 +1130,6 @@ class Decoders:
                         self._drop_stream_locked(stream)
             self._cond.notify_all()
 
-    def release_idle(self, older_than: float | None = None) -> int:
-        """Drop parked decoders unused for ``older_than`` seconds (default: ``idle_seconds``)."""
-        limit = self.idle_seconds if older_than is None else older_than
-        now = time.monotonic()
-        dropped = 0
-        spill_limit = self.spill_idle if older_than is None else older_than
-        with self._cond:
-            for stream in list(self._idle):
-                if now - stream.last_used >= limit:
-                    self._drop_stream_locked(stream)
-                    dropped += 1
-            for key, spill in list(self._spills.items()):
-                if now - spill.last_used >= spill_limit:
-                    self._drop_spill_locked(key)
-                    dropped += 1
-        return dropped
-
     def _janitor_loop(self) -> None:
         """Drop parked decoders and decoded copies once idle (both kept in least recently used
         order, so only the oldest of each is ever due)."""

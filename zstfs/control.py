@@ -20,7 +20,7 @@ from typing import Any
 
 from zstfs import busy
 from zstfs.names import STATUS_XATTR, NameRules, Patterns
-from zstfs.stats import human_bytes
+from zstfs.stats import SCHEMA, human_bytes
 
 #: The filesystem type of a zstfs mount in /proc/self/mountinfo (FUSE's `subtype=zstfs`).
 FSTYPE = "fuse.zstfs"
@@ -312,7 +312,7 @@ def offline_status(source: str, pattern: Patterns = None) -> dict[str, Any]:
         census = store.census().as_dict()
     finally:
         store.close()
-    return {"schema": 1, "mounted": False, "source": source, **census}
+    return {"schema": SCHEMA, "mounted": False, "source": source, **census}
 
 
 def human_duration(s: float) -> str:

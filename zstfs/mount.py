@@ -29,7 +29,7 @@ from zstfs.names import STATUS_XATTR, NameRules
 from zstfs.openfiles import OpenFiles
 from zstfs.opstats import install as install_opstats
 from zstfs.options import MountOptions
-from zstfs.stats import Stats
+from zstfs.stats import SCHEMA, Stats
 from zstfs.store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ def mount(opts: MountOptions) -> int:
 
     async def status() -> dict[str, Any]:
         snap: dict[str, Any] = {
-            "schema": 1,
+            "schema": SCHEMA,
             "version": __version__,
             "pid": os.getpid(),
             "source": source,

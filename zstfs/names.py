@@ -19,11 +19,9 @@ import os
 import re
 from collections.abc import Iterable
 
-ZST_SUFFIX = ".zst"
 ZST_SUFFIX_B = b".zst"
 RESERVED_PREFIX = b".zstfs"
 LOCK_NAME = ".zstfs.lock"
-LOG_NAME = ".zstfs.log"
 TEMP_PREFIX = ".zstfs-tmp."
 #: Longest name component the backing filesystems take (statfs f_namemax of ext4, xfs, btrfs...).
 NAME_MAX = 255

@@ -178,7 +178,6 @@ class Store:
         self.rules = rules
         self.params = params or codec.CodecParams()
         self.source = source
-        self.proc_root = f"/proc/self/fd/{root_fd}".encode()
         self._lock_fd: int | None = None
         self._sizes: dict[tuple[int, int, int, int], int] = {}
         self._sizes_lock = threading.Lock()
