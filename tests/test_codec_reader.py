@@ -1,4 +1,4 @@
-"""The reader against hostile files (issue 11): a fuzz test against the reference decoder, lying
+"""The reader against hostile files: a fuzz test against the reference decoder, lying
 seek tables, absurd sizes, the decoder budget, resumable streams, and the adoption primitives."""
 
 from __future__ import annotations
@@ -268,7 +268,7 @@ def test_fuzz_zstd_cli_files(tmp_path: Path, fds: list[int], flags: list[str], s
 
 
 # --------------------------------------------------------------------------------------------
-# Lying seek tables (issue 11 item 3), absurd sizes (item 4), empty files (item 5)
+# Lying seek tables, absurd sizes, empty files
 
 
 def test_lying_table_over_unsized_frames_is_eio_not_short(tmp_path: Path, fds: list[int]) -> None:
@@ -323,7 +323,7 @@ def test_empty_file_is_damage(tmp_path: Path, fds: list[int]) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The decoder budget (issue 11 item 1)
+# The decoder budget
 
 
 def repetitive(n: int, period: int) -> bytes:
@@ -432,7 +432,7 @@ def test_work_per_read_is_bounded(tmp_path: Path, fds: list[int]) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Linear sequential reads (issue 11 item 2)
+# Linear sequential reads
 
 
 @pytest.mark.parametrize("size", [True, False])
@@ -513,7 +513,7 @@ def test_random_reads_keep_a_few_positions(tmp_path: Path, fds: list[int]) -> No
 
 
 # --------------------------------------------------------------------------------------------
-# Adoption primitives (issue 11 "adopt foreign .zst files")
+# Adoption primitives
 
 
 def write_fd(tmp_path: Path, fds: list[int], name: str) -> int:
@@ -736,7 +736,7 @@ def test_damaged_empty_frame_is_damage_at_eof(tmp_path: Path, fds: list[int]) ->
 
 
 # --------------------------------------------------------------------------------------------
-# Decoded copies of big frames (issue 11: a single frame decoded once, not to check and again to
+# Decoded copies of big frames (a single frame decoded once, not to check and again to
 # serve)
 
 
@@ -875,7 +875,7 @@ def test_a_copy_being_read_survives_its_eviction(tmp_path: Path, fds: list[int])
 
 
 # --------------------------------------------------------------------------------------------
-# Decoding ahead of sequential readers (issue 13: a cold `grep -r` decodes on the other core)
+# Decoding ahead of sequential readers (a cold `grep -r` decodes on the other core)
 
 
 def test_sequential_reader_gets_the_next_frames_decoded_ahead(tmp_path: Path,

@@ -3,11 +3,11 @@
 Every test gets a CODEX_HOME from the ``home`` fixture, parametrized over ``plain`` (a plain
 directory: what codex does without zstfs) and ``zstfs`` (the same directory with zstfs mounted
 over it, ``--compress-after 0``: a rollout is compressed as soon as codex releases it). The
-tests marked ``ZSTFS_ONLY`` are issue 6: codex on a zstfs mount of CODEX_HOME itself. They look
+tests marked ``ZSTFS_ONLY`` are codex on a zstfs mount of CODEX_HOME itself. They look
 at the backing store through a descriptor of the directory opened before the mount covered it
 (``/proc/self/fd/N/...`` reaches the files under the mount), and at the daemon's status.
 ``test_sessions_only_mount_cannot_archive`` documents why the README says to mount CODEX_HOME
-and not just ``sessions/``. The issue 12 tests run codex as people do: interactive (the TUI in a
+and not just ``sessions/``. The last tests run codex as people do: interactive (the TUI in a
 pseudo-terminal, which writes history.jsonl) and with its background app-server, which the
 mount must refuse to split and the unmount must name (or stop, with ``--stop-codex``).
 
@@ -99,7 +99,7 @@ def codex_home(home: Home) -> Path:
     return home.path
 
 
-#: Tests of zstfs itself (issue 6): only on the mount.
+#: Tests of zstfs itself: only on the mount.
 ZSTFS_ONLY = pytest.mark.parametrize("home", ["zstfs"], indirect=True)
 #: Tests that put files into CODEX_HOME behind codex's back (a `.zst` cannot be created through
 #: the mount), or that mount something else themselves.
@@ -390,7 +390,7 @@ def test_sqlite_wal_concurrent_writers(codex_home: Path) -> None:
 
 
 # ---------------------------------------------------------------------------
-# issue 6: codex on a zstfs mount of CODEX_HOME itself
+# codex on a zstfs mount of CODEX_HOME itself
 
 
 def _rollout_files(root: Path) -> list[str]:
@@ -651,7 +651,7 @@ def test_sessions_only_mount_cannot_archive(
 
 
 # ---------------------------------------------------------------------------
-# issue 12: codex as people run it (interactive, with its background app-server)
+# codex as people run it (interactive, with its background app-server)
 
 
 @pytest.fixture

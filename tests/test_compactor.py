@@ -1,4 +1,4 @@
-"""The background compactor (issue 5), tested against real mounts.
+"""The background compactor, tested against real mounts.
 
 Every test builds its store before mounting and then watches the backing directory from below
 through a descriptor opened before the mount covered it (`Backing`), so it sees the real files

@@ -1,4 +1,4 @@
-"""Hostile and foreign `.zst` files through a real mount (issue 11, items 1-5 and 7).
+"""Hostile and foreign `.zst` files through a real mount.
 
 Each test builds its backing store before mounting (as a user's store would be), mounts it with
 the real CLI and reads through the mount from other processes, the way `cat`, `tail` and codex do.
@@ -107,7 +107,7 @@ def readers_near_end(path: Path, n: int,
 
 
 # --------------------------------------------------------------------------------------------
-# item 1: memory bounded by the decoder budget, whatever the number of readers
+# memory bounded by the decoder budget, whatever the number of readers
 
 
 @needs_zstd
@@ -150,7 +150,7 @@ def test_window_beyond_the_budget_is_eio_with_one_log_line(
 
 
 # --------------------------------------------------------------------------------------------
-# item 2: a big single frame reads linearly
+# a big single frame reads linearly
 
 
 @needs_zstd
@@ -223,7 +223,7 @@ def test_single_frame_is_decoded_once_into_an_unnamed_copy(tmp_path: Path, store
 
 
 # --------------------------------------------------------------------------------------------
-# item 3: a lying seek table is EIO, never short or shifted data
+# a lying seek table is EIO, never short or shifted data
 
 
 def test_lying_seek_table_is_eio(store: Path, mount_factory: MountFactory) -> None:
@@ -249,7 +249,7 @@ def test_lying_seek_table_is_eio(store: Path, mount_factory: MountFactory) -> No
 
 
 # --------------------------------------------------------------------------------------------
-# item 4: absurd content sizes; item 5: empty files, damage counted once, recovery keeps damage
+# absurd content sizes; empty files, damage counted once, recovery keeps damage
 
 
 def test_content_size_beyond_2_63_still_lists(store: Path, mount_factory: MountFactory) -> None:
@@ -297,7 +297,7 @@ def test_recovery_keeps_a_damaged_zst_beside_its_plain_twin(tmp_path: Path) -> N
 
 
 # --------------------------------------------------------------------------------------------
-# item 7: the name limit
+# the name limit
 
 
 def test_name_limit(store: Path, mount_factory: MountFactory) -> None:

@@ -1,4 +1,4 @@
-"""FUSE passthrough (issue 13): the kernel reads, writes and maps files outside the patterns.
+"""FUSE passthrough: the kernel reads, writes and maps files outside the patterns.
 
 Where zstfs's pyfuse3 build, the kernel (6.9+) and CAP_SYS_ADMIN allow it, a file the compactor
 never takes (a database, a config, a working tree) is opened with a backing id, and no READ or

@@ -1,4 +1,4 @@
-"""The edges of a mount's life (issue 10, items 11, 12 and 14), on real mounts with real programs.
+"""The edges of a mount's life, on real mounts with real programs.
 
 - Extended attributes on the mount root are the backing root's own, beside the virtual
   `user.zstfs.status`; `user.zstfs.*` is reserved there.

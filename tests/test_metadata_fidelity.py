@@ -1,4 +1,4 @@
-"""Issue 11 item 6 on a real mount: mode, owner, xattrs and times all survive a swap, or the
+"""On a real mount: mode, owner, xattrs and times all survive a swap, or the
 swap fails and the plain file stays. Here the store's disk has room for the compressed data but
 not for a copy of the file's xattr (a tmpfs charges user xattrs to its inode space)."""
 

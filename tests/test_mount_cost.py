@@ -1,4 +1,4 @@
-"""What the mount does to make everyday tools cheap (issue 13) must not change what they see.
+"""What the mount does to make everyday tools cheap must not change what they see.
 
 Negative lookups are cached by the kernel (an entry with inode 0 and the positive entries'
 timeout): a name created through the mount right after a failed lookup is visible at once, a

@@ -1,4 +1,4 @@
-"""`zstfs compress`, `zstfs verify`, `zstfs expand` on real stores (issue 5).
+"""`zstfs compress`, `zstfs verify`, `zstfs expand` on real stores.
 
 Each command is run as the real CLI in a subprocess on a store built from realistic rollouts,
 and its effect is checked on the files themselves: which ones became `.zst`, that the `zstd`

@@ -1,7 +1,7 @@
-"""Issue 10 as a property: random sequences of FUSE operations, processes holding files outside
-the mount, compactions (also paused at a step while other operations run) and clock jumps over
-the in-process layer (tests/inprocess.py), checked after every step against a plain model of
-the directory tree.
+"""The open-file promise as a property: random sequences of FUSE operations, processes
+holding files outside the mount, compactions (also paused at a step while other operations
+run) and clock jumps over the in-process layer (tests/inprocess.py), checked after every step
+against a plain model of the directory tree.
 
 How it runs. A World (store, file table, operations, compactor) lives in one trio run, and
 hypothesis rules are synchronous: each example starts `trio.run` in a thread of its own (a
@@ -1244,7 +1244,7 @@ async def world(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 # Found by the machine above, kept as plain deterministic tests.
 async def test_extended_attributes_of_the_root(world: World) -> None:
-    """Issue 10, 11: the root's backing path was the magic link `/proc/self/fd/N` itself, and
+    """The root's backing path was the magic link `/proc/self/fd/N` itself, and
     the l*xattr calls act on a link: set gave EPERM, list was empty, get ENODATA."""
     await world.ops.setxattr(ROOT_INODE, b"user.a", b"1", CTX)  # type: ignore[arg-type]
     assert b"user.a" in await world.ops.listxattr(ROOT_INODE, CTX)  # type: ignore[arg-type]

@@ -146,7 +146,7 @@ def test_census_counts_logical_and_stored_bytes(store: Store, tmp_path: Path) ->
 
 def test_a_swap_that_cannot_copy_every_xattr_fails_and_keeps_the_plain_file(
         store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 11 item 6: metadata either all survives a swap or the swap fails (a nearly full
+    """Metadata either all survives a swap or the swap fails (a nearly full
     disk refusing an xattr must not silently drop it)."""
     import errno
 

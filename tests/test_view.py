@@ -1,4 +1,4 @@
-"""The compressed view (issue 4), tested against real mounts.
+"""The compressed view, tested against real mounts.
 
 Every backing store here is built BEFORE mounting, the way a user's store looks: `.zst` files made
 by the `zstd` CLI (with and without a content size, and through a pipe) and by zstfs's own codec

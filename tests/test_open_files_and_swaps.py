@@ -1,4 +1,4 @@
-"""Issue 10's core promise on real mounts: an open file is never swapped out, and a swap never
+"""The core promise on real mounts: an open file is never swapped out, and a swap never
 acts outside the store or on a file it did not compress.
 
 Every test runs real processes against a real `zstfs mount --foreground` (or, for `zstfs
@@ -7,7 +7,7 @@ opened before the mount (`Backing`). Synchronisation is on observable events onl
 counter, a `.zstfs-tmp.*` appearing below, a holder saying "ready"), never on sleeps. Every test
 checks every byte: through the mount, and from the backing files (`zstd -d` for `.zst`).
 
-What is proved, by the scenarios of issue 10:
+What is proved, scenario by scenario:
 
 1. A descriptor opened *before* the mount (a shell holding `exec 3>>file` or `exec 4<file`, and
    a process that only keeps a writable shared mapping) stops the compactor: the kernel refuses

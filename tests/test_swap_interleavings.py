@@ -1,8 +1,9 @@
-"""Issue 10, deterministically: every interleaving of a swap with other operations, one step at a
-time, in one trio run (tests/inprocess.py), against the real backing directory.
+"""The open-file promise, deterministically: every interleaving of a swap with other
+operations, one step at a time, in one trio run (tests/inprocess.py), against the real
+backing directory.
 
-One test per numbered scenario of the issue (the real-mount versions of 1, 2, 3, 5 and 13 are in
-test_open_promise.py). Each checks every byte and what is left on disk.
+One test per numbered scenario (the real-mount versions of 1, 2, 3, 5 and 13 are in
+test_open_files_and_swaps.py). Each checks every byte and what is left on disk.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 12 item 2: a plain file beside a `.zst` that differs from it (a leftover recovery keeps
+"""A plain file beside a `.zst` that differs from it (a leftover recovery keeps
 because it cannot show the plain file holds everything) is reported once and left alone until
 one of the two changes — no retry loop, no climbing `swaps_failed`."""
 
