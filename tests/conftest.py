@@ -82,6 +82,34 @@ def compress_in_place(path: Path) -> None:
     path.unlink()
 
 
+@contextlib.contextmanager
+def tmpfs_store(where: Path, options: str) -> Iterator[Path]:
+    """An empty `store` directory on a tmpfs mounted at `where` with `options` (a filesystem
+    that fills up, or runs out of room for xattrs); the test skips where it cannot mount one
+    (needs root)."""
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"needs root to mount a tmpfs: {r.stderr.strip()}")
+    try:
+        (where / "store").mkdir()  # not itself a mountpoint, so that a mount can cover it
+        yield where / "store"
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@contextlib.contextmanager
+def shared_tmp() -> Iterator[Path]:
+    """A temporary directory every user can traverse (pytest's tmp_path is root-only)."""
+    base = Path(tempfile.mkdtemp(prefix="zstfs-shared-", dir="/tmp"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def is_mounted(path: Path) -> bool:
     real = os.path.realpath(path)
     with open("/proc/self/mountinfo") as f:

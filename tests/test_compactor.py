@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, MountFactory, flat_pattern, wait_until
+from conftest import Mount, MountFactory, flat_pattern, tmpfs_store, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -567,17 +567,8 @@ def test_kill_during_compaction_loses_nothing(store: Path, mount_factory: MountF
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """An 8 MiB tmpfs: a filesystem that fills up during a swap."""
-    d = tmp_path / "small"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(d)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-    try:
-        (d / "store").mkdir()  # the store is not itself a mountpoint, so it can be covered
-        yield d / "store"
-    finally:
-        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+    with tmpfs_store(tmp_path / "small", "size=8m") as store:
+        yield store
 
 
 @pytest.mark.timeout(90)

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import zstandard
-from conftest import compress_in_place
+from conftest import compress_in_place, tmpfs_store
 from inprocess import World, errno_of, jsonl
 from pyfuse3 import FUSEError
 
@@ -29,17 +28,8 @@ MiB = 1 << 20
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 24 MiB tmpfs with an empty `store` directory."""
-    d = tmp_path / "small"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(d)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"needs root to mount a tmpfs: {r.stderr.strip()}")
-    try:
-        (d / "store").mkdir()
-        yield d / "store"
-    finally:
-        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+    with tmpfs_store(tmp_path / "small", "size=24m") as store:
+        yield store
 
 
 @pytest.fixture

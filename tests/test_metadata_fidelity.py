@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, MountFactory, wait_until
+from conftest import Mount, MountFactory, tmpfs_store, wait_until
 
 
 def lines(n: int) -> bytes:
@@ -22,17 +21,8 @@ def lines(n: int) -> bytes:
 @pytest.fixture
 def xattr_tight_fs(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs with room for data but little for extended attributes (`nr_inodes` times 1 KiB)."""
-    d = tmp_path / "tight"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,nr_inodes=200", "tmpfs", str(d)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-    try:
-        (d / "store").mkdir()
-        yield d / "store"
-    finally:
-        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+    with tmpfs_store(tmp_path / "tight", "size=64m,nr_inodes=200") as store:
+        yield store
 
 
 def errors(m: Mount) -> str:

@@ -12,18 +12,15 @@ knows, opened from its parent's by one name, following no symlink. So:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import NOBODY, MountFactory
+from conftest import NOBODY, MountFactory, shared_tmp
 
 ATTACK = r"""
 import errno, os, sys
@@ -45,17 +42,6 @@ print(err(os.mkdir, os.path.join(mnt, "d", "sub", "pwned-dir")))
 print(err(os.listdir, os.path.join(mnt, "d", "sub")))
 print(err(os.chmod, os.path.join(mnt, "d", "sub"), 0o777))
 """
-
-
-@contextlib.contextmanager
-def shared_tmp() -> Iterator[Path]:
-    """A temporary directory every user can traverse (pytest's tmp_path is root-only)."""
-    base = Path(tempfile.mkdtemp(prefix="zstfs-ns-", dir="/tmp"))
-    base.chmod(0o755)
-    try:
-        yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.timeout(60)

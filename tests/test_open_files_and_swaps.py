@@ -41,7 +41,6 @@ What is proved, scenario by scenario:
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -51,13 +50,11 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, MountFactory, is_mounted, lazy_unmount, wait_until
+from conftest import Mount, MountFactory, is_mounted, lazy_unmount, shared_tmp, wait_until
 from test_compactor import (
     TEMP_PREFIX,
     Backing,
@@ -829,17 +826,6 @@ def test_directory_flips_under_the_compactor_lose_nothing(store: Path,
             assert (store / name).read_bytes() == data, name
         m.stop()
         assert b.temps() == []
-
-
-@contextlib.contextmanager
-def shared_tmp() -> Iterator[Path]:
-    """A temporary directory every user can traverse (pytest's tmp_path is root-only)."""
-    base = Path(tempfile.mkdtemp(prefix="zstfs-promise-", dir="/tmp"))
-    base.chmod(0o755)
-    try:
-        yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @needs_zstd
