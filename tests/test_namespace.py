@@ -21,6 +21,9 @@ from pathlib import Path
 
 import pytest
 from conftest import NOBODY, MountFactory, shared_tmp
+from inprocess import World
+
+from zstfs import openfiles
 
 ATTACK = r"""
 import errno, os, sys
@@ -148,3 +151,38 @@ def test_paths_past_path_max_from_the_store_root(store: Path,
             for fd in fds:
                 os.close(fd)
         m.stop()
+
+
+async def test_directory_descriptors_are_bounded(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process: with room for 4 directory descriptors, 40 directories (a chain of 10 and 30
+    side by side) are made, written, read, renamed and removed through the operations; the
+    table never holds many more than 4, and descriptors closed to make room are opened again
+    from their parents by name when needed."""
+    monkeypatch.setattr(openfiles, "DIR_FD_GRACE", 2)
+    root = tmp_path / "store"
+    root.mkdir()
+    w = World(root, pattern="*.jsonl")
+    w.files.table.dir_fds_max = 4
+    try:
+        held = []
+        chain = "/".join(f"c{i}" for i in range(10))
+        for i in range(10):
+            await w.mkdir("/".join(f"c{j}" for j in range(i + 1)))
+        for i in range(30):
+            await w.mkdir(f"d{i}")
+            await w.release(await w.create(f"d{i}/f.jsonl", b"%d\n" % i))
+            held.append(len(w.files.table._dir_fds))
+        await w.release(await w.create(f"{chain}/deep.jsonl", b"deep\n"))
+        for i in range(30):
+            assert await w.content(f"d{i}/f.jsonl") == b"%d\n" % i
+            held.append(len(w.files.table._dir_fds))
+        await w.rename("d0", "c0/d0")
+        assert await w.content("c0/d0/f.jsonl") == b"0\n"
+        assert await w.content(f"{chain}/deep.jsonl") == b"deep\n"
+        await w.unlink(f"{chain}/deep.jsonl")
+        assert max(held) <= 4 + 3  # (at most the grace's worth above the limit)
+        assert (root / "c0" / "d0" / "f.jsonl").read_bytes() == b"0\n"
+        assert not (root / chain / "deep.jsonl").exists()
+    finally:
+        w.close()

@@ -57,6 +57,20 @@ FALLBACK_INODE_BASE = 1 << 62
 ALIAS_LIMIT = 200_000
 
 Key = tuple[int, int]  # (st_dev, st_ino) of the backing file
+#: Directory descriptors used within this many `FileTable.dir_fd` calls are never closed to
+#: make room (see `_close_idle_dir_fds`).
+DIR_FD_GRACE = 256
+
+
+def dir_fds_budget() -> int:
+    """How many directory descriptors the table may hold: half the open-files limit (the mount
+    raises it to the hard limit first), and never fewer than DIR_FD_GRACE."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(DIR_FD_GRACE, soft // 2)
 
 
 def key_of(st: os.stat_result) -> Key:
@@ -153,6 +167,11 @@ class FileTable:
         root = Node(ROOT_INODE, root_st, False)
         root.lookups = 1 << 62  # never forgotten
         root.dir_fd = root_fd  # the store's (closed with the store, never here)
+        #: Directories holding a descriptor (root aside), least recently used first, with the
+        #: tick of their last use; at most `dir_fds_max` of them (see `dir_fd`).
+        self._dir_fds: OrderedDict[Node, int] = OrderedDict()
+        self._tick = 0
+        self.dir_fds_max = dir_fds_budget()
         self.nodes: dict[int, Node] = {ROOT_INODE: root}
         self.by_key: dict[Key, Node] = {key_of(root_st): root}
         self.by_link: dict[tuple[int, bytes], Node] = {}
@@ -210,7 +229,11 @@ class FileTable:
         with O_NOFOLLOW, and kept only if it is the very directory the node stands for; held
         until the node is dropped, so it follows the directory through renames. A directory
         replaced underneath the mount (by another one, or by a symlink) is ENOENT."""
+        self._tick += 1
         if node.dir_fd is not None:
+            if node in self._dir_fds:
+                self._dir_fds[node] = self._tick
+                self._dir_fds.move_to_end(node)
             return node.dir_fd
         chain = []  # from `node` up to the nearest ancestor that has a descriptor
         at: Node | None = node
@@ -232,7 +255,26 @@ class FileTable:
                 os.close(fd)
                 raise FileNotFoundError(errno.ENOENT, "the directory was replaced underneath")
             d.dir_fd = parent_fd = fd
+            self._dir_fds[d] = self._tick
+        self._close_idle_dir_fds()
         return parent_fd
+
+    def _close_idle_dir_fds(self) -> None:
+        """Past `dir_fds_max` descriptors (a `find` over a tree of many directories), close
+        the least recently used ones; they are opened again from their parents, by name, when
+        next needed. Never one used in the last DIR_FD_GRACE calls: a caller may hold the
+        descriptors it was given until its next await, and no request asks for that many."""
+        while len(self._dir_fds) > self.dir_fds_max:
+            oldest, used = next(iter(self._dir_fds.items()))
+            if used > self._tick - DIR_FD_GRACE:
+                return
+            self._forget_dir_fd(oldest)
+
+    def _forget_dir_fd(self, node: Node) -> None:
+        if node.dir_fd is not None and node.ino != ROOT_INODE:
+            os.close(node.dir_fd)
+            node.dir_fd = None
+        self._dir_fds.pop(node, None)
 
     def find(self, parent: int, name: bytes, st: os.stat_result | None) -> Node | None:
         """The node known under (parent, name), if it is still the file `st` describes."""
@@ -333,9 +375,7 @@ class FileTable:
         if node.anon_fd is not None:
             os.close(node.anon_fd)
             node.anon_fd = None
-        if node.dir_fd is not None:
-            os.close(node.dir_fd)
-            node.dir_fd = None
+        self._forget_dir_fd(node)
 
 
 class OpenFiles:
