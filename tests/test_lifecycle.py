@@ -25,28 +25,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import FLAT_PATTERN, Mount, MountFactory, is_mounted, lazy_unmount, wait_until
+from conftest import (
+    FLAT_PATTERN,
+    STATUS_XATTR,
+    Mount,
+    MountFactory,
+    gone,
+    is_mounted,
+    lazy_unmount,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import gen_rollouts  # noqa: E402
-
-STATUS_XATTR = "user.zstfs.status"
-
-
-def status(mountpoint: Path) -> dict | None:
-    try:
-        return json.loads(os.getxattr(mountpoint, STATUS_XATTR))
-    except OSError:
-        return None
-
-
-def gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def errno_of(fn, *args) -> int:  # type: ignore[no-untyped-def]
