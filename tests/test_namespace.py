@@ -20,7 +20,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import NOBODY, MountFactory, shared_tmp
+from conftest import NOBODY, MountFactory, shared_tmp, wait_until
 from inprocess import World
 
 from zstfs import openfiles
@@ -186,3 +186,34 @@ async def test_directory_descriptors_are_bounded(tmp_path: Path,
         assert not (root / chain / "deep.jsonl").exists()
     finally:
         w.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_file_past_path_max_is_compressed_and_read_back(store: Path,
+                                                          mount_factory: MountFactory) -> None:
+    """The compactor reaches a directory the kernel knows through the same descriptors: a cold
+    file 6 KiB deep from the store root is swapped, and reads back byte for byte."""
+    below = [os.open(store, os.O_RDONLY | os.O_DIRECTORY)]  # the backing store itself
+    fds: list[int] = []
+    try:
+        mount_factory(store, "--compress-after", "0")
+        fds.append(os.open(store, os.O_RDONLY | os.O_DIRECTORY))
+        for i in range(24):
+            part = f"{i:x}".rjust(250, "q")
+            os.mkdir(part, dir_fd=fds[-1])
+            fds.append(os.open(part, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fds[-1]))
+            below.append(os.open(part, os.O_RDONLY | os.O_DIRECTORY, dir_fd=below[-1]))
+        data = b"".join(b'{"deep": %d, "text": "the same words"}\n' % i for i in range(3000))
+        fd = os.open("r.jsonl", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=fds[-1])
+        os.write(fd, data)
+        os.close(fd)  # released: the compactor takes it (compress-after 0)
+        wait_until(lambda: sorted(os.listdir(below[-1])) == ["r.jsonl.zst"], 30,
+                   "the deep file compressed")
+        fd = os.open("r.jsonl", os.O_RDONLY, dir_fd=fds[-1])
+        try:
+            assert os.read(fd, len(data) + 1) == data
+        finally:
+            os.close(fd)
+    finally:
+        for fd in fds + below:
+            os.close(fd)

@@ -100,7 +100,7 @@ class Compactor:
         if not self.enabled:
             return
         try:
-            st = self.store.lstat(path)
+            st = (self.store if self.files is None else self.files).lstat(path)
         except OSError:
             return
         # A reader closing a file that just failed (ENOSPC, EIO) must not cut its backoff short.

@@ -19,6 +19,7 @@ FUSE requests.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import functools
@@ -221,6 +222,17 @@ class FileTable:
 
     def get(self, ino: int) -> Node | None:
         return self.nodes.get(ino)
+
+    def node_at(self, path: bytes) -> Node | None:
+        """The node a path from the store root names, if the table knows every component."""
+        node: Node | None = self.nodes[ROOT_INODE]
+        for part in path.split(b"/"):
+            if part in (b"", b"."):
+                continue
+            if node is None:
+                return None
+            node = self.by_link.get((node.ino, part))
+        return node
 
     def dir_fd(self, node: Node) -> int:
         """A descriptor of directory `node`, which names in it are resolved relative to (one
@@ -495,12 +507,36 @@ class OpenFiles:
         node.generation += 1
 
     # ------------------------------------------------------------------ compaction
+    def open_dir(self, path: bytes) -> int:
+        """A descriptor of directory `path` (from the store root) that the caller owns: from
+        the table's descriptor of that directory where the kernel knows it (the mechanism every
+        request uses: no PATH_MAX, no symlink), else resolved beneath the root with no symlink
+        followed (`Store.open_dir`)."""
+        node = self.table.node_at(path)
+        if node is not None and node.is_dir:
+            try:
+                return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                               dir_fd=self.table.dir_fd(node))
+            except FileNotFoundError:
+                pass  # replaced underneath: resolve the path as it is now
+        return self.store.open_dir(path)
+
+    def lstat(self, path: bytes) -> os.stat_result:
+        """`lstat` of `path` from the store root, through the table's descriptor of its
+        directory where the kernel knows it (any depth), else resolved from the root."""
+        parent, name = split(path)
+        node = self.table.node_at(parent)
+        if node is not None and node.is_dir:
+            with contextlib.suppress(FileNotFoundError):
+                return os.stat(name, dir_fd=self.table.dir_fd(node), follow_symlinks=False)
+        return self.store.lstat(path)
+
     def identity_of(self, path: bytes) -> tuple[int, ...] | None:
         """What a decision to leave `path` alone depended on: the plain file's and (if any)
         its `.zst`'s inode, size and mtime. None if the plain file is gone."""
         parent, name = split(path)
         try:
-            dir_fd = self.store.open_dir(parent)
+            dir_fd = self.open_dir(parent)
         except OSError:
             return None
         try:
@@ -534,7 +570,7 @@ class OpenFiles:
         file's lock, metadata kept), for random access and a better ratio."""
         parent, name = split(path)
         try:
-            dir_fd = self.store.open_dir(parent)
+            dir_fd = self.open_dir(parent)
         except OSError:
             return Outcome.GONE  # gone, or a symlink now: never followed
         swap: Swap | None = None
