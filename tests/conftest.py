@@ -372,6 +372,20 @@ def why_user_cannot_mount() -> str | None:
     return None
 
 
+def as_nobody_in(user_dir: Path, detached: list[Path]) -> tuple[dict[str, str], Path]:
+    """For a test of user nobody's own mount of `user_dir` (skipped where nobody cannot
+    mount): the environment nobody runs `zstfs` with, and a log file nobody may write."""
+    why = why_user_cannot_mount()
+    if why is not None:
+        pytest.skip(why)
+    detached.append(user_dir)
+    env = {"HOME": str(user_dir), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    log = user_dir.parent / "user.log"
+    log.touch()
+    os.chown(log, NOBODY, NOBODY)
+    return env, log
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     reason = fuse_available()
     if reason is None:

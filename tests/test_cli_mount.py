@@ -19,12 +19,12 @@ import pytest
 from conftest import (
     NOBODY,
     Mount,
+    as_nobody_in,
     gone,
     is_mounted,
     one_line,
     status,
     wait_until,
-    why_user_cannot_mount,
     zstfs,
 )
 
@@ -304,14 +304,7 @@ def test_fstab_form_mounts_with_options(src: Path, tmp_path: Path,
 @pytest.mark.timeout(90)
 def test_ordinary_user_mounts_reads_writes_and_unmounts_their_own_dir(
         stock_permissions: None, user_dir: Path, detached: list[Path]) -> None:
-    why = why_user_cannot_mount()
-    if why is not None:
-        pytest.skip(why)
-    detached.append(user_dir)
-    env = {"HOME": str(user_dir), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    log = user_dir.parent / "user.log"
-    log.touch()
-    os.chown(log, NOBODY, NOBODY)
+    env, log = as_nobody_in(user_dir, detached)
     r = zstfs("mount", user_dir, "--log", log, user=NOBODY, env=env)
     assert r.returncode == 0, r.stderr
     info = status(user_dir)

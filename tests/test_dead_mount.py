@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 from conftest import (
     NOBODY,
+    as_nobody_in,
     gone,
     is_mounted,
     one_line,
     status,
     wait_until,
-    why_user_cannot_mount,
     zstfs,
 )
 
@@ -166,14 +166,7 @@ def test_ordinary_user_clears_their_dead_mount_with_umount_and_with_mount(
         stock_permissions: None, user_dir: Path, detached: list[Path]) -> None:
     """User nobody's own mount, killed: status, umount and mount run as nobody (fusermount3
     clears only the user's own mounts), and the store reads back through the new mount."""
-    why = why_user_cannot_mount()
-    if why is not None:
-        pytest.skip(why)
-    detached.append(user_dir)
-    env = {"HOME": str(user_dir), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    log = user_dir.parent / "user.log"
-    log.touch()
-    os.chown(log, NOBODY, NOBODY)
+    env, log = as_nobody_in(user_dir, detached)
 
     def mount() -> subprocess.CompletedProcess[str]:
         return zstfs("mount", user_dir, "--log", log, user=NOBODY, env=env)
