@@ -629,7 +629,8 @@ def bench_promotion(res: Results, cfg: Config, work: Path) -> None:
         shutil.rmtree(master_dir, ignore_errors=True)
         master_dir.mkdir(parents=True)
         gen_rollouts.generate_rollout(master_dir / "promo.jsonl", size, seed=cfg.seed + 1)
-        r = subprocess.run([*ZSTFS, "compress", str(master_dir), "--no-progress"],
+        r = subprocess.run([*ZSTFS, "compress", str(master_dir), "--no-progress",
+                            "--pattern", "*.jsonl"],
                            capture_output=True, text=True)
         if r.returncode != 0 or not master.exists():
             raise RuntimeError(f"zstfs compress {master_dir}: {r.stderr}")
@@ -644,7 +645,7 @@ def bench_promotion(res: Results, cfg: Config, work: Path) -> None:
     line = b'{"timestamp":"2026-07-07T00:00:00.000Z","type":"event_msg","payload":{}}\n'
     print(f"promotion: first append to a {size / MB:.0f} MB compressed file", flush=True)
     tm, tz, tzs = [], [], []
-    with mounted(res, "promotion", store, mnt) as d:
+    with mounted(res, "promotion", store, mnt, "--pattern", "*.jsonl") as d:
         for k in range(cfg.reps):
             path = mnt / f"p{k}.jsonl"
             logical = path.stat().st_size
