@@ -21,7 +21,8 @@ import heapq
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -50,6 +51,36 @@ def _moved_along(path: bytes, moves: list[tuple[bytes, bytes]]) -> bytes:
     return path
 
 
+@dataclass
+class _File:
+    """What the compactor knows of one path: its place in the queue, its failures and busy
+    streak, the identity it last left alone, and, while a job works on it, where a rename
+    through the mount took it."""
+
+    due: float | None = None  # queued: eligible from then on
+    failures: int = 0  # failed jobs in a row
+    retry_at: float = 0.0  # a failed file waits out its backoff until then
+    busy: int = 0  # times found open elsewhere in a row
+    skipped: tuple[int, ...] | None = None  # identity left plain or left alone
+    in_flight: bool = False
+    #: Renamed (or its directory was) through the mount while in flight: where it is now. The
+    #: job, which does not finish its file, requeues it there (its own path may lead nowhere).
+    moved_to: bytes | None = None
+
+    def idle(self) -> bool:
+        """Nothing worth keeping."""
+        return self == _File()
+
+    def history(self) -> _File:
+        """What follows the file when it is renamed (not the job working on its old path)."""
+        return _File(due=self.due, failures=self.failures, retry_at=self.retry_at,
+                     busy=self.busy, skipped=self.skipped)
+
+
+def _under(path: bytes, old: bytes) -> bool:
+    return path == old or path.startswith(old + b"/")
+
+
 class Compactor:
     def __init__(
         self,
@@ -66,16 +97,10 @@ class Compactor:
         self.jobs = max(1, jobs)
         self.clock = clock
         self.limiter = trio.CapacityLimiter(self.jobs)
+        #: Ordered by due time; an entry whose path is no longer due then is stale.
         self._heap: list[tuple[float, bytes]] = []
-        self._due: dict[bytes, float] = {}
-        self._failures: dict[bytes, int] = {}
-        self._retry_at: dict[bytes, float] = {}  # a failed file waits out its backoff
-        self._busy: dict[bytes, int] = {}  # path -> times found open elsewhere in a row
-        self._skipped: dict[bytes, tuple[int, ...]] = {}  # path -> identity left alone
-        self._in_flight: set[bytes] = set()
-        #: In-flight paths renamed through the mount meanwhile: where each file is now. A job
-        #: that does not finish its file requeues it there (its own path may lead nowhere now).
-        self._moved_in_flight: dict[bytes, bytes] = {}
+        self._files: dict[bytes, _File] = {}
+        self._in_flight = 0
         self._wake = trio.Event()
         self._stopping = False
         self._paused = False
@@ -104,8 +129,9 @@ class Compactor:
         except OSError:
             return
         # A reader closing a file that just failed (ENOSPC, EIO) must not cut its backoff short.
-        due = max(st.st_mtime + (self.compress_after or 0.0), self._retry_at.get(path, 0.0))
-        self._busy.pop(path, None)
+        f = self._file(path)
+        due = max(st.st_mtime + (self.compress_after or 0.0), f.retry_at)
+        f.busy = 0
         self._schedule(path, due)
 
     def left_alone(self, paths: tuple[bytes, ...]) -> None:
@@ -115,7 +141,7 @@ class Compactor:
         for path in paths:
             ident = self.files.identity_of(path)
             if ident is not None:
-                self._skipped[path] = ident
+                self._file(path).skipped = ident
                 self.stats.pairs_skipped += 1
 
     def wake(self) -> None:
@@ -130,28 +156,53 @@ class Compactor:
             return
         if self._scan_moves is not None:
             self._scan_moves.append((old, new))
-        prefix = old + b"/"
-        if old + b".zst" in self._due:  # a renamed file whose .zst waits to be adopted
-            self._schedule(new + b".zst", self._due.pop(old + b".zst"))
-        for path in [p for p in self._due if p == old or p.startswith(prefix)]:
-            due = self._due.pop(path)
-            self._schedule(new + path[len(old):], due)
-        for path, now in list(self._moved_in_flight.items()):
-            if now == old or now.startswith(prefix):
-                self._moved_in_flight[path] = new + now[len(old):]
-        for path in self._in_flight:
-            if path not in self._moved_in_flight and (path == old or path.startswith(prefix)):
-                self._moved_in_flight[path] = new + path[len(old):]
-        tables: tuple[dict[bytes, Any], ...] = (self._failures, self._retry_at, self._busy,
-                                                self._skipped)
-        for table in tables:
-            for path in [p for p in table if p == old or p.startswith(prefix)]:
-                table[new + path[len(old):]] = table.pop(path)
+        zst = self._files.get(old + b".zst")
+        if zst is not None and zst.due is not None:  # a renamed file whose .zst waits to be adopted
+            due, zst.due = zst.due, None
+            self._tidy(old + b".zst")
+            self._schedule(new + b".zst", due)
+        for f in self._files.values():
+            if f.moved_to is not None and _under(f.moved_to, old):
+                f.moved_to = new + f.moved_to[len(old):]
+        for path in [p for p in self._files if _under(p, old)]:
+            f = self._files.pop(path)
+            to = new + path[len(old):]
+            if f.in_flight:  # the job keeps its path; the rest follows the file
+                if f.moved_to is None:
+                    f.moved_to = to
+                self._files[path] = _File(in_flight=True, moved_to=f.moved_to)
+                f = f.history()
+            due, f.due = f.due, None
+            there = self._files.get(to)
+            if there is not None and there.in_flight:  # a job on the path it replaced
+                f.in_flight, f.moved_to = True, there.moved_to
+            if not f.idle():
+                self._files[to] = f
+            elif there is not None:
+                del self._files[to]
+            if due is not None:
+                self._schedule(to, due)
+
+    def _file(self, path: bytes) -> _File:
+        f = self._files.get(path)
+        if f is None:
+            f = self._files[path] = _File()
+        return f
+
+    def _tidy(self, path: bytes) -> None:
+        """Drop the record of `path` if it holds nothing."""
+        f = self._files.get(path)
+        if f is not None and f.idle():
+            del self._files[path]
+
+    def _due_times(self) -> Iterator[float]:
+        return (f.due for f in self._files.values() if f.due is not None)
 
     def _schedule(self, path: bytes, due: float) -> None:
-        if self._due.get(path) == due:
+        f = self._file(path)
+        if f.due == due:
             return
-        self._due[path] = due
+        f.due = due
         heapq.heappush(self._heap, (due, path))
         self._wake.set()
 
@@ -170,7 +221,7 @@ class Compactor:
                 if not self._paused:
                     self._start_due(nursery)
                 delay = self._heap[0][0] - self.clock() if self._heap else float("inf")
-                if len(self._in_flight) >= self.jobs or self._paused:
+                if self._in_flight >= self.jobs or self._paused:
                     delay = float("inf")  # a finishing job, or resume(), wakes us
                 with trio.move_on_after(max(delay, 0.01)):
                     await self._wake.wait()
@@ -178,12 +229,14 @@ class Compactor:
 
     def _start_due(self, nursery: trio.Nursery) -> None:
         now = self.clock()
-        while self._heap and self._heap[0][0] <= now and len(self._in_flight) < self.jobs:
+        while self._heap and self._heap[0][0] <= now and self._in_flight < self.jobs:
             due, path = heapq.heappop(self._heap)
-            if self._due.get(path) != due or path in self._in_flight:
+            f = self._files.get(path)
+            if f is None or f.due != due or f.in_flight:
                 continue  # superseded by a later schedule, or requeued when its job ends
-            del self._due[path]
-            self._in_flight.add(path)
+            f.due = None
+            f.in_flight = True
+            self._in_flight += 1
             nursery.start_soon(self._job, path)
 
     async def pause(self) -> None:
@@ -251,14 +304,17 @@ class Compactor:
                 log.exception("compaction of %s failed", os.fsdecode(path))
             self._failed(path, e)
         finally:
-            self._in_flight.discard(path)
-            moved_to = self._moved_in_flight.pop(path, None)
+            f = self._file(path)
+            f.in_flight = False
+            self._in_flight -= 1
+            moved_to, f.moved_to = f.moved_to, None
+            if f.due is not None:  # notified again while it was being compressed
+                heapq.heappush(self._heap, (f.due, path))
+            self._tidy(path)
             if moved_to is not None and not self._stopping:
                 # Renamed (or its directory was) while in flight: if it is still plain there,
                 # it is queued under its new path (nothing happens if it was compressed).
                 self.notify(moved_to)
-            if path in self._due:  # notified again while it was being compressed
-                heapq.heappush(self._heap, (self._due[path], path))
             self._wake.set()
             if not self._in_flight:
                 self._idle.set()
@@ -267,7 +323,7 @@ class Compactor:
         assert self.files is not None
         assert self.compress_after is not None
         now = self.clock()
-        skipped = self._skipped.get(path)
+        skipped = self._file(path).skipped
         if skipped is not None and skipped == self.files.identity_of(path):
             return  # left plain or left alone before, and nothing changed since
         parent, name = split(path)
@@ -286,14 +342,14 @@ class Compactor:
                 self.notify(path)  # given up for a pause, not for an open: queued again
         elif outcome is Outcome.BUSY:
             self.stats.swaps_busy += 1
-            n = self._busy.get(path, 0) + 1
-            self._busy[path] = n
+            f = self._file(path)
+            f.busy += 1
             if not self._stopping:
-                self._schedule(path, now + min(MAX_BUSY_RETRY, BUSY_RETRY * 2 ** (n - 1)))
+                self._schedule(path, now + min(MAX_BUSY_RETRY, BUSY_RETRY * 2 ** (f.busy - 1)))
         elif outcome in (Outcome.SMALL, Outcome.PAIR, Outcome.KEEP):
             ident = self.files.identity_of(path)
             if ident is not None:
-                self._skipped[path] = ident
+                self._file(path).skipped = ident
             if outcome is Outcome.PAIR:
                 self.stats.pairs_skipped += 1
                 self.stats.error(os.fsdecode(path), "both plain and .zst exist and differ; "
@@ -305,23 +361,24 @@ class Compactor:
                 log.debug("%s: left plain, compression saves too little", os.fsdecode(path))
 
     def _forget(self, path: bytes) -> None:
-        self._failures.pop(path, None)
-        self._retry_at.pop(path, None)
-        self._busy.pop(path, None)
-        self._skipped.pop(path, None)
+        """Compressed: its history goes (a job still working on the path keeps its record)."""
+        f = self._files.get(path)
+        if f is not None:
+            f.failures, f.retry_at, f.busy, f.skipped = 0, 0.0, 0, None
+            self._tidy(path)
 
     def _failed(self, path: bytes, e: BaseException) -> None:
         self.stats.swaps_failed += 1
-        n = self._failures.get(path, 0) + 1
-        self._failures[path] = n
-        delay = min(MAX_BACKOFF, 10.0 * 2 ** (n - 1))
+        f = self._file(path)
+        f.failures += 1
+        delay = min(MAX_BACKOFF, 10.0 * 2 ** (f.failures - 1))
         what = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             what = "no space left on device"
         self.stats.error(os.fsdecode(path), f"compression failed ({what}); retry in {delay:.0f}s")
-        self._retry_at[path] = self.clock() + delay
+        f.retry_at = self.clock() + delay
         if not self._stopping:
-            self._schedule(path, self._retry_at[path])
+            self._schedule(path, f.retry_at)
 
     # ------------------------------------------------------------------ status
     async def status(self) -> dict[str, Any]:
@@ -330,16 +387,16 @@ class Compactor:
         census = await self._census.get(self.store.census, (self.stats.swaps_done,
                                                             self.stats.promotions))
         now = self.clock()
-        next_due = min(self._due.values(), default=None)
+        next_due = min(self._due_times(), default=None)
         return {
             **census.as_dict(),
             "census_age": round(self._census.age(), 3),
             "compress_after": self.compress_after,
             "scan_done": self._scanned,
-            "waiting_files": len(self._due),
-            "eligible_now": sum(1 for d in self._due.values() if d <= now),
+            "waiting_files": sum(1 for _ in self._due_times()),
+            "eligible_now": sum(1 for d in self._due_times() if d <= now),
             "next_eligible_in": None if next_due is None else max(0.0, next_due - now),
-            "in_flight": len(self._in_flight),
+            "in_flight": self._in_flight,
         }
 
 
