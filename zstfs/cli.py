@@ -207,9 +207,9 @@ def _run(args: argparse.Namespace) -> int:
         return control.umount(args.mountpoint, lazy=args.lazy, timeout=args.timeout,
                               stop_codex=args.stop_codex)
     if args.command == "status":
-        from zstfs import control
+        from zstfs import status
 
-        return control.status(args.path, as_json=args.json, pattern=args.pattern)
+        return status.command(args.path, as_json=args.json, pattern=args.pattern)
     from zstfs import offline
 
     progress = sys.stderr.isatty() if args.progress is None else args.progress

@@ -19,8 +19,7 @@ import time
 from typing import Any
 
 from zstfs import busy
-from zstfs.names import STATUS_XATTR, NameRules, Patterns
-from zstfs.stats import SCHEMA, human_bytes
+from zstfs.names import STATUS_XATTR
 
 #: The filesystem type of a zstfs mount in /proc/self/mountinfo (FUSE's `subtype=zstfs`).
 FSTYPE = "fuse.zstfs"
@@ -273,84 +272,3 @@ def _running(pid: int) -> bool:
         except OSError:
             continue
     return False
-
-
-# ---------------------------------------------------------------------- status
-def status(path: str, *, as_json: bool, pattern: Patterns = None) -> int:
-    path = os.path.abspath(os.path.expanduser(path))
-    info = read_status(path)
-    if info is None:
-        dead = dead_mount(path)
-        if dead is not None:
-            print(f"zstfs: {dead_message(path, dead)}", file=sys.stderr)
-            return 1
-        if not os.path.isdir(path):
-            print(f"zstfs: {path}: no such directory", file=sys.stderr)
-            return 1
-        from zstfs.store import StoreError
-
-        try:
-            info = offline_status(path, pattern)
-        except StoreError as e:
-            print(f"zstfs: {e}", file=sys.stderr)
-            return 1
-        except OSError as e:
-            print(f"zstfs: {path}: {e.strerror or e}", file=sys.stderr)
-            return 1
-    if as_json:
-        print(json.dumps(info, indent=2, sort_keys=True))
-    else:
-        print(render(info))
-    return 0
-
-
-def offline_status(source: str, pattern: Patterns = None) -> dict[str, Any]:
-    from zstfs.store import Store
-
-    store = Store.open(source, NameRules(pattern))
-    try:
-        census = store.census().as_dict()
-    finally:
-        store.close()
-    return {"schema": SCHEMA, "mounted": False, "source": source, **census}
-
-
-def human_duration(s: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s >= size:
-            return f"{s / size:.1f}{unit}"
-    return f"{s:.0f}s"
-
-
-def render(info: dict[str, Any]) -> str:
-    mounted = "pid" in info
-    lines = [
-        f"store:       {info.get('source')}"
-        + (f"  (mounted on {info['mountpoint']}, pid {info['pid']})" if mounted else
-           "  (not mounted)"),
-        f"files:       {info['plain_files']} plain, {info['compressed_files']} compressed"
-        + (f", {info['damaged_files']} damaged" if info.get("damaged_files") else ""),
-        f"logical:     {human_bytes(info['logical_bytes'])}",
-        f"stored:      {human_bytes(info['stored_bytes'])}  "
-        f"(ratio {info['ratio']:.2f}x, saved {human_bytes(info['saved_bytes'])})",
-    ]
-    if mounted:
-        after = info.get("compress_after")
-        policy = "off" if after is None else f"after {human_duration(after)}"
-        nxt = info.get("next_eligible_in")
-        queue = f"{info['waiting_files']} waiting"
-        if info.get("eligible_now"):
-            queue += f", {info['eligible_now']} eligible now"
-        if nxt is not None:
-            queue += f", next in {human_duration(nxt)}"
-        lines += [
-            f"compaction:  {policy}; {queue}; {info['in_flight']} in progress",
-            f"swaps:       {info['swaps_done']} done, {info['swaps_abandoned']} abandoned, "
-            f"{info['swaps_failed']} failed; {info['promotions']} promotions",
-        ]
-        for warning in info.get("warnings", []):
-            lines.append(f"warning:     {warning}")
-        for err in info.get("last_errors", [])[-5:]:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(err["time"]))
-            lines.append(f"error:       {when} {err['path']}: {err['error']}")
-    return "\n".join(lines)

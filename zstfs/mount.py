@@ -15,13 +15,11 @@ import resource
 import shutil
 import signal
 import subprocess
-import time
-from typing import Any
 
 import pyfuse3
 import trio
 
-from zstfs import __version__, busy, codec, control, daemon
+from zstfs import busy, codec, control, daemon
 from zstfs.compactor import Compactor
 from zstfs.fs import Operations
 from zstfs.log import below_mount, default_log_file, setup_logging
@@ -29,7 +27,8 @@ from zstfs.names import STATUS_XATTR, NameRules
 from zstfs.openfiles import OpenFiles
 from zstfs.opstats import install as install_opstats
 from zstfs.options import MountOptions
-from zstfs.stats import SCHEMA, Stats
+from zstfs.stats import Stats
+from zstfs.status import MountStatus
 from zstfs.store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -168,42 +167,9 @@ def mount(opts: MountOptions) -> int:
     ops = Operations(files, on_idle=compactor.notify, on_moved=compactor.moved)
     compactor.attach(files)
     compactor.left_alone(recovery.kept_pairs)
-    started = time.time()
-    source, mountpoint = os.path.abspath(opts.source), os.path.abspath(opts.mountpoint)
-
-    async def status() -> dict[str, Any]:
-        snap: dict[str, Any] = {
-            "schema": SCHEMA,
-            "version": __version__,
-            "pid": os.getpid(),
-            "source": source,
-            "mountpoint": mountpoint,
-            "started": started,
-            "pattern": rules.pattern,
-            "patterns": list(rules.patterns),
-            "warnings": warnings,
-            "compress_after": opts.compress_after,
-            "level": opts.level,
-            "jobs": opts.jobs,
-            "open_files": sum(1 for n in ops.table if n.opens > 0),
-            "open_file_accounting": store.accounting.mode,
-            "pyfuse3_patches": list(getattr(pyfuse3, "ZSTFS_PATCHES", ())),
-            "passthrough": ops.enable_passthrough,
-            "known_inodes": len(ops.table.nodes),
-            "recovery": {"temps_removed": recovery.temps_removed,
-                         "leftovers_removed": recovery.leftovers_removed,
-                         "leftovers_kept": recovery.leftovers_kept},
-        }
-        copies, copied = codec.default_decoders().spill_stats()
-        snap["decoded_copies"] = {"files": copies, "bytes": copied}
-        snap.update(stats.counters())
-        if opstats is not None:
-            snap["requests"] = opstats.snapshot()
-        snap.update(await compactor.status())
-        return snap
-
-    ops.status_provider = status
     opstats = install_opstats(ops)  # ZSTFS_OPSTATS=1: count and time every request
+    ops.status_provider = MountStatus(opts, store, stats, ops, compactor, recovery, warnings,
+                                      tuple(getattr(pyfuse3, "ZSTFS_PATCHES", ())), opstats)
     real_mountpoint = os.path.realpath(opts.mountpoint)
     try:
         pyfuse3.init(ops, opts.mountpoint, fuse_options(opts))

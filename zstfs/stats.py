@@ -1,7 +1,5 @@
-"""Counters of a running mount and the status snapshot shared by the daemon and `zstfs status`.
-
-The snapshot is a JSON object with stable keys (`schema` is bumped on incompatible changes).
-"""
+"""Counters of a running mount (reported by `zstfs status`: see `zstfs.status`), and the census of a
+store."""
 
 from __future__ import annotations
 
@@ -10,8 +8,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
-
-SCHEMA = 1
 
 log = logging.getLogger(__name__)
 
