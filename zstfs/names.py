@@ -23,6 +23,8 @@ ZST_SUFFIX_B = b".zst"
 RESERVED_PREFIX = b".zstfs"
 LOCK_NAME = ".zstfs.lock"
 TEMP_PREFIX = ".zstfs-tmp."
+#: A file set aside rather than removed (never touched by recovery; counted in status).
+KEPT_PREFIX = b".zstfs-kept."
 #: Longest name component the backing filesystems take (statfs f_namemax of ext4, xfs, btrfs...).
 NAME_MAX = 255
 #: Codex's rollouts, exactly what its own compressor matches (`rollout-*.jsonl` anywhere under
@@ -148,6 +150,12 @@ def zst_name(name: bytes) -> bytes:
 def temp_name(name: bytes) -> bytes:
     """A unique temp name beside `name`, recognisable by recovery (`.zstfs-tmp.` prefix)."""
     return TEMP_PREFIX.encode() + os.urandom(6).hex().encode() + b"." + name[-100:]
+
+
+def kept_name(name: bytes) -> bytes:
+    """A unique name beside `name` to set a file aside under (`.zstfs-kept.` prefix): hidden,
+    and never removed by recovery."""
+    return KEPT_PREFIX + os.urandom(6).hex().encode() + b"." + name[-100:]
 
 
 def is_temp(name: bytes) -> bool:

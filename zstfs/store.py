@@ -28,11 +28,13 @@ from typing import Final, TypeVar
 
 from zstfs import codec, leases
 from zstfs.names import (
+    KEPT_PREFIX,
     LOCK_NAME,
     ZST_SUFFIX_B,
     NameRules,
     is_reserved,
     is_temp,
+    kept_name,
     temp_name,
     zst_name,
 )
@@ -67,8 +69,6 @@ _openat2_missing = False
 #: intact lease: an opener that resolved the name just before the unlink reaches the lease
 #: check within the same system call, microseconds later unless it is descheduled in between.
 LEASE_GRACE = 0.01
-#: A plain file that had to be set aside (never removed by recovery; reported).
-KEPT_PREFIX: Final = b".zstfs-kept."
 
 
 #: Frames decoded at once when a big file is promoted (the writer waits for it).
@@ -433,7 +433,7 @@ class Store:
     def set_aside(self, parent: bytes, name: bytes, *, dir_fd: int | None = None) -> bytes | None:
         """Rename `parent/name` (`name` in `dir_fd`, if given), if it exists, to a hidden name
         that nothing removes (a kept leftover whose plain sibling went); returns the new name."""
-        kept = KEPT_PREFIX + os.urandom(6).hex().encode() + b"." + name[-100:]
+        kept = kept_name(name)
         if dir_fd is None:
             at, old, new = self.root_fd, join(parent, name), join(parent, kept)
         else:
@@ -831,7 +831,7 @@ class Store:
         if done or kst.st_nlink > 1:
             os.unlink(keep, dir_fd=swap.dir_fd)
             return
-        kept = KEPT_PREFIX + os.urandom(6).hex().encode() + b"." + swap.name[-100:]
+        kept = kept_name(swap.name)
         rename_at(swap.dir_fd, keep, swap.dir_fd, kept, RENAME_NOREPLACE)
         log.error("%s: its swap failed half way; the plain file is kept as %s",
                   os.fsdecode(swap.path), os.fsdecode(kept))
@@ -843,7 +843,7 @@ class Store:
             rename_at(swap.dir_fd, keep, swap.dir_fd, swap.name, RENAME_NOREPLACE)
         except FileExistsError:
             # A new file took the name in between: keep the old one where recovery keeps it.
-            kept = KEPT_PREFIX + os.urandom(6).hex().encode() + b"." + swap.name[-100:]
+            kept = kept_name(swap.name)
             rename_at(swap.dir_fd, keep, swap.dir_fd, kept, RENAME_NOREPLACE)
             log.error("%s: opened during its swap while a new file took its name; the old "
                       "file is kept as %s", os.fsdecode(swap.path), os.fsdecode(kept))
