@@ -26,6 +26,7 @@ from zstfs.names import NameRules
 from zstfs.openfiles import ROOT_INODE, OpenFiles, Outcome
 from zstfs.stats import Stats
 from zstfs.store import Store
+from zstfs.swap import Adopt, Compress
 
 CTX = pyfuse3.RequestContext()
 O_APPEND_W = os.O_WRONLY | os.O_APPEND
@@ -209,14 +210,14 @@ class World:
     # ------------------------------------------------------------------ compaction
     async def compact(self, path: str) -> Outcome:
         return await self.files.compact(
-            path.encode(), limiter=self.limiter,
-            not_before=self.clock() - self.compress_after, min_saving=MIN_SAVING)
+            path.encode(), Compress(MIN_SAVING), limiter=self.limiter,
+            not_before=self.clock() - self.compress_after)
 
     async def adopt(self, path: str) -> Outcome:
         """Re-encode the foreign `path` (a backing `NAME.zst`) as the compactor would."""
         return await self.files.compact(
-            path.encode(), limiter=self.limiter,
-            not_before=self.clock() - self.compress_after, min_saving=MIN_SAVING, adopt=True)
+            path.encode(), Adopt(), limiter=self.limiter,
+            not_before=self.clock() - self.compress_after)
 
     def below(self, path: str = "") -> list[str]:
         """The backing directory's names (what is really on disk), lock file left out."""

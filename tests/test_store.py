@@ -12,6 +12,7 @@ import pytest
 from zstfs import codec
 from zstfs.names import NameRules
 from zstfs.store import Store, StoreLocked
+from zstfs.swap import Compress, swap_now
 
 
 @pytest.fixture
@@ -83,7 +84,7 @@ def test_swap_then_promote_round_trip_keeps_metadata(store: Store, tmp_path: Pat
     os.chmod(f, 0o600)
     os.utime(f, ns=(1_600_000_000_123_456_789, 1_500_000_000_987_654_321))
     os.setxattr(f, "user.note", b"kept")
-    swap = store.swap(b"r.jsonl")
+    swap = swap_now(store, Compress(), b"r.jsonl")
     assert swap is not None
     assert swap.logical == len(data)
     assert not f.exists()
@@ -106,7 +107,7 @@ def test_recover_removes_temps_and_superseded_leftovers(store: Store, tmp_path: 
     (tmp_path / "d").mkdir()
     for name in ("same.jsonl", "grown.jsonl", "differs.jsonl"):
         (tmp_path / "d" / name).write_bytes(data)
-        store.swap(b"d/" + name.encode())
+        swap_now(store, Compress(), b"d/" + name.encode())
     # Interrupted swaps: the plain file came back beside its .zst.
     (tmp_path / "d" / "same.jsonl").write_bytes(data)
     (tmp_path / "d" / "grown.jsonl").write_bytes(data + b'{"more":1}\n')
@@ -136,7 +137,7 @@ def test_census_counts_logical_and_stored_bytes(store: Store, tmp_path: Path) ->
     (tmp_path / "a.jsonl").write_bytes(data)
     (tmp_path / "b.jsonl").write_bytes(data)
     (tmp_path / "other.db").write_bytes(b"x" * 100)
-    store.swap(b"b.jsonl")
+    swap_now(store, Compress(), b"b.jsonl")
     c = store.census().as_dict()
     assert (c["plain_files"], c["compressed_files"]) == (1, 1)
     assert c["logical_bytes"] == 2 * len(data)
@@ -164,11 +165,11 @@ def test_a_swap_that_cannot_copy_every_xattr_fails_and_keeps_the_plain_file(
 
     monkeypatch.setattr(os, "setxattr", full)
     with pytest.raises(OSError, match="No space left"):
-        store.swap(b"r.jsonl")
+        swap_now(store, Compress(), b"r.jsonl")
     monkeypatch.setattr(os, "setxattr", real)
     assert sorted(os.listdir(tmp_path)) == ["r.jsonl"]
     assert f.read_bytes() == data
     assert os.getxattr(f, "user.b") == b"2" * 1000
-    assert store.swap(b"r.jsonl") is not None  # and with room, everything is kept
+    assert swap_now(store, Compress(), b"r.jsonl") is not None  # and with room, everything is kept
     assert os.getxattr(tmp_path / "r.jsonl.zst", "user.b") == b"2" * 1000
 

@@ -26,6 +26,7 @@ from pyfuse3 import FUSEError
 from zstfs import leases
 from zstfs.openfiles import Outcome
 from zstfs.store import RENAME_EXCHANGE
+from zstfs.swap import Compress
 
 
 @pytest.fixture
@@ -168,7 +169,8 @@ async def test_1_without_leases_the_proc_scan_sees_other_processes(
 
 def test_2_offline_swap_refuses_a_file_held_by_a_writer(tmp_path: Path) -> None:
     from zstfs.names import NameRules
-    from zstfs.store import Busy, Store
+    from zstfs.store import Store
+    from zstfs.swap import Busy, swap_now
 
     data = jsonl(2000)
     write_cold(tmp_path / "w.jsonl", data)
@@ -176,7 +178,7 @@ def test_2_offline_swap_refuses_a_file_held_by_a_writer(tmp_path: Path) -> None:
     store = Store.open(str(tmp_path), NameRules("*.jsonl"))
     try:
         with pytest.raises(Busy):
-            store.swap(b"w.jsonl")
+            swap_now(store, Compress(), b"w.jsonl")
         assert sorted(os.listdir(tmp_path)) == ["w.jsonl"]
     finally:
         holder.communicate("")
@@ -358,19 +360,19 @@ async def test_7_any_exception_in_a_job_is_survived(world: World,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     write_cold(world.root / "bad.jsonl", jsonl(500, "bad"))
     write_cold(world.root / "good.jsonl", jsonl(500, "good"))
-    real = world.store.compress_swap
+    real = Compress.encode
 
-    def explode(swap, **kwargs):  # type: ignore[no-untyped-def]
+    def explode(self, store, swap, progress):  # type: ignore[no-untyped-def]
         if swap.name == b"bad.jsonl":
             raise MemoryError("zstd could not allocate")
-        return real(swap, **kwargs)
+        return real(self, store, swap, progress)
 
-    monkeypatch.setattr(world.store, "compress_swap", explode)
+    monkeypatch.setattr(Compress, "encode", explode)
     async with trio.open_nursery() as n:
         n.start_soon(world.compactor.run)
         await wait_for(lambda: world.stats.swaps_done == 1 and world.stats.swaps_failed == 1,
                        "one swap done and one failed")
-        monkeypatch.setattr(world.store, "compress_swap", real)
+        monkeypatch.setattr(Compress, "encode", real)
         world.clock.advance(3600)  # past the backoff
         world.compactor.wake()
         await wait_for(lambda: world.stats.swaps_done == 2, "the failed file retried")

@@ -7,11 +7,12 @@ Scheduling: one scan of the backing tree at mount; after that the filesystem tel
 compressible file whose last handle was released (`notify`), and we keep a heap ordered by the
 time each file becomes eligible. No periodic rescans.
 
-The swap itself (lease, compress, verify, publish) belongs to `openfiles.OpenFiles.compact`;
-this module decides *which* file and *when*, and what to do with the answer: a file open
-somewhere (under the mount or before it, which sends us no release) is retried with a backoff,
-a changed one by its new mtime, a failed one after an exponential backoff. Whatever a job
-raises is logged and backed off: the compactor, and so the mount, never dies of one file.
+The swap itself (lease, compress, verify, publish) belongs to `swap.py`, run on the mount by
+`openfiles.OpenFiles.compact`; this module decides *which* file and *when*, and what to do with
+the answer: a file open somewhere (under the mount or before it, which sends us no release) is
+retried with a backoff, a changed one by its new mtime, a failed one after an exponential
+backoff. Whatever a job raises is logged and backed off: the compactor, and so the mount, never
+dies of one file.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from typing import Any
 
 import trio
 
-from zstfs.openfiles import OpenFiles, Outcome
+from zstfs.openfiles import OpenFiles
 from zstfs.stats import Census, Stats
 from zstfs.store import Store, join, split
+from zstfs.swap import Adopt, Compress, Outcome, candidate
 
 log = logging.getLogger(__name__)
 
@@ -289,9 +291,7 @@ class Compactor:
         for d, entries in self.store.walk():
             names = {name for name, _ in entries}
             for name, st in entries:
-                adopt = (self.store.adoptable(d, name, st) and name[:-4] not in names
-                         and self.store.foreign(join(d, name)))
-                if adopt or self.store.eligible(d, name, st):
+                if candidate(self.store, d, name, st, names):
                     found.append((join(d, name), st.st_mtime))
         return found
 
@@ -326,10 +326,10 @@ class Compactor:
         skipped = self._file(path).skipped
         if skipped is not None and skipped == self.files.identity_of(path):
             return  # left plain or left alone before, and nothing changed since
-        parent, name = split(path)
-        outcome = await self.files.compact(
-            path, limiter=self.limiter, not_before=now - self.compress_after,
-            min_saving=MIN_SAVING, adopt=self.store.rules.is_representation(parent, name))
+        plan = (Adopt() if self.store.rules.is_representation(*split(path))
+                else Compress(MIN_SAVING))
+        outcome = await self.files.compact(path, plan, limiter=self.limiter,
+                                           not_before=now - self.compress_after)
         if outcome is Outcome.DONE:
             self._forget(path)
         elif outcome is Outcome.WAIT:

@@ -1030,7 +1030,7 @@ class Operations(pyfuse3.Operations):
         return await attempt()
 
     async def _open(self, node: Node, flags: int) -> FileInfo:
-        while node.swap is not None and not node.swap.adopt:
+        while node.swap is not None and node.swap.blocks_opens:
             # Its compaction holds a lease: opening the backing file now would block this
             # thread on our own lease. Make it give up first. (A re-encoding of a `.zst` holds
             # only a read lease: readers go on, and a write promotes under the file's lock.)

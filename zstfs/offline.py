@@ -1,9 +1,9 @@
 """Offline commands on an unmounted store: `zstfs compress`, `zstfs expand`, `zstfs verify`.
 
-They work on the backing directory directly, with the same store primitives the daemon uses
-(the same verified temp + atomic rename), so a store is in the same on-disk state whichever
-way it was compressed. Each takes the store's lock first: a mount and an offline command on
-one store at the same time would race on the same files.
+They work on the backing directory directly, with the same swap the daemon runs (`swap.py`,
+under its offline guard: the same lease, verified temp and atomic rename), so a store is in the
+same on-disk state whichever way it was compressed. Each takes the store's lock first: a mount
+and an offline command on one store at the same time would race on the same files.
 
 Output contract: one line on stderr per file that could not be processed (path and cause), an
 optional progress bar on stderr, a one-paragraph summary on stdout; exit status 1 if any file
@@ -27,17 +27,8 @@ from zstfs import codec
 from zstfs.compactor import MIN_SAVING
 from zstfs.names import NameRules, Patterns, zst_name
 from zstfs.stats import human_bytes
-from zstfs.store import (
-    Busy,
-    Changed,
-    PairExists,
-    Store,
-    StoreError,
-    StoreLocked,
-    Unadoptable,
-    join,
-    split,
-)
+from zstfs.store import Changed, Store, StoreError, StoreLocked, join, split
+from zstfs.swap import Adopt, Busy, Compress, PairExists, Unadoptable, candidate, swap_now
 
 #: Offline, a foreign .zst may need any window zstd allows (`--long=31`): memory is ours alone.
 ADOPT_MAX_WINDOW = 1 << 31
@@ -285,11 +276,7 @@ def _compress_candidates(store: Store, cutoff: float) -> list[tuple[bytes, int]]
     for d, entries in store.walk():
         names = {name for name, _ in entries}
         for name, st in entries:
-            if st.st_mtime > cutoff:
-                continue
-            if store.eligible(d, name, st) or (
-                    store.adoptable(d, name, st) and name[:-4] not in names
-                    and store.foreign(join(d, name))):
+            if st.st_mtime <= cutoff and candidate(store, d, name, st, names):
                 found.append((join(d, name), st.st_size))
     return found
 
@@ -309,12 +296,11 @@ def _compress_one(
         if store.rules.is_representation(*split(path)):
             # A .zst not in zstfs's format (codex's own, the zstd CLI's): re-encoded for random
             # access and the better ratio. Offline there is memory for any window zstd allows.
-            adopted = store.adopt(path, max_window=ADOPT_MAX_WINDOW)
-            if adopted is not None:
+            if swap_now(store, Adopt(ADOPT_MAX_WINDOW), path) is not None:
                 with tally.lock:
                     tally.adopted += 1
             return
-        swap = store.swap(path, progress=advance, min_saving=MIN_SAVING)
+        swap = swap_now(store, Compress(MIN_SAVING), path, progress=advance)
         if swap is None:
             with tally.lock:
                 tally.skipped += 1

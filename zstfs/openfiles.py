@@ -3,10 +3,10 @@
 `FileTable` is the table of files the daemon knows (inode numbers, names, open counts, per-file
 locks); `OpenFiles` wraps it with the two steps that change a file's representation, which the
 filesystem layer and the compactor both call: `promote` (`.zst` → plain, before a write) and
-`compact` (plain → `.zst`, for the compactor).
+`compact` (a `swap.py` plan run under `MountGuard`, for the compactor).
 
 "Open" is the kernel's notion, not ours: a swap holds a write lease on the plain file from before
-it reads it until after the plain name is gone (`store.py`, `leases.py`), so any descriptor or
+it reads it until after the plain name is gone (`swap.py`, `leases.py`), so any descriptor or
 mapping anywhere, through the mount or not, opened before the mount or during the swap, stops
 it. Opens through the mount are also counted here, and an open of a file whose swap is in
 flight first abandons that swap and waits for it to let go, so the daemon never blocks on its
@@ -20,7 +20,6 @@ FUSE requests.
 from __future__ import annotations
 
 import contextlib
-import enum
 import errno
 import functools
 import logging
@@ -28,26 +27,27 @@ import os
 import stat
 import threading
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import TypeVar
 
 import trio
 
-from zstfs import codec
+from zstfs import codec, leases
 from zstfs.names import zst_name
 from zstfs.stats import Stats
-from zstfs.store import (
-    Abandoned,
-    Busy,
-    Changed,
+from zstfs.store import Changed, Store, join, split
+from zstfs.swap import (
+    Outcome,
     PairExists,
-    Store,
+    Plan,
     Swap,
+    Swapper,
     Unadoptable,
-    join,
-    split,
+    outcome_of,
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ROOT_INODE = 1
 #: Numbers for files whose natural number is taken by another live file start here (far above
@@ -78,36 +78,31 @@ def key_of(st: os.stat_result) -> Key:
     return (st.st_dev, st.st_ino)
 
 
+def blocks_opens(lease: int) -> bool:
+    """Must an open through the mount abandon a swap holding `lease` first? Under a write lease
+    any open of the file, the daemon's own too, would wait for the swap. Under a read lease (a
+    `.zst` being re-encoded) readers go on, and a write promotes under the file's lock."""
+    return lease == leases.WRITE
+
+
 class SwapTicket:
     """A compaction in flight: how the trio side asks the worker thread to give up, and how it
     learns that the worker let go of the file (lease released, temp removed)."""
 
-    __slots__ = ("_abandon", "adopt", "dir_key", "done", "file_key")
+    __slots__ = ("_abandon", "blocks_opens", "dir_key", "done", "file_key")
 
-    def __init__(self, dir_key: Key, file_key: Key, adopt: bool = False) -> None:
+    def __init__(self, dir_key: Key, file_key: Key, lease: int = leases.WRITE) -> None:
         self._abandon = threading.Event()
         self.done = trio.Event()
         self.dir_key = dir_key  # the directory holding its temp
         self.file_key = file_key  # the file it leases
-        #: Re-encoding a `.zst` (under a read lease): readers need not wait for it.
-        self.adopt = adopt
+        self.blocks_opens = blocks_opens(lease)
 
     def abandon(self) -> None:
         self._abandon.set()
 
     def abandoned(self) -> bool:
         return self._abandon.is_set()
-
-
-class Outcome(enum.Enum):
-    DONE = "done"
-    GONE = "gone"  # no longer there, or no longer an eligible plain file
-    WAIT = "wait"  # not old enough (yet), or changed since: schedule by its mtime
-    OPEN = "open"  # open through the mount (or opened, moved, removed through it meanwhile)
-    BUSY = "busy"  # open or mapped outside the mount, or opened there during the swap
-    SMALL = "small"  # compression saves too little
-    PAIR = "pair"  # a different NAME.zst beside it: reported, left alone
-    KEEP = "keep"  # a foreign .zst that cannot be re-encoded here (damaged, window too wide)
 
 
 class Node:
@@ -553,127 +548,110 @@ class OpenFiles:
         finally:
             os.close(dir_fd)
 
-    async def compact(
-        self,
-        path: bytes,
-        *,
-        limiter: trio.CapacityLimiter,
-        not_before: float,
-        min_saving: float,
-        adopt: bool = False,
-    ) -> Outcome:
-        """Swap plain `path` for a compressed `.zst`, if it is still an eligible file with an
-        mtime at or before `not_before` that nobody has open. The answer says what happened.
+    async def compact(self, path: bytes, plan: Plan, *, limiter: trio.CapacityLimiter,
+                      not_before: float) -> Outcome:
+        """Run `plan` (`swap.Compress`, or `swap.Adopt` for a `NAME.zst` not in zstfs's format)
+        on `path` under this table's guard, if it is still an eligible file with an mtime at or
+        before `not_before` that nobody has open. The answer says what happened."""
+        try:
+            return await Swapper(self.store, plan, path,
+                                 MountGuard(self, limiter, not_before)).run()
+        except (Unadoptable, PairExists, Changed) as e:
+            return outcome_of(e)
 
-        With `adopt`, `path` is a `NAME.zst` not in zstfs's format (codex's single frames, the
-        zstd CLI's output): it is re-encoded the same way (lease, verify, publish under the
-        file's lock, metadata kept), for random access and a better ratio."""
+
+class MountGuard:
+    """The guard of a swap on the mount (`swap.Guard`): the file's node is claimed in the table
+    and carries a `SwapTicket` (an open, truncation, removal or rename through the mount
+    abandons the swap and waits for it to let go); the bulk steps run in worker threads under
+    the compaction limiter; the publication holds the node's lock, shielded from cancellation,
+    so that no open through the mount slips into it."""
+
+    def __init__(self, files: OpenFiles, limiter: trio.CapacityLimiter,
+                 not_before: float) -> None:
+        self.files = files
+        self.limiter = limiter
+        self.not_before = not_before
+        self.expect: os.stat_result | None = None
+        self.node: Node | None = None
+        self.ticket: SwapTicket | None = None
+        self.name = b""
+
+    def open_dir(self, parent: bytes) -> int | None:
+        try:
+            return self.files.open_dir(parent)
+        except OSError:
+            return None  # gone, or a symlink now: never followed
+
+    def claim(self, plan: Plan, path: bytes, dir_fd: int) -> Outcome | None:
+        """An eligible file, cold enough, that nobody has open through the mount: its node is
+        claimed and gets the swap's ticket."""
         parent, name = split(path)
         try:
-            dir_fd = self.open_dir(parent)
-        except OSError:
-            return Outcome.GONE  # gone, or a symlink now: never followed
-        swap: Swap | None = None
-        ticket: SwapTicket | None = None
-        node: Node | None = None
-        try:
-            try:
-                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                return Outcome.GONE
-            eligible = self.store.adoptable if adopt else self.store.eligible
-            if not eligible(parent, name, st):
-                return Outcome.GONE
-            if st.st_mtime > not_before:
-                return Outcome.WAIT
-            existing = self.table.by_key.get(key_of(st))
-            # (Readers of a `.zst` being re-encoded keep reading the old file: same bytes.)
-            if existing is not None and ((existing.opens > 0 and not adopt)
-                                         or existing.swap is not None):
-                return Outcome.OPEN  # its release schedules it again
-            if existing is not None and existing.busy:
-                return Outcome.BUSY  # a rename or a metadata change holds it: look again later
-            node = self.table.claim(st, compressed=adopt)
-            dst = os.fstat(dir_fd)
-            ticket = node.swap = SwapTicket(key_of(dst), key_of(st), adopt)
-            self.swaps.add(ticket)
-            self.table.pending[(ticket.dir_key, name)] = node
-            held_dir, dir_fd = dir_fd, -1  # the swap owns it from here
-            try:
-                swap = await trio.to_thread.run_sync(functools.partial(
-                    self.store.begin_swap_at, path, held_dir, expect=st,
-                    abandon=ticket.abandoned, adopt=adopt), limiter=limiter)
-                await self._step("leased", path)
-                if adopt:
-                    if not await trio.to_thread.run_sync(functools.partial(
-                            self.store.adopt_swap, swap, abandon=ticket.abandoned),
-                            limiter=limiter):
-                        return Outcome.GONE  # ours already
-                else:
-                    await trio.to_thread.run_sync(functools.partial(
-                        self.store.compress_swap, swap, abandon=ticket.abandoned),
-                        limiter=limiter)
-                await self._step("compressed", path)
-                if not adopt and swap.stored > swap.logical * (1 - min_saving):
-                    return Outcome.SMALL
-                async with node.lock:
-                    with trio.CancelScope(shield=True):
-                        await self._step("locked", path)
-                        return await self._publish(node, swap, ticket, adopt)
-            except (Unadoptable, PairExists, Changed) as e:
-                return _ending(e)
-        finally:
-            if dir_fd >= 0:
-                os.close(dir_fd)
-            if swap is not None:
-                self.store.end_swap(swap)
-            if ticket is not None:
-                self.swaps.discard(ticket)
-                if self.table.pending.get((ticket.dir_key, name)) is node:
-                    del self.table.pending[(ticket.dir_key, name)]
-                ticket.done.set()
-            if node is not None:
-                node.swap = None
-                self.table.unclaim(node)
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return Outcome.GONE
+        if not plan.eligible(self.files.store, parent, name, st):
+            return Outcome.GONE
+        if st.st_mtime > self.not_before:
+            return Outcome.WAIT
+        table = self.files.table
+        existing = table.by_key.get(key_of(st))
+        # (Readers of a `.zst` being re-encoded keep reading the old file: same bytes.)
+        if existing is not None and ((existing.opens > 0 and blocks_opens(plan.lease))
+                                     or existing.swap is not None):
+            return Outcome.OPEN  # its release schedules it again
+        if existing is not None and existing.busy:
+            return Outcome.BUSY  # a rename or a metadata change holds it: look again later
+        node = self.node = table.claim(
+            st, compressed=self.files.store.rules.is_representation(parent, name))
+        ticket = self.ticket = node.swap = SwapTicket(key_of(os.fstat(dir_fd)), key_of(st),
+                                                      plan.lease)
+        self.files.swaps.add(ticket)
+        self.name = name
+        table.pending[(ticket.dir_key, name)] = node
+        self.expect = st
+        return None
 
-    async def _publish(self, node: Node, swap: Swap, ticket: SwapTicket,
-                       adopt: bool) -> Outcome:
+    def abandoned(self) -> bool:
+        return self.ticket is not None and self.ticket.abandoned()
+
+    async def work(self, fn: Callable[[], T]) -> T:
+        return await trio.to_thread.run_sync(fn, limiter=self.limiter)
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        return await trio.to_thread.run_sync(fn)
+
+    async def step(self, what: str, path: bytes) -> None:
+        await self.files._step(what, path)
+
+    @contextlib.asynccontextmanager
+    async def publishing(self, path: bytes) -> AsyncIterator[bool]:
         """The critical section: the node's lock is held, so no open through the mount starts;
         the lease stops every other."""
-        if (node.opens > 0 and not adopt) or ticket.abandoned():
-            return Outcome.OPEN
-        if adopt:
-            zst_st = await trio.to_thread.run_sync(functools.partial(
-                self.store.publish_adopt, swap, abandon=ticket.abandoned))
-            self.stats.adopted += 1
-        else:
-            try:
-                zst_st = await trio.to_thread.run_sync(functools.partial(
-                    self.store.publish_swap, swap, abandon=ticket.abandoned))
-            except PairExists:
-                if not await trio.to_thread.run_sync(self.store.leftover_superseded, swap):
-                    raise
-                zst_st = await trio.to_thread.run_sync(functools.partial(
-                    self.store.publish_swap, swap, abandon=ticket.abandoned, replace=True))
-            self.stats.swaps_done += 1
-            self.stats.bytes_compressed += swap.logical
+        node, ticket = self.node, self.ticket
+        assert node is not None
+        assert ticket is not None
+        async with node.lock:
+            with trio.CancelScope(shield=True):
+                await self.files._step("locked", path)
+                yield not ((node.opens > 0 and ticket.blocks_opens) or ticket.abandoned())
+
+    def published(self, plan: Plan, swap: Swap, st: os.stat_result) -> None:
+        assert self.node is not None
+        plan.record(self.files.stats, swap)
         # Lookups during the publish found this node (locked, or through `pending`); from here
         # on it stands for the .zst.
-        self.table.rekey(node, zst_st, True)
-        self.on_swapped(node)
-        log.debug("%s %s: %d -> %d bytes", "re-encoded" if adopt else "compressed",
-                  os.fsdecode(swap.path), swap.logical, swap.stored)
-        return Outcome.DONE
+        self.files.table.rekey(self.node, st, True)
+        self.files.on_swapped(self.node)
 
-
-def _ending(e: Exception) -> Outcome:
-    """What a swap that stopped with `e` comes to (subclasses before their bases)."""
-    if isinstance(e, Unadoptable):
-        return Outcome.KEEP
-    if isinstance(e, PairExists):
-        return Outcome.PAIR
-    if isinstance(e, Abandoned):
-        return Outcome.OPEN
-    if isinstance(e, Busy):
-        return Outcome.BUSY
-    return Outcome.WAIT  # Changed: decided again by its (new) mtime
+    def release(self) -> None:
+        ticket, node, table = self.ticket, self.node, self.files.table
+        if ticket is not None:
+            self.files.swaps.discard(ticket)
+            if table.pending.get((ticket.dir_key, self.name)) is node:
+                del table.pending[(ticket.dir_key, self.name)]
+            ticket.done.set()
+        if node is not None:
+            node.swap = None
+            table.unclaim(node)

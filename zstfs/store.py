@@ -5,9 +5,10 @@ never resolves a path through its own mountpoint (it is normally mounted over th
 Paths here are `bytes` relative to the store root (`b"."` is the root itself).
 
 This module is synchronous and thread-safe: the filesystem layer calls cheap metadata operations
-inline and runs the bulk ones (promote, compress) in worker threads. It knows the on-disk rules
-(plain wins, temp names, atomic publication) but nothing about FUSE or open handles; the caller
-decides *when* a swap may happen and holds its own lock while it does.
+inline and runs the bulk ones (promote) in worker threads. It knows the on-disk rules (plain
+wins, temp names, atomic publication) but nothing about FUSE or open handles. The swap
+(plain → `.zst`, and adoption of foreign `.zst` files) is `swap.py`'s, built on the primitives
+here (`open_dir`, `open_temp`, `rename_at`, `copy_metadata`, `decodes_to_prefix`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import logging
 import os
 import stat
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final, TypeVar
@@ -65,11 +65,6 @@ class _OpenHow(ctypes.Structure):
 
 
 _openat2_missing = False
-#: After unlinking the plain name, how long a swap keeps the way back open before it trusts an
-#: intact lease: an opener that resolved the name just before the unlink reaches the lease
-#: check within the same system call, microseconds later unless it is descheduled in between.
-LEASE_GRACE = 0.01
-
 
 #: Frames decoded at once when a big file is promoted (the writer waits for it).
 PROMOTE_THREADS = 2
@@ -93,15 +88,6 @@ class Changed(Exception):
     """The file changed (or vanished) while a swap was being prepared; the swap was abandoned."""
 
 
-class Busy(Changed):
-    """Some process (through the mount, under it, or from before it) has the file open or
-    mapped, or opened it while the swap was in progress."""
-
-
-class Abandoned(Busy):
-    """The daemon asked the swap to give up (an open, removal or rename through the mount)."""
-
-
 class Leased(BlockingIOError):
     """A backing file cannot be opened without waiting: a lease on it is being broken (EAGAIN
     if it ever reaches the filesystem layer's errno translation)."""
@@ -109,14 +95,6 @@ class Leased(BlockingIOError):
     def __init__(self, key: tuple[int, int]) -> None:
         super().__init__(errno.EAGAIN, f"file {key} is leased")
         self.key = key
-
-
-class Unadoptable(Exception):
-    """A foreign `.zst` that cannot be re-encoded here (damaged, or a window too wide)."""
-
-
-class PairExists(Exception):
-    """`NAME.zst` already exists beside the plain `NAME` being swapped."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,13 +127,6 @@ def split(path: bytes) -> tuple[bytes, bytes]:
 def identity(st: os.stat_result) -> tuple[int, int, int, int]:
     """The key of the size cache: a `.zst` file's content is fixed while these are."""
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_nlink)
-
-
-def full_identity(st: os.stat_result) -> tuple[int, int, int, int, int, int]:
-    """What must not change between deciding on a swap and publishing it: the same file
-    (device, inode), the same content (size, mtime), the same metadata (ctime covers mode,
-    owner, xattrs and times) and still one name."""
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink)
 
 
 def no_zst_form(e: OSError) -> bool:
@@ -395,19 +366,6 @@ class Store:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         return fd
 
-    def eligible(self, parent: bytes, name: bytes, st: os.stat_result) -> bool:
-        """May this backing entry (`name` in directory `parent`) be compressed (by the compactor
-        or `zstfs compress`)? A plain regular file with one link (a swap would split a hard link),
-        which matches the patterns and whose name can still carry the `.zst` suffix. Age and open
-        handles are the caller's."""
-        return (
-            stat.S_ISREG(st.st_mode)
-            and st.st_nlink == 1
-            and len(name) + len(b".zst") <= 255
-            and self.rules.compressible(parent, name)
-            and not self.rules.is_representation(parent, name)
-        )
-
     def learn_sizes(self, dir_fd: int, names: list[bytes]) -> None:
         """Read the logical sizes of several `.zst` files of directory `dir_fd` into the cache
         (damaged ones are left for the caller, which reports them when it asks for that file)."""
@@ -544,13 +502,7 @@ class Store:
     @contextlib.contextmanager
     def _temp_in(self, dir_fd: int, name: bytes) -> Iterator[tuple[bytes, int]]:
         """A new temp file in `dir_fd`, removed again unless the body renamed it away."""
-        tmp_name = temp_name(name)
-        fd = os.open(
-            tmp_name,
-            os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
-            0o600,
-            dir_fd=dir_fd,
-        )
+        tmp_name, fd = open_temp(dir_fd, name)
         try:
             yield tmp_name, fd
         except BaseException:
@@ -559,324 +511,6 @@ class Store:
             raise
         finally:
             os.close(fd)
-
-    # ----------------------------------------------------------------- compression
-    def begin_swap(self, path: bytes) -> Swap:
-        """Decide on compressing plain `path` (see `begin_swap_at`)."""
-        return self.begin_swap_at(path, self.open_dir(split(path)[0]))
-
-    def adoptable(self, parent: bytes, name: bytes, st: os.stat_result) -> bool:
-        """May this backing `NAME.zst` be re-encoded into zstfs's format (if it is not in it
-        yet)? A regular file with one link that represents a compressible name."""
-        return (stat.S_ISREG(st.st_mode) and st.st_nlink == 1
-                and self.rules.is_representation(parent, name))
-
-    def foreign(self, path: bytes) -> bool:
-        """True if the `.zst` at `path` is not in zstfs's own format (reads headers only)."""
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
-                         dir_fd=self.root_fd)
-        except OSError:
-            return False
-        try:
-            return not codec.is_native(fd, self.params)
-        finally:
-            os.close(fd)
-
-    def begin_swap_at(
-        self,
-        path: bytes,
-        dir_fd: int,
-        *,
-        expect: os.stat_result | None = None,
-        abandon: Callable[[], bool] | None = None,
-        adopt: bool = False,
-    ) -> Swap:
-        """Open the plain file `path` names in the directory `dir_fd` (resolved beneath the
-        root, no symlinks: `open_dir`) and take a write lease on it. Raises Busy if any process
-        has it open or mapped, Changed if it is not (`expect`, if given) an eligible file.
-        With `adopt`, `path` is a foreign `NAME.zst` to re-encode (see `adopt_swap`).
-        The Swap owns `dir_fd` from here on; the caller must `end_swap` what this returns."""
-        name = split(path)[1]
-        try:
-            src = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
-                          dir_fd=dir_fd)
-        except BlockingIOError:
-            os.close(dir_fd)
-            raise Busy(f"{path!r} is leased by another process") from None
-        except FileNotFoundError:
-            os.close(dir_fd)
-            raise Changed(f"{path!r} was removed or renamed") from None
-        except BaseException:
-            os.close(dir_fd)
-            raise
-        swap = Swap(path, dir_fd, name, src, os.fstat(src),
-                    lease=leases.READ if adopt else leases.WRITE)
-        try:
-            ok = (self.adoptable if adopt else self.eligible)(split(path)[0], name, swap.source)
-            if not ok:
-                raise Changed(f"{path!r} is not an eligible file")
-            if expect is not None and full_identity(expect) != full_identity(swap.source):
-                raise Changed(f"{path!r} changed since it was chosen")
-            try:
-                if not leases.take(src, swap.lease):
-                    raise Busy(f"{path!r} is open in another process")
-            except leases.Unsupported as e:
-                self.accounting.fell_back(os.fsdecode(path), str(e))
-                swap.leased = False
-                if leases.open_elsewhere(swap.source, frozenset({src})):
-                    raise Busy(f"{path!r} is open in another process") from None
-            self.check_swap(swap, abandon)
-        except BaseException:
-            self.end_swap(swap)
-            raise
-        return swap
-
-    def leftover_superseded(self, swap: Swap) -> bool:
-        """True if the `NAME.zst` beside the file being swapped holds nothing the plain file
-        lacks (it decodes to a prefix of it: an earlier swap's, interrupted after its rename)."""
-        try:
-            zfd = os.open(zst_name(swap.name), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW,
-                          dir_fd=swap.dir_fd)
-        except OSError:
-            return False
-        try:
-            return _decodes_to_prefix(zfd, swap.src_fd)
-        finally:
-            os.close(zfd)
-
-    def check_swap(self, swap: Swap, abandon: Callable[[], bool] | None = None) -> None:
-        """Raise Changed (Busy) unless the swap may go on: nobody asked to abandon it, our lease
-        is intact (nobody started opening the file) and the file still has its name."""
-        if abandon is not None and abandon():
-            raise Abandoned(f"{swap.path!r} was opened, removed or renamed through the mount")
-        if swap.leased and not leases.intact(swap.src_fd, swap.lease):
-            raise Busy(f"{swap.path!r} was opened by another process")
-        if os.fstat(swap.src_fd).st_nlink == 0:
-            raise Changed(f"{swap.path!r} was removed")
-
-    def compress_swap(
-        self,
-        swap: Swap,
-        *,
-        abandon: Callable[[], bool] | None = None,
-        progress: Callable[[int], None] | None = None,
-    ) -> None:
-        """Compress the leased file into a verified temp `.zst` beside it, with its metadata
-        (the slow part of a swap, for a worker thread). Nothing visible changes."""
-        with self._swap_temp(swap, abandon, progress) as (tmp, step):
-            logical, stored = codec.compress_file(swap.src_fd, tmp, self.params, progress=step)
-            self.check_swap(swap, abandon)
-            if logical != swap.source.st_size:
-                raise Changed(f"{swap.path!r} changed size while being compressed")
-            codec.verify_equal(tmp, swap.src_fd,
-                               progress=lambda _n: self.check_swap(swap, abandon))
-            self._seal_temp(swap, tmp, logical, stored, abandon)
-
-    @contextlib.contextmanager
-    def _swap_temp(
-        self,
-        swap: Swap,
-        abandon: Callable[[], bool] | None,
-        progress: Callable[[int], None] | None,
-    ) -> Iterator[tuple[int, Callable[[int], None]]]:
-        """The swap's temp file beside the source (removed by `end_swap`), and the progress
-        callback that checks, between frames, that the swap may go on."""
-
-        def step(done: int) -> None:
-            self.check_swap(swap, abandon)
-            if progress is not None:
-                progress(done)
-
-        swap.temp = temp_name(swap.name)
-        tmp = os.open(swap.temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-                      | os.O_NOFOLLOW, 0o600, dir_fd=swap.dir_fd)
-        try:
-            yield tmp, step
-        finally:
-            os.close(tmp)
-
-    def _seal_temp(self, swap: Swap, tmp: int, logical: int, stored: int,
-                   abandon: Callable[[], bool] | None) -> None:
-        """The verified temp gets the source's metadata (all of it, or an error) and is made
-        durable."""
-        self.check_swap(swap, abandon)
-        copy_metadata(swap.src_fd, tmp, swap.source)
-        os.fsync(tmp)
-        self.remember_size(os.fstat(tmp), logical)
-        swap.logical, swap.stored = logical, stored
-
-    def adopt_swap(
-        self,
-        swap: Swap,
-        *,
-        abandon: Callable[[], bool] | None = None,
-        progress: Callable[[int], None] | None = None,
-        max_window: int = codec.ZSTD_DEFAULT_WINDOW,
-    ) -> bool:
-        """Re-encode the leased foreign `.zst` into a verified temp in zstfs's format, with its
-        metadata. False (nothing done) if it is in our format already; Unadoptable if it is
-        damaged or needs a window wider than `max_window`."""
-        if codec.is_native(swap.src_fd, self.params):
-            return False
-        with self._swap_temp(swap, abandon, progress) as (tmp, step):
-            try:
-                logical, stored = codec.reencode(swap.src_fd, tmp, self.params, progress=step,
-                                                 max_window=max_window)
-                self.check_swap(swap, abandon)
-                codec.verify_reencoded(tmp, swap.src_fd, max_window=max_window)
-            except codec.CorruptError as e:
-                raise Unadoptable(str(e)) from None
-            self._seal_temp(swap, tmp, logical, stored, abandon)
-        return True
-
-    def _still_there(self, swap: Swap, abandon: Callable[[], bool] | None) -> os.stat_result:
-        """The swap may go on (`check_swap`) and its name still holds the very file that was
-        read: same device, inode, size, mtime, ctime, one link. Returns the file's stat."""
-        self.check_swap(swap, abandon)
-        try:
-            current = os.stat(swap.name, dir_fd=swap.dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            raise Changed(f"{swap.path!r} was removed or renamed") from None
-        now = os.fstat(swap.src_fd)
-        if not (full_identity(current) == full_identity(now) == full_identity(swap.source)):
-            raise Changed(f"{swap.path!r} changed since it was read")
-        return now
-
-    def publish_adopt(
-        self, swap: Swap, *, abandon: Callable[[], bool] | None = None
-    ) -> os.stat_result:
-        """Replace the foreign `.zst` with its re-encoded temp, if the name still holds the
-        file that was read and no plain file has appeared beside it. An opener that was
-        waiting on the lease gets the old file, whose content is the same. Returns the stat."""
-        self._still_there(swap, abandon)
-        if _exists_at(swap.dir_fd, swap.name[: -len(b".zst")]):
-            raise PairExists(f"{swap.path!r}: a plain file appeared beside it")
-        rename_at(swap.dir_fd, swap.temp, swap.dir_fd, swap.name)
-        swap.temp = b""
-        os.fsync(swap.dir_fd)
-        return os.stat(swap.name, dir_fd=swap.dir_fd, follow_symlinks=False)
-
-    def adopt(self, path: bytes, *, progress: Callable[[int], None] | None = None,
-              max_window: int = codec.ZSTD_DEFAULT_WINDOW) -> Swap | None:
-        """Re-encode a foreign `.zst` at once, for offline use; None if it is ours already."""
-        swap = self.begin_swap_at(path, self.open_dir(split(path)[0]), adopt=True)
-        try:
-            if not self.adopt_swap(swap, progress=progress, max_window=max_window):
-                return None
-            self.publish_adopt(swap)
-            return swap
-        finally:
-            self.end_swap(swap)
-
-    def publish_swap(
-        self, swap: Swap, *, abandon: Callable[[], bool] | None = None, replace: bool = False
-    ) -> os.stat_result:
-        """Install the verified `.zst` and remove the plain file, acting only on the file that
-        was compressed: the name must still hold it (device, inode, size, mtime, ctime, one
-        link) and the lease must still be intact. Returns the `.zst`'s stat.
-
-        The plain inode keeps a hidden second name until, after the unlink, the lease is known
-        unbroken: an opener that resolved the plain name just before the unlink blocks on the
-        lease, and then gets the plain file back under its name (the swap is undone) instead
-        of an unlinked inode that nobody would ever read again. With `replace`, an existing
-        `NAME.zst` (a leftover the caller checked holds nothing the plain file lacks) is
-        replaced; else it raises PairExists.
-        """
-        now = self._still_there(swap, abandon)
-        if not swap.leased and leases.open_elsewhere(now, frozenset({swap.src_fd})):
-            raise Busy(f"{swap.path!r} was opened by another process")
-        zname = zst_name(swap.name)
-        if not replace and _exists_at(swap.dir_fd, zname):
-            raise PairExists(f"{swap.path!r}: a .zst of it already exists")
-        keep = temp_name(swap.name)
-        os.link(swap.name, keep, src_dir_fd=swap.dir_fd, dst_dir_fd=swap.dir_fd,
-                follow_symlinks=False)
-        done = False
-        try:
-            try:
-                rename_at(swap.dir_fd, swap.temp, swap.dir_fd, zname,
-                          0 if replace else RENAME_NOREPLACE)
-            except FileExistsError:
-                raise PairExists(f"{swap.path!r}: a .zst of it already exists") from None
-            swap.temp = b""
-            zst_st = os.stat(zname, dir_fd=swap.dir_fd, follow_symlinks=False)
-            os.fsync(swap.dir_fd)  # the .zst is durable before the plain file goes
-            os.unlink(swap.name, dir_fd=swap.dir_fd)
-            if swap.leased:
-                time.sleep(LEASE_GRACE)
-            if (swap.leased and not leases.intact(swap.src_fd)) or (
-                    not swap.leased and leases.open_elsewhere(now, frozenset({swap.src_fd}))):
-                self._undo_publish(swap, keep, zname)
-                raise Busy(f"{swap.path!r} was opened while its swap was published")
-            done = True
-        finally:
-            self._drop_keep(swap, keep, done)
-        if swap.leased and not leases.intact(swap.src_fd, swap.lease):
-            # An opener resolved the name before the unlink yet reached the lease only after
-            # the grace: it will get the unlinked inode. Nothing to restore it with; say so.
-            log.error("%s: a process opened it in the last instant of its swap; what it "
-                      "writes through that descriptor is not in the store",
-                      os.fsdecode(swap.path))
-        return zst_st
-
-    def _drop_keep(self, swap: Swap, keep: bytes, done: bool) -> None:
-        """Remove the hidden second link, unless it became the plain file's only name in a swap
-        that did not finish (an error while undoing it): then it is set aside where recovery
-        keeps it."""
-        try:
-            kst = os.stat(keep, dir_fd=swap.dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return  # renamed back to its name by the undo
-        if done or kst.st_nlink > 1:
-            os.unlink(keep, dir_fd=swap.dir_fd)
-            return
-        kept = kept_name(swap.name)
-        rename_at(swap.dir_fd, keep, swap.dir_fd, kept, RENAME_NOREPLACE)
-        log.error("%s: its swap failed half way; the plain file is kept as %s",
-                  os.fsdecode(swap.path), os.fsdecode(kept))
-
-    def _undo_publish(self, swap: Swap, keep: bytes, zname: bytes) -> None:
-        """Someone is opening the plain inode we just unlinked: give it its name back (plain
-        wins, and it holds the same bytes as the `.zst`, which goes)."""
-        try:
-            rename_at(swap.dir_fd, keep, swap.dir_fd, swap.name, RENAME_NOREPLACE)
-        except FileExistsError:
-            # A new file took the name in between: keep the old one where recovery keeps it.
-            kept = kept_name(swap.name)
-            rename_at(swap.dir_fd, keep, swap.dir_fd, kept, RENAME_NOREPLACE)
-            log.error("%s: opened during its swap while a new file took its name; the old "
-                      "file is kept as %s", os.fsdecode(swap.path), os.fsdecode(kept))
-            return
-        os.fsync(swap.dir_fd)
-        os.unlink(zname, dir_fd=swap.dir_fd)
-
-    def end_swap(self, swap: Swap) -> None:
-        """Remove what is left of a swap (its temp), give up the lease, close descriptors."""
-        if swap.temp:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(swap.temp, dir_fd=swap.dir_fd)
-            swap.temp = b""
-        if swap.leased:
-            leases.release(swap.src_fd)
-        for fd in (swap.src_fd, swap.dir_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        swap.src_fd = swap.dir_fd = -1
-
-    def swap(self, path: bytes, *, progress: Callable[[int], None] | None = None,
-             min_saving: float = 0.0) -> Swap | None:
-        """The whole swap at once, for offline use (no mount): returns the finished Swap, or
-        None if compression saved less than `min_saving` (the file stays plain)."""
-        swap = self.begin_swap(path)
-        try:
-            self.compress_swap(swap, progress=progress)
-            if swap.stored > swap.logical * (1 - min_saving):
-                return None
-            self.publish_swap(swap)
-            return swap
-        finally:
-            self.end_swap(swap)
 
     # ----------------------------------------------------------------- census
     def census(self) -> Census:
@@ -968,13 +602,13 @@ class Store:
             os.close(pfd)
             return False
         try:
-            return _decodes_to_prefix(zfd, pfd)
+            return decodes_to_prefix(zfd, pfd)
         finally:
             os.close(pfd)
             os.close(zfd)
 
 
-def _decodes_to_prefix(zfd: int, pfd: int) -> bool:
+def decodes_to_prefix(zfd: int, pfd: int) -> bool:
     """True if the `.zst` at `zfd` decodes to a prefix of the plain file at `pfd` (which may
     have grown since). A damaged `.zst` cannot be shown to hold nothing more: False."""
     try:
@@ -993,28 +627,13 @@ def _decodes_to_prefix(zfd: int, pfd: int) -> bool:
         return False
 
 
-@dataclass(slots=True)
-class Swap:
-    """One swap in progress: the plain file (leased), its directory, the temp `.zst`."""
-
-    path: bytes  # relative to the store root when the swap was decided (for messages)
-    dir_fd: int  # the directory the file was in then, wherever it is now
-    name: bytes
-    src_fd: int
-    source: os.stat_result  # the plain file when the lease was taken
-    leased: bool = True  # False: the /proc scan stands in for a lease
-    lease: int = leases.WRITE  # a read lease for a `.zst` being re-encoded (readers may stay)
-    temp: bytes = b""
-    logical: int = 0
-    stored: int = 0
-
-
-def _exists_at(dir_fd: int, name: bytes) -> bool:
-    try:
-        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True
+def open_temp(dir_fd: int, name: bytes) -> tuple[bytes, int]:
+    """A new temp file beside `name` in `dir_fd` (mode 0600, a name recovery removes): its name
+    and a read-write descriptor."""
+    tmp_name = temp_name(name)
+    fd = os.open(tmp_name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                 0o600, dir_fd=dir_fd)
+    return tmp_name, fd
 
 
 def rename_at(old_dir: int, old: bytes, new_dir: int, new: bytes, flags: int = 0) -> None:
