@@ -24,7 +24,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, ParamSpec, TypeVar, cast
 
 import pyfuse3
@@ -33,9 +33,9 @@ from pyfuse3 import FileHandleT, FileInfo, FUSEError, InodeT
 
 from zstfs import codec
 from zstfs.names import NAME_MAX, STATUS_XATTR, zst_name
-from zstfs.openfiles import ROOT_INODE, Node, OpenFiles
+from zstfs.openfiles import ROOT_INODE, Handle, Node, OpenFiles
 from zstfs.stats import Stats
-from zstfs.store import Entry, Leased, join, no_zst_form, rename_at, split
+from zstfs.store import Entry, join, no_zst_form, rename_at, split
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,6 @@ def _cookie(name: bytes) -> int:
     are the start, `.` and `..`), below 2**62 + 3 (an off_t with room for `+ 1`)."""
     return 3 + (int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little") >> 2)
 BLKSIZE = 128 * 1024
-#: Compressed files up to this logical size are decoded on the trio thread: a thread hop costs
-#: more than decoding 1 MiB (~1 ms), and `grep -r` over many small files is bound by per-request
-#: overhead.
-INLINE_DECODE_LIMIT = 1 << 20
 #: fsync of a plain file up to this size runs on the trio thread: a thread hop costs more than
 #: fsync of a small file (measured here: 190 µs vs 60-130 µs), and SQLite syncs its WAL at every
 #: commit. Bigger files, and a handle whose last fsync took longer than INLINE_FSYNC_SLOW
@@ -72,7 +68,6 @@ NEVER_SEEN = (-1, -1)
 RESERVED_XATTR_PREFIX = b"user.zstfs."
 #: How long the status document given to a thread bounds the length of its next one.
 STATUS_PAIR_SECONDS = 1.0
-_OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | getattr(os, "O_DIRECT", 0)
 
 
 def _negative_entry() -> pyfuse3.EntryAttributes:
@@ -151,30 +146,6 @@ def _file_info(fh: int, keep_cache: bool, backing_id: int, direct_io: bool = Fal
                     backing_id=backing_id)
 
 
-class Handle:
-    """One open file description: a plain backing fd, or a `.zst` fd with its reader."""
-
-    __slots__ = ("backing_id", "fd", "flags", "generation", "inline", "node", "reader",
-                 "retired", "slow_sync", "wrote")
-
-    def __init__(self, node: Node, fd: int, flags: int, reader: codec.ZstReader | None,
-                 inline: bool = False) -> None:
-        self.node = node
-        self.fd = fd
-        self.flags = flags
-        self.reader = reader
-        self.inline = inline  # small compressed file: decode without a thread hop
-        self.generation = node.generation
-        self.wrote = False
-        #: Opened in passthrough mode with this backing id (0: not): the kernel reads, writes
-        #: and maps the backing file itself, and no READ or WRITE of this handle reaches here.
-        self.backing_id = 0
-        self.slow_sync = False  # an inline fsync of it was slow: the next ones go to a thread
-        #: Descriptors of earlier representations: a read on a worker thread may still be
-        #: using one, so they are closed at release, not when the handle moves on.
-        self.retired: list[int] = []
-
-
 class DirHandle:
     """A directory listing, taken by the first readdir (not at opendir: the kernel may answer the
     listing from its own cache and never ask); its names are the stable offsets readdir pages
@@ -233,13 +204,12 @@ class Operations(pyfuse3.Operations):
         self.stats: Stats = files.stats
         self.table = files.table
         files.on_swapped = self.invalidate_attrs
+        files.on_idle = on_idle
         self.on_moved = on_moved
-        self.handles: dict[int, Handle] = {}
-        self._by_node: dict[Node, list[Handle]] = {}  # the same handles, by node
+        self.handles = files.handles
         self.dirs: dict[int, DirHandle] = {}
-        self._next_fh = 1
+        self._next_dir_fh = 1
         self.status_provider = status  # set by the mount once it can describe itself
-        self.on_idle = on_idle
         self.read_limiter = trio.CapacityLimiter(read_threads)
         self._statfs: tuple[float, pyfuse3.StatvfsData] | None = None
         self._status_given: dict[int, tuple[float, bytes]] = {}  # see _status_json
@@ -296,30 +266,6 @@ class Operations(pyfuse3.Operations):
         if parent is None:
             raise FUSEError(errno.ENOENT)
         return self.table.dir_fd(parent), self._path(parent), name
-
-    def _handles_of(self, node: Node) -> list[Handle]:
-        """The open handles on a node (indexed: a writer's every GETXATTR asks, and a process
-        may hold thousands of files open)."""
-        return list(self._by_node.get(node, ()))
-
-    def _add_handle(self, fh: int, handle: Handle) -> None:
-        self.handles[fh] = handle
-        self._by_node.setdefault(handle.node, []).append(handle)
-        handle.node.opens += 1
-
-    def _remove_handle(self, fh: int) -> Handle:
-        handle = self.handles.pop(fh)
-        held = self._by_node[handle.node]
-        held.remove(handle)
-        if not held:
-            del self._by_node[handle.node]
-        handle.node.opens -= 1
-        return handle
-
-    def _new_fh(self) -> int:
-        fh = self._next_fh
-        self._next_fh += 1
-        return fh
 
     def _check_name(self, parent_ino: int, name: bytes) -> None:
         """Names the view cannot create: zstfs's own and the `.zst` representations."""
@@ -411,7 +357,7 @@ class Operations(pyfuse3.Operations):
         fd = node.anon_fd
         reader = None
         if fd is None:
-            for h in self._handles_of(node)[:1]:
+            for h in self.handles.of(node)[:1]:
                 fd, reader = h.fd, h.reader
         if fd is None:
             raise FUSEError(errno.ENOENT)
@@ -474,12 +420,12 @@ class Operations(pyfuse3.Operations):
         async def attempt() -> pyfuse3.EntryAttributes:
             # Under the file's lock: a promotion or a swap's publish step never runs meanwhile,
             # so the change lands on the file that results (and a swap never reverts it).
-            async with self._locked(node):
+            async with self.files.hold(node):
                 if fields.update_size:
                     self.files.abandon(node)  # one that started while we waited
                 return await self._setattr_locked(node, handle, attr, fields)
 
-        return await self._unleased(node, os.O_WRONLY, attempt)
+        return await self.files.unleased(node, os.O_WRONLY, attempt)
 
     async def _setattr_locked(
         self,
@@ -490,9 +436,9 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         if fields.update_size:
             # Truncation changes content: a compressed file becomes plain first.
-            await self._make_plain(node, empty=attr.st_size == 0)
+            await self.files.make_plain(node, empty=attr.st_size == 0)
             if handle is not None:
-                self._refresh_handle(handle)
+                self.files.refresh(handle)
                 os.ftruncate(handle.fd, attr.st_size)
             elif node.anon_fd is not None:
                 os.ftruncate(node.anon_fd, attr.st_size)
@@ -516,24 +462,6 @@ class Operations(pyfuse3.Operations):
             self._apply(target, lambda t: os.utime(t, ns=ns), node)
         return await self._stat_node(node)
 
-    @contextlib.asynccontextmanager
-    async def _locked(self, node: Node) -> AsyncIterator[None]:
-        """Hold the node's lock (the node is kept in the table meanwhile). A free lock is taken
-        without a trip through the scheduler (one fewer task switch per setattr)."""
-        node.claims += 1
-        try:
-            if node.lock.locked():
-                await node.lock.acquire()
-            else:
-                node.lock.acquire_nowait()
-            try:
-                yield
-            finally:
-                node.lock.release()
-        finally:
-            node.claims -= 1
-            self.table.maybe_drop(node)
-
     def _truncate(self, node: Node, size: int) -> None:
         dfd, _, name = self._at(node)
         fd = self.store.open_plain(name, os.O_WRONLY, dir_fd=dfd)
@@ -550,7 +478,7 @@ class Operations(pyfuse3.Operations):
             return node.anon_fd
         if handle is not None:
             return handle.fd
-        fd = self._any_fd(node)
+        fd = self.handles.any_fd(node)
         if fd is None:
             raise FUSEError(errno.ENOENT)
         return fd
@@ -597,7 +525,8 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.ENOSYS)
         node = self._node(inode)
         self._dir_path(inode)  # a directory that has a name
-        fh = self._new_fh()
+        fh = self._next_dir_fh
+        self._next_dir_fh += 1
         self.dirs[fh] = DirHandle(node)
         return FileHandleT(fh)
 
@@ -787,41 +716,26 @@ class Operations(pyfuse3.Operations):
         return attrs
 
     # ------------------------------------------------------------------ namespace
-    async def _locked_node(self, parent_ino: int, name: bytes) -> Node | None:
-        """The known node of (parent, name) with its lock taken (waits for a swap), or None."""
+    def _known_node(self, parent_ino: int, name: bytes) -> Node | None:
+        """The known node of (parent, name), or None."""
         node = self.table.by_link.get((parent_ino, name))
         if node is None:
             entry = self.store.resolve_in(self._dfd(parent_ino), self._dir_path(parent_ino), name)
             if entry is None:
                 return None
             node = self.table.by_key.get((entry.st.st_dev, entry.st.st_ino))
-            if node is None:
-                return None
-        node.claims += 1
-        try:
-            await node.lock.acquire()
-        finally:
-            node.claims -= 1
         return node
-
-    def _release_node(self, node: Node | None) -> None:
-        if node is not None:
-            node.lock.release()
-            self.table.maybe_drop(node)
 
     @translate_errors
     async def unlink(self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         if not self.rules.visible(self._dir_path(parent_inode), name):
             raise FUSEError(errno.ENOENT)
-        node = await self._locked_node(parent_inode, name)
-        try:
+        async with self.files.hold(self._known_node(parent_inode, name)) as node:
             self.files.abandon(node)  # compressing a removed file is wasted work
             parent, dfd = self._dir_path(parent_inode), self._dfd(parent_inode)
             entry = self.store.resolve_in(dfd, parent, name)
             self._remove_forms(dfd, parent, name, missing_ok=False)
             self.table.unlink(parent_inode, name, linked_elsewhere=_linked(entry))
-        finally:
-            self._release_node(node)
 
     def _remove_forms(self, dfd: int, parent: bytes, name: bytes, *, missing_ok: bool) -> bool:
         """Remove every backing form of a logical file name in directory `dfd` (`parent`);
@@ -852,21 +766,15 @@ class Operations(pyfuse3.Operations):
         if not self.rules.visible(self._dir_path(parent_inode_old), name_old):
             raise FUSEError(errno.ENOENT)
         self._check_name(parent_inode_new, name_new)
-        src_node = await self._locked_node(parent_inode_old, name_old)
-        dst_node = None
-        try:
-            dst_node = await self._locked_node(parent_inode_new, name_new)
-            if dst_node is src_node:
-                dst_node = None
+        hold = self.files.hold
+        async with hold(self._known_node(parent_inode_old, name_old)) as src_node, \
+                hold(self._known_node(parent_inode_new, name_new)) as dst_node:
             # A swap decided under the old name would fail to publish anyway.
             self.files.abandon(src_node)
             self.files.abandon(dst_node)
             old_path = join(self._dir_path(parent_inode_old), name_old)
             await self._rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
             new_path = join(self._dir_path(parent_inode_new), name_new)
-        finally:
-            self._release_node(dst_node)
-            self._release_node(src_node)
         self._moved(old_path, new_path, src_node, flags)
 
     def _moved(self, old_path: bytes, new_path: bytes, node: Node | None, flags: int) -> None:
@@ -881,9 +789,8 @@ class Operations(pyfuse3.Operations):
             self.on_moved(tmp, new_path)
         else:
             self.on_moved(old_path, new_path)
-        if (node is not None and node.opens == 0 and not node.compressed and not node.is_dir
-                and self.on_idle is not None and self.rules.compressible(*split(new_path))):
-            self.on_idle(new_path)
+        if node is not None:
+            self.files.rested(node, new_path)
 
     async def _rename(
         self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, flags: int
@@ -901,7 +808,7 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EEXIST)
         if src.compressed and not self.rules.compressible(new_dir, n_new):
             # The new name cannot have a .zst form: the file becomes plain first.
-            await self._make_plain(self._node_at(p_old, n_old, src))
+            await self.files.make_plain(self._node_at(p_old, n_old, src))
             old_dir, new_dir = self._dir_path(p_old), self._dir_path(p_new)
             src = self.store.resolve_in(self._dfd(p_old), old_dir, n_old)
             assert src is not None
@@ -945,18 +852,12 @@ class Operations(pyfuse3.Operations):
         for parent_ino, name, entry in ((p_old, n_old, src), (p_new, n_new, dst)):
             if entry.compressed:
                 # Both sides must have the same form to swap names atomically.
-                await self._make_plain(self._node_at(parent_ino, name, entry))
+                await self.files.make_plain(self._node_at(parent_ino, name, entry))
         old_fd, new_fd = self._dfd(p_old), self._dfd(p_new)
         src = self.store.resolve_in(old_fd, self._dir_path(p_old), n_old) or src
         dst = self.store.resolve_in(new_fd, self._dir_path(p_new), n_new) or dst
         rename_at(old_fd, src.name, new_fd, dst.name, pyfuse3.RENAME_EXCHANGE)
-        a = self.table.by_link.pop((p_old, n_old), None)
-        b = self.table.by_link.pop((p_new, n_new), None)
-        for node, old, new in ((a, (p_old, n_old), (p_new, n_new)),
-                               (b, (p_new, n_new), (p_old, n_old))):
-            if node is not None:
-                node.links[node.links.index(old)] = new
-                self.table.by_link[new] = node
+        self.table.exchange((p_old, n_old), (p_new, n_new))
 
     def _node_at(self, parent_ino: int, name: bytes, entry: Entry) -> Node:
         return self.table.attach(parent_ino, name, entry.st, entry.compressed)
@@ -993,7 +894,7 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         # A hard link to a compressed file would be broken by its next promotion: link the
         # plain form instead.
-        await self._make_plain(node)
+        await self.files.make_plain(node)
         new_dir, new_fd = self._dir_path(new_parent_inode), self._dfd(new_parent_inode)
         if (self.rules.compressible(new_dir, new_name)
                 and self.store.resolve_in(new_fd, new_dir, new_name)):
@@ -1005,64 +906,14 @@ class Operations(pyfuse3.Operations):
     # ------------------------------------------------------------------ open files
     @translate_errors
     async def open(self, inode: InodeT, flags: int, ctx: pyfuse3.RequestContext) -> FileInfo:
-        node = self._node(inode)
-        return await self._unleased(node, flags, lambda: self._open(node, flags))
+        handle = await self.files.open(self._node(inode), flags)
+        return self._file_info(handle, self._keep_cache(handle.node, handle))
 
-    async def _unleased(self, node: Node, flags: int,
-                        attempt: Callable[[], Awaitable[R]]) -> R:
-        """Run `attempt`, which opens a backing file without waiting on a lease (Leased). If
-        the file is leased, a swap of ours (found by its inode, in case the kernel reached it
-        through another node) gives up, anyone else's lease is waited out in a worker thread
-        (never on the thread that serves every request), and it is tried again; a file leased
-        over and over ends in EAGAIN."""
-        for _ in range(3):
-            try:
-                return await attempt()
-            except Leased as e:
-                if not await self.files.settle_file(e.key):
-                    dfd, _, name = self._at(node)
-                    owned = os.dup(dfd)  # (the node's is borrowed: the thread outlives an await)
-                    try:
-                        await trio.to_thread.run_sync(self.store.wait_unleased, owned, name,
-                                                      flags)
-                    finally:
-                        os.close(owned)
-        return await attempt()
-
-    async def _open(self, node: Node, flags: int) -> FileInfo:
-        while node.swap is not None and not node.swap.adopt:
-            # Its compaction holds a lease: opening the backing file now would block this
-            # thread on our own lease. Make it give up first. (A re-encoding of a `.zst` holds
-            # only a read lease: readers go on, and a write promotes under the file's lock.)
-            await self.files.settle(node)
-        if not node.busy and not (flags & os.O_TRUNC and node.compressed):
-            # Nobody holds the lock and nothing below awaits: the open is atomic with respect
-            # to swaps without taking the lock (a lock round trip per open shows in `grep -r`).
-            return self._open_now(node, flags)
-        node.claims += 1
-        try:
-            async with node.lock:
-                return await self._open_locked(node, flags)
-        finally:
-            node.claims -= 1
-            self.table.maybe_drop(node)
-
-    async def _open_locked(self, node: Node, flags: int) -> FileInfo:
-        if flags & os.O_ACCMODE != os.O_RDONLY and flags & os.O_TRUNC:
-            await self._make_plain(node, empty=True)
-        return self._open_now(node, flags)
-
-    def _open_now(self, node: Node, flags: int) -> FileInfo:
-        writing = flags & os.O_ACCMODE != os.O_RDONLY
-        handle = self._open_handle(node, flags)
-        if writing and flags & os.O_TRUNC:
-            os.ftruncate(handle.fd, 0)
-            node.writes += 1
-        fh = self._new_fh()
-        keep = self._keep_cache(node, handle)
-        backing_id = self._passthrough(node, handle)
-        self._add_handle(fh, handle)
-        return _file_info(fh, keep, backing_id, self._direct(flags, backing_id))
+    def _file_info(self, handle: Handle, keep_cache: bool) -> FileInfo:
+        """The kernel's view of a new handle (counted already): kernel passthrough or not,
+        direct I/O or not."""
+        backing_id = self._passthrough(handle.node, handle)
+        return _file_info(handle.fh, keep_cache, backing_id, self._direct(handle.flags, backing_id))
 
     def _direct(self, flags: int, backing_id: int) -> bool:
         """Whether a handle the daemon serves is opened for direct I/O: an appender's
@@ -1080,7 +931,7 @@ class Operations(pyfuse3.Operations):
 
     def _passthrough(self, node: Node, handle: Handle) -> int:
         """The backing id to open `handle` with in passthrough mode, or 0 for a handle whose
-        reads and writes come here. Called before `handle` is in the table.
+        reads and writes come here.
 
         Only files the compactor never takes (names outside the patterns: databases, configs,
         working trees): a mapping of a passthrough file maps the backing file itself, and its
@@ -1091,9 +942,10 @@ class Operations(pyfuse3.Operations):
         if handle.reader is not None:
             return 0
         # The kernel allows one backing file per inode: the node's other handles share theirs.
-        backing_id = self._backing_id_of(node)
+        backing_id = self.handles.backing_id_of(node, besides=handle)
         if not backing_id:
-            if not self.enable_passthrough or node.opens:  # (each open handle is served here)
+            # (each other open handle is served here)
+            if not self.enable_passthrough or node.opens > 1:
                 return 0
             path = self.table.path(node)
             if path is None or self.rules.compressible(*split(path)):
@@ -1111,9 +963,6 @@ class Operations(pyfuse3.Operations):
             node.seen = NEVER_SEEN
         self.stats.passthrough_opens += 1
         return backing_id
-
-    def _backing_id_of(self, node: Node) -> int:
-        return next((h.backing_id for h in self._by_node.get(node, ()) if h.backing_id), 0)
 
     def _passthrough_refused(self, e: OSError) -> None:
         """Expected without CAP_SYS_ADMIN (a mount by an ordinary user): passthrough is off
@@ -1141,49 +990,15 @@ class Operations(pyfuse3.Operations):
             os.close(fd)
 
     def _drop_passthrough(self, handle: Handle) -> None:
-        """After `handle` left the table: the node's last passthrough handle gives its backing
-        id back (the kernel keeps its own reference for as long as it needs one)."""
-        if self._backing_id_of(handle.node):
+        """Before `handle` leaves the table: the node's last passthrough handle gives its
+        backing id back (the kernel keeps its own reference for as long as it needs one)."""
+        if self.handles.backing_id_of(handle.node, besides=handle):
             return
         try:
             self.passthrough_close(handle.backing_id)
         except OSError as e:
             log.warning("passthrough_close(%d) of %s: %s", handle.backing_id,
                         self._describe(handle.node), os.strerror(e.errno or errno.EIO))
-
-    def _open_handle(self, node: Node, flags: int) -> Handle:
-        """A handle on the node's current representation (never decodes)."""
-        backing_flags = (flags & ~_OPEN_STRIP) | os.O_CLOEXEC
-        same = self._current_fd(node)
-        if same is not None:
-            # Unlinked (but open elsewhere): reopen that very inode through its descriptor.
-            return Handle(node, os.open(f"/proc/self/fd/{same}", backing_flags), flags, None)
-        if node.ino == ROOT_INODE:
-            raise FUSEError(errno.EISDIR)
-        dfd, parent, name = self._at(node)
-        entry = self.store.resolve_in(dfd, parent, name)
-        if entry is None:
-            raise FUSEError(errno.ENOENT)
-        if entry.compressed:
-            try:
-                fd = self.store.open_compressed(entry.name, entry.st, dir_fd=dfd)
-            except codec.CorruptError as e:
-                e.zstfs_path = os.fsdecode(join(parent, entry.name))  # type: ignore[attr-defined]
-                raise
-            reader = codec.ZstReader(fd)
-            size = self.store.known_size(entry.st)
-            return Handle(node, fd, flags, reader, size is not None and size <= INLINE_DECODE_LIMIT)
-        return Handle(node, self.store.open_plain(name, backing_flags, dir_fd=dfd), flags, None)
-
-    def _current_fd(self, node: Node) -> int | None:
-        """For a node with no name: a descriptor of its current plain content (its anonymous
-        promotion, or a handle opened since its last promotion), else None."""
-        if node.anon_fd is not None:
-            return node.anon_fd
-        if self.table.path(node) is not None:
-            return None
-        return next((h.fd for h in self._handles_of(node)
-                     if h.reader is None and h.generation == node.generation), None)
 
     def _keep_cache(self, node: Node, handle: Handle) -> bool:
         """Keep the kernel's cached pages unless the content changed behind our back."""
@@ -1192,37 +1007,6 @@ class Operations(pyfuse3.Operations):
         keep = node.seen is None or node.seen[1] == seen[1]
         node.seen = seen
         return keep
-
-    def _refresh_handle(self, handle: Handle) -> None:
-        """Point a handle at the node's current representation after a promotion. The old
-        descriptor stays open until release: a read on a worker thread may still use it."""
-        node = handle.node
-        if handle.generation == node.generation:
-            return
-        try:
-            fresh = self._open_handle(node, handle.flags)
-        except (FUSEError, FileNotFoundError):
-            if handle.flags & os.O_ACCMODE != os.O_RDONLY or node.compressed:
-                raise
-            # Promoted, then removed, and every descriptor of the new form is closed: nobody
-            # can see that content any more; this reader goes on with what it had.
-            handle.generation = node.generation
-            return
-        handle.retired.append(handle.fd)
-        handle.fd, handle.reader, handle.generation = fresh.fd, fresh.reader, fresh.generation
-        handle.inline = fresh.inline
-
-    async def _make_plain(self, node: Node, *, empty: bool = False) -> None:
-        if node.compressed:
-            await self.files.promote(node, empty=empty, source_fd=self._any_fd(node))
-            # Every handle moves to the plain file now, while it has a name: a writer left on
-            # the `.zst` until its next request could find the file removed meanwhile and
-            # nothing left to reopen (ENOENT from write(2) on an open descriptor).
-            for h in self._handles_of(node):
-                self._refresh_handle(h)
-
-    def _any_fd(self, node: Node) -> int | None:
-        return next((h.fd for h in self._handles_of(node)), None)
 
     async def _create_existing(
         self, parent_inode: int, name: bytes, flags: int, ctx: pyfuse3.RequestContext
@@ -1270,16 +1054,13 @@ class Operations(pyfuse3.Operations):
         node.lookups += 1
         handle = Handle(node, fd, flags, None)
         node.seen = (st.st_size, st.st_mtime_ns)
-        fh = self._new_fh()
-        backing_id = self._passthrough(node, handle)
-        self._add_handle(fh, handle)
-        info = _file_info(fh, True, backing_id, self._direct(flags, backing_id))
-        return info, self._attrs(node, st, st.st_size)
+        self.handles.add(handle)
+        return self._file_info(handle, True), self._attrs(node, st, st.st_size)
 
     @translate_errors
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
         h = self.handles[fh]
-        self._refresh_handle(h)
+        self.files.refresh(h)
         reader = h.reader
         if reader is None:
             return os.pread(h.fd, size, off)
@@ -1305,8 +1086,8 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
         h = self.handles[fh]
         if h.node.compressed:
-            await self._make_plain(h.node)
-        self._refresh_handle(h)
+            await self.files.make_plain(h.node)
+        self.files.refresh(h)
         n = self._write_all(h.fd, buf, off)
         h.wrote = True
         h.node.writes += 1
@@ -1355,21 +1136,10 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def release(self, fh: FileHandleT) -> None:
-        h = self._remove_handle(fh)
-        node = h.node
-        if h.wrote:
-            st = os.fstat(h.fd)
-            node.seen = (st.st_size, st.st_mtime_ns)  # our own writes kept the page cache right
-        os.close(h.fd)
-        for fd in h.retired:
-            os.close(fd)
+        h = self.handles[fh]
         if h.backing_id:
             self._drop_passthrough(h)
-        if node.opens == 0 and self.on_idle is not None and not node.compressed:
-            path = self.table.path(node)
-            if path is not None and self.rules.compressible(*split(path)):
-                self.on_idle(path)
-        self.table.maybe_drop(node)
+        self.files.release(fh)
 
     # ------------------------------------------------------------------ xattrs
     def _xattr_call(self, node: Node, call: Callable[..., Any], *args: Any) -> Any:
@@ -1394,7 +1164,7 @@ class Operations(pyfuse3.Operations):
                 return await self._status_json(ctx.pid)
             raise FUSEError(pyfuse3.ENOATTR)
         node = self._node(inode)
-        fd = self._held_fd(node)
+        fd = self.handles.held_fd(node)
         try:
             if fd is not None:  # every write asks for security.capability: no path walk
                 return os.getxattr(fd, name)
@@ -1403,13 +1173,6 @@ class Operations(pyfuse3.Operations):
             if e.errno == errno.ENODATA:
                 raise FUSEError(pyfuse3.ENOATTR) from None
             raise
-
-    def _held_fd(self, node: Node) -> int | None:
-        """A descriptor of the node's current representation that an open handle holds."""
-        if not node.opens:
-            return None
-        return next((h.fd for h in self._handles_of(node) if h.generation == node.generation),
-                    None)
 
     async def _status_json(self, caller: int) -> bytes:
         """The status document, computed afresh for every request.
@@ -1437,7 +1200,7 @@ class Operations(pyfuse3.Operations):
         if self._reserved_xattr(inode, name):
             raise FUSEError(errno.EPERM)
         node = self._node(inode)
-        async with self._locked(node):  # never during a swap's publish, which would revert it
+        async with self.files.hold(node):  # never during a swap's publish, which would revert it
             self._xattr_call(node, os.setxattr, name, value)
 
     @translate_errors
@@ -1454,7 +1217,7 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EPERM)
         node = self._node(inode)
         try:
-            async with self._locked(node):
+            async with self.files.hold(node):
                 self._xattr_call(node, os.removexattr, name)
         except OSError as e:
             if e.errno == errno.ENODATA:
