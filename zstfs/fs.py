@@ -32,10 +32,10 @@ import trio
 from pyfuse3 import FileHandleT, FileInfo, FUSEError, InodeT
 
 from zstfs import codec
-from zstfs.names import NAME_MAX, STATUS_XATTR, zst_name
+from zstfs.names import NAME_MAX, STATUS_XATTR
 from zstfs.openfiles import ROOT_INODE, Handle, Node, OpenFiles
 from zstfs.stats import Stats
-from zstfs.store import Entry, join, no_zst_form, rename_at, split
+from zstfs.store import Entry, join, rename_at, split
 
 log = logging.getLogger(__name__)
 
@@ -734,24 +734,9 @@ class Operations(pyfuse3.Operations):
             self.files.abandon(node)  # compressing a removed file is wasted work
             parent, dfd = self._dir_path(parent_inode), self._dfd(parent_inode)
             entry = self.store.resolve_in(dfd, parent, name)
-            self._remove_forms(dfd, parent, name, missing_ok=False)
+            if not self.store.remove_forms(dfd, parent, name):
+                raise FUSEError(errno.ENOENT)
             self.table.unlink(parent_inode, name, linked_elsewhere=_linked(entry))
-
-    def _remove_forms(self, dfd: int, parent: bytes, name: bytes, *, missing_ok: bool) -> bool:
-        """Remove every backing form of a logical file name in directory `dfd` (`parent`);
-        True if anything was removed."""
-        removed = False
-        forms = [name, zst_name(name)] if self.rules.compressible(parent, name) else [name]
-        for form in forms:
-            try:
-                os.unlink(form, dir_fd=dfd)
-                removed = True
-            except OSError as e:
-                if not (e.errno == errno.ENOENT or (form != name and no_zst_form(e))):
-                    raise
-        if not removed and not missing_ok:
-            raise FUSEError(errno.ENOENT)
-        return removed
 
     @translate_errors
     async def rename(
@@ -815,26 +800,8 @@ class Operations(pyfuse3.Operations):
         if flags & pyfuse3.RENAME_EXCHANGE:
             await self._exchange(p_old, n_old, src, p_new, n_new, dst)
             return
-        old_fd, new_fd = self._dfd(p_old), self._dfd(p_new)
-        target = zst_name(n_new) if src.compressed else n_new
-        if dst is not None and dst.compressed != src.compressed:
-            # Replace both forms of the destination. Remove the other form first, so that
-            # no moment shows the old plain file winning over the new compressed one.
-            if stat.S_ISDIR(src.st.st_mode) != stat.S_ISDIR(dst.st.st_mode):
-                raise FUSEError(errno.EISDIR if stat.S_ISDIR(dst.st.st_mode) else errno.ENOTDIR)
-            os.unlink(dst.name, dir_fd=new_fd)
-        rename_at(old_fd, src.name, new_fd, target, flags & pyfuse3.RENAME_NOREPLACE)
-        if not src.compressed and self.rules.compressible(old_dir, n_old):
-            # A differing leftover `.zst` that recovery kept hidden behind the plain file
-            # would show its old content under the old name: keep it aside, hidden.
-            self.store.set_aside(old_dir, zst_name(n_old), dir_fd=old_fd)
-        if self.rules.compressible(new_dir, n_new) and not src.compressed:
-            # A stale compressed form of the destination would resurface if the plain one went.
-            try:
-                os.unlink(zst_name(n_new), dir_fd=new_fd)
-            except OSError as e:
-                if not no_zst_form(e):
-                    raise
+        self.store.rename_entry(self._dfd(p_old), old_dir, n_old, src, self._dfd(p_new), new_dir,
+                                n_new, dst, noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE))
         self.table.unlink(p_new, n_new, linked_elsewhere=_linked(dst))
         self.table.move((p_old, n_old), (p_new, n_new))
 
