@@ -13,12 +13,9 @@ an open, truncation or removal of a file first abandons its compaction (`OpenFil
 
 from __future__ import annotations
 
-import bisect
-import collections
 import contextlib
 import errno
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +28,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FileHandleT, FileInfo, FUSEError, InodeT
 
-from zstfs import codec
+from zstfs import codec, listing
 from zstfs.names import NAME_MAX, STATUS_XATTR
 from zstfs.openfiles import ROOT_INODE, Handle, Node, OpenFiles
 from zstfs.stats import Stats
@@ -43,18 +40,10 @@ log = logging.getLogger(__name__)
 #: stays right; swaps (which change only st_blocks and ctime) invalidate the inode explicitly.
 CACHE_TIMEOUT = 60.0
 _DOTS = {b".": 0, b"..": 1}
-#: Directories whose listing in progress is kept for its next pages (see `readdir`), and the
-#: most names they hold together (the last one is kept whatever its size).
-LISTINGS_KEPT = 16
-LISTED_NAMES_KEPT = 100_000
 #: Entries one readdir call looks at: more than the kernel's largest reply (128 KiB) can hold.
 READDIR_BATCH = 1024
 
 
-def _cookie(name: bytes) -> int:
-    """A directory offset for `name` that does not depend on the other names: 3 and up (0-2
-    are the start, `.` and `..`), below 2**62 + 3 (an off_t with room for `+ 1`)."""
-    return 3 + (int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little") >> 2)
 BLKSIZE = 128 * 1024
 #: fsync of a plain file up to this size runs on the trio thread: a thread hop costs more than
 #: fsync of a small file (measured here: 190 µs vs 60-130 µs), and SQLite syncs its WAL at every
@@ -146,18 +135,6 @@ def _file_info(fh: int, keep_cache: bool, backing_id: int, direct_io: bool = Fal
                     backing_id=backing_id)
 
 
-class DirHandle:
-    """A directory listing, taken by the first readdir (not at opendir: the kernel may answer the
-    listing from its own cache and never ask); its names are the stable offsets readdir pages
-    through; what each name is *now* is looked up again when it is returned."""
-
-    __slots__ = ("names", "node")
-
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.names: list[bytes] | None = None
-
-
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False  # appends must reach the backing file as the writer sent them
@@ -173,7 +150,8 @@ class Operations(pyfuse3.Operations):
     # No OPENDIR/RELEASEDIR round trips: opendir answers ENOSYS, which a kernel that supports it
     # (5.1+) takes as success for good; readdir and fsyncdir then receive the directory's inode.
     # zstfs's pyfuse3 resets this to False at INIT where the kernel does not support it.
-    directories_by_inode = "directories_by_inode" in getattr(pyfuse3, "ZSTFS_PATCHES", ())
+    # (A property: setting it, as pyfuse3 does at INIT, picks the listing protocol.)
+    _by_inode = "directories_by_inode" in getattr(pyfuse3, "ZSTFS_PATCHES", ())
     # Files outside the patterns are opened in FUSE passthrough mode (Linux 6.9+, libfuse
     # 3.17+, and CAP_SYS_ADMIN to register a backing file): the kernel reads, writes and maps
     # the backing file itself, so a write costs no round trip through this daemon and nothing
@@ -207,25 +185,37 @@ class Operations(pyfuse3.Operations):
         files.on_idle = on_idle
         self.on_moved = on_moved
         self.handles = files.handles
-        self.dirs: dict[int, DirHandle] = {}
-        self._next_dir_fh = 1
+        self._protocols = (listing.Handles(self.table), listing.Inodes(self.table))
+        self.dirs = self._protocols[0].dirs  # directory handles
         self.status_provider = status  # set by the mount once it can describe itself
         self.read_limiter = trio.CapacityLimiter(read_threads)
         self._statfs: tuple[float, pyfuse3.StatvfsData] | None = None
         self._status_given: dict[int, tuple[float, bytes]] = {}  # see _status_json
         self.root_uid = os.geteuid() == 0
         self.initialized = trio.Event()  # the kernel's INIT request has been answered (see init)
-        # By inode (`directories_by_inode`): the sorted (cookie, name) listing each directory's
-        # last readdir from the start took, which the next pages of that listing go through
-        # (as a handle's would): a big directory is read from the disk once, not once a page.
-        self._listings: collections.OrderedDict[int, list[tuple[int, bytes]]] = (
-            collections.OrderedDict())
-        self._listed = 0  # names in _listings
+        self.listings: listing.Handles | listing.Inodes = self._protocols[0]
+        self._choose_listings()
 
     def init(self) -> None:
         # pyfuse3 calls this while it handles the kernel's INIT request; the reply goes out as
-        # this returns, before any task waiting on the event runs.
+        # this returns, before any task waiting on the event runs. pyfuse3 has just set
+        # `directories_by_inode` to what the kernel allows.
+        self._choose_listings()
         self.initialized.set()
+
+    @property
+    def directories_by_inode(self) -> bool:
+        return self._by_inode
+
+    @directories_by_inode.setter
+    def directories_by_inode(self, on: bool) -> None:
+        self._by_inode = on
+        self._choose_listings()
+
+    def _choose_listings(self) -> None:
+        """The listing protocol (listing.py) for every opendir, readdir and fsyncdir from now
+        on, as `directories_by_inode` says."""
+        self.listings = self._protocols[bool(self.directories_by_inode)]
 
     # ------------------------------------------------------------------ helpers
     def _node(self, ino: int) -> Node:
@@ -519,49 +509,20 @@ class Operations(pyfuse3.Operations):
     # ------------------------------------------------------------------ directories
     @translate_errors
     async def opendir(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> FileHandleT:
-        if self.directories_by_inode:
-            # The kernel takes ENOSYS as success and never sends OPENDIR (nor RELEASEDIR) again;
-            # readdir and fsyncdir then receive the directory's inode.
-            raise FUSEError(errno.ENOSYS)
-        node = self._node(inode)
-        self._dir_path(inode)  # a directory that has a name
-        fh = self._next_dir_fh
-        self._next_dir_fh += 1
-        self.dirs[fh] = DirHandle(node)
-        return FileHandleT(fh)
+        return FileHandleT(self.listings.opendir(inode))
 
     @translate_errors
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        """Entries from offset `start_id` on. With a directory handle, offsets index the names
-        its first readdir listed; by inode (`directories_by_inode`), every call lists afresh and
-        offsets are cookies from a hash of each name, so entries that come or go between two
-        calls never shift the others (none is skipped or repeated)."""
-        if self.directories_by_inode:
-            node = self._node(fh)  # pyfuse3 passes the directory's inode
-            if not node.is_dir:
-                raise FUSEError(errno.ENOTDIR)
-        else:
-            d = self.dirs[fh]
-            node = d.node
+        """Entries from offset `start_id` on, paged as the listing protocol says."""
+        node = self.listings.node(fh)
         parent = self._path(node)
         # A descriptor of our own (the node's is only borrowed, and O_PATH cannot be listed).
         dir_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
                          dir_fd=self.table.dir_fd(node))
         try:
             # One getdents: cheaper inline than a thread hop.
-            if self.directories_by_inode:
-                listing = self._listings.get(node.ino) if start_id > 2 else None
-                if listing is None:  # a listing starts: what is there now
-                    listing = sorted((_cookie(n), n)
-                                     for n in self.store.list_names(parent, dir_fd))
-                self._keep_listing(node.ino, listing)  # its next pages page through it
-                slots = [(b".", 1), (b"..", 2)][min(start_id, 2):]
-                first = bisect.bisect_left(listing, (start_id, b""))
-                slots += [(name, c + 1) for c, name in listing[first:]]
-            else:
-                if d.names is None:
-                    d.names = [b".", b"..", *self.store.list_names(parent, dir_fd)]
-                slots = [(d.names[i], i + 1) for i in range(start_id, len(d.names))]
+            slots = self.listings.page(fh, start_id,
+                                       lambda: self.store.list_names(parent, dir_fd))
             # No more than a reply can hold (a reply that stops early just brings the next
             # call): stat'ing every remaining name on every page made big directories quadratic.
             slots = slots[:READDIR_BATCH]
@@ -600,16 +561,6 @@ class Operations(pyfuse3.Operations):
                 return
             child.lookups += 1
 
-    def _keep_listing(self, ino: int, listing: list[tuple[int, bytes]]) -> None:
-        old = self._listings.pop(ino, None)
-        if old is not None:
-            self._listed -= len(old)
-        self._listings[ino] = listing
-        self._listed += len(listing)
-        while len(self._listings) > 1 and (len(self._listings) > LISTINGS_KEPT
-                                           or self._listed > LISTED_NAMES_KEPT):
-            self._listed -= len(self._listings.popitem(last=False)[1])
-
     def _dot(self, node: Node, i: int) -> pyfuse3.EntryAttributes:
         """`.` (i == 0) or `..` of a directory: the kernel creates no dentry for either and
         uses only the inode number and type, so no stat is needed."""
@@ -640,11 +591,11 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def releasedir(self, fh: FileHandleT) -> None:
-        del self.dirs[fh]
+        self._protocols[0].releasedir(fh)
 
     @translate_errors
     async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
-        node = self._node(fh) if self.directories_by_inode else self.dirs[fh].node
+        node = self.listings.node(fh)
         fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
                      dir_fd=self.table.dir_fd(node))
         try:
