@@ -31,8 +31,9 @@ from pyfuse3 import FileHandleT, FileInfo, FUSEError, InodeT
 from zstfs import codec, listing
 from zstfs.names import NAME_MAX, STATUS_XATTR
 from zstfs.openfiles import ROOT_INODE, Handle, Node, OpenFiles
+from zstfs.passthrough import Passthrough
 from zstfs.stats import Stats
-from zstfs.store import Entry, join, rename_at, split
+from zstfs.store import Entry, join, rename_at
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,6 @@ BLKSIZE = 128 * 1024
 #: seconds, sync on a worker thread, so no request waits long behind another's sync.
 INLINE_FSYNC_LIMIT = 8 << 20
 INLINE_FSYNC_SLOW = 0.02
-#: `Node.seen` after a passthrough writer: no cached open keeps the pages it finds.
-NEVER_SEEN = (-1, -1)
 #: Extended attributes on the mount root under this prefix are zstfs's own (`user.zstfs.status`).
 RESERVED_XATTR_PREFIX = b"user.zstfs."
 #: How long the status document given to a thread bounds the length of its next one.
@@ -155,7 +154,7 @@ class Operations(pyfuse3.Operations):
     # Files outside the patterns are opened in FUSE passthrough mode (Linux 6.9+, libfuse
     # 3.17+, and CAP_SYS_ADMIN to register a backing file): the kernel reads, writes and maps
     # the backing file itself, so a write costs no round trip through this daemon and nothing
-    # written is ever held here (see _passthrough). zstfs's pyfuse3 resets this at INIT where
+    # written is ever held here (passthrough.py). zstfs's pyfuse3 resets this at INIT where
     # the kernel lacks it; the first refused registration turns it off for the mount.
     enable_passthrough = "enable_passthrough" in getattr(pyfuse3, "ZSTFS_PATCHES", ())
     # The calls into the kernel session, replaceable so that the in-process tests can drive
@@ -185,6 +184,7 @@ class Operations(pyfuse3.Operations):
         files.on_idle = on_idle
         self.on_moved = on_moved
         self.handles = files.handles
+        self.passthrough = Passthrough(files, self)
         self._protocols = (listing.Handles(self.table), listing.Inodes(self.table))
         self.dirs = self._protocols[0].dirs  # directory handles
         self.status_provider = status  # set by the mount once it can describe itself
@@ -830,7 +830,7 @@ class Operations(pyfuse3.Operations):
     def _file_info(self, handle: Handle, keep_cache: bool) -> FileInfo:
         """The kernel's view of a new handle (counted already): kernel passthrough or not,
         direct I/O or not."""
-        backing_id = self._passthrough(handle.node, handle)
+        backing_id = self.passthrough.open(handle)
         return _file_info(handle.fh, keep_cache, backing_id, self._direct(handle.flags, backing_id))
 
     def _direct(self, flags: int, backing_id: int) -> bool:
@@ -846,77 +846,6 @@ class Operations(pyfuse3.Operations):
         descriptor is refused (ENODEV) unless libfuse negotiates FUSE_DIRECT_IO_ALLOW_MMAP."""
         return (self.direct_appends and not backing_id and bool(flags & os.O_APPEND)
                 and flags & os.O_ACCMODE != os.O_RDONLY)
-
-    def _passthrough(self, node: Node, handle: Handle) -> int:
-        """The backing id to open `handle` with in passthrough mode, or 0 for a handle whose
-        reads and writes come here.
-
-        Only files the compactor never takes (names outside the patterns: databases, configs,
-        working trees): a mapping of a passthrough file maps the backing file itself, and its
-        handle is released when its descriptor is closed, so the daemon could not count it as
-        open. And only where no handle of the file is served here (a file renamed out of the
-        patterns while its `.zst` or promoted form is read): the kernel refuses to mix the two
-        on one inode (the open would fail with EIO)."""
-        if handle.reader is not None:
-            return 0
-        # The kernel allows one backing file per inode: the node's other handles share theirs.
-        backing_id = self.handles.backing_id_of(node, besides=handle)
-        if not backing_id:
-            # (each other open handle is served here)
-            if not self.enable_passthrough or node.opens > 1:
-                return 0
-            path = self.table.path(node)
-            if path is None or self.rules.compressible(*split(path)):
-                return 0
-            try:
-                backing_id = self.passthrough_open(handle.fd)
-            except OSError as e:
-                self._passthrough_refused(e)
-                return 0
-        handle.backing_id = backing_id
-        if handle.flags & os.O_ACCMODE != os.O_RDONLY:
-            # Its writes bypass the kernel's page cache of this inode, and may leave the mtime
-            # as it was (utimensat): a later cached open (after a rename into the patterns)
-            # must not keep pages read before.
-            node.seen = NEVER_SEEN
-        self.stats.passthrough_opens += 1
-        return backing_id
-
-    def _passthrough_refused(self, e: OSError) -> None:
-        """Expected without CAP_SYS_ADMIN (a mount by an ordinary user): passthrough is off
-        for the mount from now on; handles that have a backing id keep it."""
-        self.enable_passthrough = False
-        log.info("passthrough is off for this mount: registering a backing file failed: %s",
-                 os.strerror(e.errno or errno.EIO))
-
-    def probe_passthrough(self) -> None:
-        """Learn at once (after INIT) whether backing files can be registered here (it needs
-        CAP_SYS_ADMIN, and a backing filesystem stacked at most once), so that status says so
-        before the first open: with an unnamed file in the store, which nothing can see."""
-        if not self.enable_passthrough:
-            return
-        try:
-            fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600,
-                         dir_fd=self.store.root_fd)
-        except OSError:
-            return  # (a read-only store, or no O_TMPFILE): the first open decides
-        try:
-            self.passthrough_close(self.passthrough_open(fd))
-        except OSError as e:
-            self._passthrough_refused(e)
-        finally:
-            os.close(fd)
-
-    def _drop_passthrough(self, handle: Handle) -> None:
-        """Before `handle` leaves the table: the node's last passthrough handle gives its
-        backing id back (the kernel keeps its own reference for as long as it needs one)."""
-        if self.handles.backing_id_of(handle.node, besides=handle):
-            return
-        try:
-            self.passthrough_close(handle.backing_id)
-        except OSError as e:
-            log.warning("passthrough_close(%d) of %s: %s", handle.backing_id,
-                        self._describe(handle.node), os.strerror(e.errno or errno.EIO))
 
     def _keep_cache(self, node: Node, handle: Handle) -> bool:
         """Keep the kernel's cached pages unless the content changed behind our back."""
@@ -1054,9 +983,7 @@ class Operations(pyfuse3.Operations):
 
     @translate_errors
     async def release(self, fh: FileHandleT) -> None:
-        h = self.handles[fh]
-        if h.backing_id:
-            self._drop_passthrough(h)
+        self.passthrough.release(self.handles[fh])
         self.files.release(fh)
 
     # ------------------------------------------------------------------ xattrs

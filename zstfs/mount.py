@@ -260,7 +260,7 @@ async def _ready_after_init(ops: Operations, notify: daemon.Notify,
     mount's read-ahead from that reply, so only then can it be raised (before the first reader
     of a fresh mount, not a while after it)."""
     await ops.initialized.wait()
-    ops.probe_passthrough()
+    ops.passthrough.probe()
     await trio.to_thread.run_sync(tune_readahead, real_mountpoint)
     notify(None)
     daemon.sd_notify("READY=1")
