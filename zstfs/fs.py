@@ -13,7 +13,6 @@ an open, truncation or removal of a file first abandons its compaction (`OpenFil
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import json
@@ -21,7 +20,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar, cast
 
 import pyfuse3
@@ -33,19 +32,15 @@ from zstfs.names import NAME_MAX, STATUS_XATTR
 from zstfs.openfiles import ROOT_INODE, Handle, Node, OpenFiles
 from zstfs.passthrough import Passthrough
 from zstfs.stats import Stats
-from zstfs.store import Entry, join, rename_at
+from zstfs.store import join
+from zstfs.view import NoEntry, View, codec_problem, linked
 
 log = logging.getLogger(__name__)
 
-#: Entry and attribute cache time. Every change goes through the mount, so the kernel's cache
-#: stays right; swaps (which change only st_blocks and ctime) invalidate the inode explicitly.
-CACHE_TIMEOUT = 60.0
 _DOTS = {b".": 0, b"..": 1}
 #: Entries one readdir call looks at: more than the kernel's largest reply (128 KiB) can hold.
 READDIR_BATCH = 1024
 
-
-BLKSIZE = 128 * 1024
 #: fsync of a plain file up to this size runs on the trio thread: a thread hop costs more than
 #: fsync of a small file (measured here: 190 µs vs 60-130 µs), and SQLite syncs its WAL at every
 #: commit. Bigger files, and a handle whose last fsync took longer than INLINE_FSYNC_SLOW
@@ -58,23 +53,105 @@ RESERVED_XATTR_PREFIX = b"user.zstfs."
 STATUS_PAIR_SECONDS = 1.0
 
 
-def _negative_entry() -> pyfuse3.EntryAttributes:
-    """The answer to a lookup of an absent name: inode 0, cached like a positive entry."""
+#: Entry and attribute cache time. Every change goes through the mount, so the kernel's cache
+#: stays right; swaps (which change only st_blocks and ctime) invalidate the inode explicitly.
+CACHE_TIMEOUT = 60.0
+BLKSIZE = 128 * 1024
+
+
+def entry_attributes(ino: int, st: os.stat_result, size: int) -> pyfuse3.EntryAttributes:
+    """Inode `ino` as backed by `st`, with its logical size."""
+    a = pyfuse3.EntryAttributes()
+    a.st_ino = InodeT(ino)
+    a.generation = 0
+    a.entry_timeout = CACHE_TIMEOUT
+    a.attr_timeout = CACHE_TIMEOUT
+    a.st_mode = st.st_mode
+    a.st_nlink = st.st_nlink
+    a.st_uid = st.st_uid
+    a.st_gid = st.st_gid
+    a.st_rdev = st.st_rdev
+    a.st_size = size
+    a.st_blksize = BLKSIZE
+    a.st_blocks = st.st_blocks  # what is really stored, so `du` tells the truth
+    a.st_atime_ns = st.st_atime_ns
+    a.st_mtime_ns = st.st_mtime_ns
+    a.st_ctime_ns = st.st_ctime_ns
+    return a
+
+
+def dot(node: Node, i: int) -> pyfuse3.EntryAttributes:
+    """`.` (i == 0) or `..` of a directory: the kernel creates no dentry for either and uses
+    only the inode number and type, so no stat is needed."""
+    ino = node.ino
+    if i == 1 and node.ino != ROOT_INODE and node.links:
+        ino = node.links[0][0]
+    a = pyfuse3.EntryAttributes()
+    a.st_ino = InodeT(ino)
+    a.st_mode = stat.S_IFDIR | 0o755
+    return a
+
+
+def _negative() -> pyfuse3.EntryAttributes:
     a = pyfuse3.EntryAttributes()
     a.st_ino = InodeT(0)
     a.entry_timeout = CACHE_TIMEOUT
     return a
 
 
-_NEGATIVE = _negative_entry()
+#: The answer to a lookup of an absent name: inode 0, cached like a positive entry.
+NEGATIVE = _negative()
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    try:
+        release = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return release >= (major, minor)
+
+
+#: Appends are sent to the daemon as direct I/O (FOPEN_DIRECT_IO) where the kernel then drops
+#: the written range from the page cache, so that other openers' cached pages never go stale:
+#: Linux 6.13 (fuse_direct_io invalidates for every FOPEN_DIRECT_IO write; earlier kernels only
+#: with FUSE_DIRECT_IO_ALLOW_MMAP, or not at all).
+DIRECT_APPENDS = _kernel_at_least(6, 13)
+
+
+def appending(flags: int) -> bool:
+    """Whether a handle the daemon serves is opened for direct I/O (where DIRECT_APPENDS): an
+    appender's (O_APPEND, for writing).
+
+    A buffered write that starts inside a page the kernel has not cached whole (every append
+    that does not start on a page boundary) is cut after that page (`fuse_fill_write_pages`):
+    one `write(2)` reaches the daemon as two WRITEs, and a daemon killed between them leaves the
+    first part of a line in the file. A direct write is sent whole, up to `max_write` per request
+    (128 KiB). The kernel drops the written range from other openers' page cache. Only
+    appenders: a shared writable mapping of a direct-I/O descriptor is refused (ENODEV) unless
+    libfuse negotiates FUSE_DIRECT_IO_ALLOW_MMAP."""
+    return bool(flags & os.O_APPEND) and flags & os.O_ACCMODE != os.O_RDONLY
+
+
+def keep_cache(handle: Handle) -> bool:
+    """Keep the kernel's cached pages unless the content changed behind our back."""
+    node = handle.node
+    st = os.fstat(handle.fd)
+    seen = (st.st_size if handle.reader is None else -1, st.st_mtime_ns)
+    keep = node.seen is None or node.seen[1] == seen[1]
+    node.seen = seen
+    return keep
+
+
+def file_info(fh: int, keep_cache: bool, backing_id: int, direct_io: bool = False) -> FileInfo:
+    if not backing_id:  # (a stock pyfuse3's FileInfo has no backing_id)
+        return FileInfo(fh=FileHandleT(fh), keep_cache=keep_cache, direct_io=direct_io)
+    # The kernel takes no open flags but its own beside passthrough (FOPEN_PASSTHROUGH_MASK).
+    return FileInfo(fh=FileHandleT(fh), keep_cache=False,  # type: ignore[call-arg]
+                    backing_id=backing_id)
+
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-def codec_problem(e: codec.CorruptError) -> str:
-    what = "cannot decode .zst" if isinstance(e, codec.DecodeLimitError) else "damaged .zst"
-    return f"{what}: {e}"
 
 
 def translate_errors(
@@ -104,34 +181,6 @@ def translate_errors(
             raise FUSEError(errno.EIO) from None
 
     return wrapper
-
-
-def _linked(entry: Entry | None) -> bool:
-    """True if the file `entry` names has other names too (so removing this one leaves it)."""
-    return entry is not None and not stat.S_ISDIR(entry.st.st_mode) and entry.st.st_nlink > 1
-
-
-def _kernel_at_least(major: int, minor: int) -> bool:
-    try:
-        release = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
-    except ValueError:
-        return False
-    return release >= (major, minor)
-
-
-#: Appends are sent to the daemon as direct I/O (FOPEN_DIRECT_IO) where the kernel then drops
-#: the written range from the page cache, so that other openers' cached pages never go stale:
-#: Linux 6.13 (fuse_direct_io invalidates for every FOPEN_DIRECT_IO write; earlier kernels only
-#: with FUSE_DIRECT_IO_ALLOW_MMAP, or not at all).
-DIRECT_APPENDS = _kernel_at_least(6, 13)
-
-
-def _file_info(fh: int, keep_cache: bool, backing_id: int, direct_io: bool = False) -> FileInfo:
-    if not backing_id:  # (a stock pyfuse3's FileInfo has no backing_id)
-        return FileInfo(fh=FileHandleT(fh), keep_cache=keep_cache, direct_io=direct_io)
-    # The kernel takes no open flags but its own beside passthrough (FOPEN_PASSTHROUGH_MASK).
-    return FileInfo(fh=FileHandleT(fh), keep_cache=False,  # type: ignore[call-arg]
-                    backing_id=backing_id)
 
 
 class Operations(pyfuse3.Operations):
@@ -185,12 +234,12 @@ class Operations(pyfuse3.Operations):
         self.on_moved = on_moved
         self.handles = files.handles
         self.passthrough = Passthrough(files, self)
+        self.view = View(files, read_threads=read_threads)
         self._protocols = (listing.Handles(self.table), listing.Inodes(self.table))
         self.dirs = self._protocols[0].dirs  # directory handles
         self.status_provider = status  # set by the mount once it can describe itself
-        self.read_limiter = trio.CapacityLimiter(read_threads)
-        self._statfs: tuple[float, pyfuse3.StatvfsData] | None = None
         self._status_given: dict[int, tuple[float, bytes]] = {}  # see _status_json
+        self._statfs: tuple[float, pyfuse3.StatvfsData] | None = None
         self.root_uid = os.geteuid() == 0
         self.initialized = trio.Event()  # the kernel's INIT request has been answered (see init)
         self.listings: listing.Handles | listing.Inodes = self._protocols[0]
@@ -218,144 +267,13 @@ class Operations(pyfuse3.Operations):
         self.listings = self._protocols[bool(self.directories_by_inode)]
 
     # ------------------------------------------------------------------ helpers
-    def _node(self, ino: int) -> Node:
-        node = self.table.get(ino)
-        if node is None:
-            raise FUSEError(errno.ESTALE)
-        return node
-
-    def _path(self, node: Node) -> bytes:
-        path = self.table.path(node)
-        if path is None:
-            raise FUSEError(errno.ENOENT)
-        return path
-
-    def _dir_path(self, ino: int) -> bytes:
-        """A directory's path from the store root: for the naming rules and messages only.
-        The backing store is reached through descriptors (`_dfd`), never by this path."""
-        node = self._node(ino)
-        if not node.is_dir:
-            raise FUSEError(errno.ENOTDIR)
-        return self._path(node)
-
-    def _dfd(self, ino: int) -> int:
-        """The descriptor of directory `ino` (FileTable.dir_fd): names in it are resolved
-        relative to it. Borrowed: valid until the next await."""
-        node = self._node(ino)
-        if not node.is_dir:
-            raise FUSEError(errno.ENOTDIR)
-        return self.table.dir_fd(node)
-
-    def _at(self, node: Node) -> tuple[int, bytes, bytes]:
-        """(descriptor of its directory, that directory's path, its name) for a node with a
-        name; the descriptor is borrowed until the next await."""
-        if not node.links:
-            raise FUSEError(errno.ENOENT)
-        parent_ino, name = node.links[0]
-        parent = self.table.get(parent_ino)
-        if parent is None:
-            raise FUSEError(errno.ENOENT)
-        return self.table.dir_fd(parent), self._path(parent), name
-
-    def _check_name(self, parent_ino: int, name: bytes) -> None:
-        """Names the view cannot create: zstfs's own and the `.zst` representations."""
-        if not self.rules.visible(self._dir_path(parent_ino), name):
-            raise FUSEError(errno.EPERM)
-
-    async def _logical_size(self, dfd: int, parent: bytes, zname: bytes,
-                            st: os.stat_result) -> int:
-        """The decoded size of `.zst` `zname` in directory `dfd` (`parent`). Opened here, on
-        the trio thread (the directory's descriptor is only borrowed), read in a worker."""
-        size = self.store.known_size(st)
-        if size is None:
-            try:
-                fd = self.store.open_compressed(zname, st, dir_fd=dfd)
-                try:
-                    size = await trio.to_thread.run_sync(
-                        self.store.size_of, fd, st, limiter=self.read_limiter)
-                finally:
-                    os.close(fd)
-            except codec.CorruptError as e:
-                # A damaged file still lists (with its stored size); reading it gives EIO.
-                # (named like reads name it: one line per file)
-                self.stats.error(os.fsdecode(join(parent, self.rules.logical(parent, zname))),
-                                 codec_problem(e))
-                self.store.remember_size(st, st.st_size)
-                size = st.st_size
-        return size
-
-    async def _resolve(self, parent_ino: int, name: bytes) -> tuple[Entry, int]:
-        """The entry for a logical name in directory `parent_ino` and its logical size, or
-        ENOENT."""
-        parent = self._dir_path(parent_ino)
-        entry = self.store.resolve_in(self._dfd(parent_ino), parent, name)
-        if entry is None:
-            raise FUSEError(errno.ENOENT)
-        if not entry.compressed:
-            return entry, entry.st.st_size
-        size = await self._logical_size(self._dfd(parent_ino), parent, entry.name, entry.st)
-        # The await let other requests run: the directory may have been renamed or dropped.
-        parent = self._dir_path(parent_ino)
-        again = self.store.resolve_in(self._dfd(parent_ino), parent, name)
-        if again is None:
-            raise FUSEError(errno.ENOENT)
-        if again.compressed and (again.st.st_ino, again.st.st_size) != (
-            entry.st.st_ino,
-            entry.st.st_size,
-        ):
-            size = await self._logical_size(self._dfd(parent_ino), parent, again.name, again.st)
-        return again, (size if again.compressed else again.st.st_size)
-
-    def _attrs(self, node: Node, st: os.stat_result, size: int) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = InodeT(node.ino)
-        a.generation = 0
-        a.entry_timeout = CACHE_TIMEOUT
-        a.attr_timeout = CACHE_TIMEOUT
-        a.st_mode = st.st_mode
-        a.st_nlink = st.st_nlink
-        a.st_uid = st.st_uid
-        a.st_gid = st.st_gid
-        a.st_rdev = st.st_rdev
-        a.st_size = size
-        a.st_blksize = BLKSIZE
-        a.st_blocks = st.st_blocks  # what is really stored, so `du` tells the truth
-        a.st_atime_ns = st.st_atime_ns
-        a.st_mtime_ns = st.st_mtime_ns
-        a.st_ctime_ns = st.st_ctime_ns
-        return a
-
     async def _entry(self, parent_ino: int, name: bytes) -> tuple[Node, pyfuse3.EntryAttributes]:
         """Resolve (parent, name) to a node (created if new) and its attributes; no lookup count."""
-        entry, size = await self._resolve(parent_ino, name)
-        node = self.table.attach(parent_ino, name, entry.st, entry.compressed)
-        return node, self._attrs(node, entry.st, size)
+        node, st, size = await self.view.entry(parent_ino, name)
+        return node, entry_attributes(node.ino, st, size)
 
     async def _stat_node(self, node: Node) -> pyfuse3.EntryAttributes:
-        if node.is_dir or node.ino == ROOT_INODE:
-            # The directory itself, through its descriptor (whatever its name holds now).
-            st = os.fstat(self.table.dir_fd(node))
-            return self._attrs(node, st, st.st_size)
-        if self.table.path(node) is None:
-            return await self._stat_unlinked(node)
-        parent_ino, name = node.links[0]
-        entry, size = await self._resolve(parent_ino, name)
-        return self._attrs(node, entry.st, size)
-
-    async def _stat_unlinked(self, node: Node) -> pyfuse3.EntryAttributes:
-        """Attributes of a file that was unlinked while open: from one of its descriptors."""
-        fd = node.anon_fd
-        reader = None
-        if fd is None:
-            for h in self.handles.of(node)[:1]:
-                fd, reader = h.fd, h.reader
-        if fd is None:
-            raise FUSEError(errno.ENOENT)
-        st = os.fstat(fd)
-        size = st.st_size
-        if reader is not None and node.anon_fd is None:
-            size = await trio.to_thread.run_sync(lambda: reader.size, limiter=self.read_limiter)
-        return self._attrs(node, st, size)
+        return entry_attributes(node.ino, *await self.view.stat(node))
 
     # ------------------------------------------------------------------ lookups
     @translate_errors
@@ -364,18 +282,16 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         if len(name) > NAME_MAX:
             raise FUSEError(errno.ENAMETOOLONG)
-        if not self.rules.visible(self._dir_path(parent_inode), name):
-            return _NEGATIVE
+        if not self.rules.visible(self.view.dir_path(parent_inode), name):
+            return NEGATIVE
         try:
             node, attrs = await self._entry(parent_inode, name)
-        except FUSEError as e:
-            if e.errno != errno.ENOENT:
-                raise
+        except NoEntry:
             # A negative entry the kernel caches (sqlite, git and codex probe absent names
             # all the time): safe because every name is made through the mount, whose
             # create, mkdir, mknod, symlink, link and rename replace it; the daemon never
             # makes a visible name appear by itself (swaps and promotions keep the name).
-            return _NEGATIVE
+            return NEGATIVE
         node.lookups += 1
         return attrs
 
@@ -390,7 +306,7 @@ class Operations(pyfuse3.Operations):
     async def getattr(
         self, inode: InodeT, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
-        return await self._stat_node(self._node(inode))
+        return await self._stat_node(self.view.node(inode))
 
     @translate_errors
     async def setattr(
@@ -401,7 +317,7 @@ class Operations(pyfuse3.Operations):
         fh: FileHandleT | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        node = self._node(inode)
+        node = self.view.node(inode)
         handle = self.handles.get(fh) if fh is not None else None
         if fields.update_size:
             while node.swap is not None:
@@ -427,83 +343,27 @@ class Operations(pyfuse3.Operations):
         if fields.update_size:
             # Truncation changes content: a compressed file becomes plain first.
             await self.files.make_plain(node, empty=attr.st_size == 0)
-            if handle is not None:
-                self.files.refresh(handle)
-                os.ftruncate(handle.fd, attr.st_size)
-            elif node.anon_fd is not None:
-                os.ftruncate(node.anon_fd, attr.st_size)
-            else:
-                self._truncate(node, attr.st_size)
-            node.writes += 1
-        target = self._target(node, handle)
+            self.view.truncate(node, handle, attr.st_size)
+        target = self.view.target(node, handle)
         if fields.update_mode:
             mode = stat.S_IMODE(attr.st_mode)
-            self._apply(target, lambda t: os.chmod(t, mode), node)
+            self.view.apply(target, lambda t: os.chmod(t, mode), node)
         if fields.update_uid or fields.update_gid:
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
-            self._apply(target, lambda t: os.chown(t, uid, gid), node)
+            self.view.apply(target, lambda t: os.chown(t, uid, gid), node)
         if fields.update_atime or fields.update_mtime:
-            current = await self._stat_node(node)
+            current, _ = await self.view.stat(node)
             ns = (
                 attr.st_atime_ns if fields.update_atime else current.st_atime_ns,
                 attr.st_mtime_ns if fields.update_mtime else current.st_mtime_ns,
             )
-            self._apply(target, lambda t: os.utime(t, ns=ns), node)
+            self.view.apply(target, lambda t: os.utime(t, ns=ns), node)
         return await self._stat_node(node)
-
-    def _truncate(self, node: Node, size: int) -> None:
-        dfd, _, name = self._at(node)
-        fd = self.store.open_plain(name, os.O_WRONLY, dir_fd=dfd)
-        try:
-            os.ftruncate(fd, size)
-        finally:
-            os.close(fd)
-
-    def _target(self, node: Node, handle: Handle | None) -> int | None:
-        """A descriptor for metadata changes when the file has no name (unlinked but open)."""
-        if self.table.path(node) is not None:
-            return None
-        if node.anon_fd is not None:
-            return node.anon_fd
-        if handle is not None:
-            return handle.fd
-        fd = self.handles.any_fd(node)
-        if fd is None:
-            raise FUSEError(errno.ENOENT)
-        return fd
-
-    def _apply(self, fd: int | None, change: Callable[[int | bytes], None], node: Node) -> None:
-        """Apply a metadata change (chmod, chown, utime: given a descriptor or a path) to
-        `fd`, else to the node's backing object itself (never decoding)."""
-        if fd is not None:
-            change(fd)
-            return
-        with self._backing_object(node) as path:
-            change(path)
-
-    @contextlib.contextmanager
-    def _backing_object(self, node: Node) -> Iterator[bytes]:
-        """`/proc/self/fd/N` of the node's backing object itself: a directory's own descriptor,
-        or the current representation (plain or `.zst`) of anything else opened O_PATH without
-        following a symlink (a symlink is then the link itself). A change made through it never
-        lands on whatever a name underneath was replaced by."""
-        if node.is_dir or node.ino == ROOT_INODE:
-            yield f"/proc/self/fd/{self.table.dir_fd(node)}".encode()
-            return
-        dfd, parent, name = self._at(node)
-        entry = self.store.resolve_in(dfd, parent, name)
-        if entry is None:
-            raise FUSEError(errno.ENOENT)
-        fd = os.open(entry.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-        try:
-            yield f"/proc/self/fd/{fd}".encode()
-        finally:
-            os.close(fd)
 
     @translate_errors
     async def readlink(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> bytes:
-        dfd, _, name = self._at(self._node(inode))
+        dfd, _, name = self.view.at(self.view.node(inode))
         return os.readlink(name, dir_fd=dfd)
 
     # ------------------------------------------------------------------ directories
@@ -515,7 +375,7 @@ class Operations(pyfuse3.Operations):
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         """Entries from offset `start_id` on, paged as the listing protocol says."""
         node = self.listings.node(fh)
-        parent = self._path(node)
+        parent = self.view.path(node)
         # A descriptor of our own (the node's is only borrowed, and O_PATH cannot be listed).
         dir_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
                          dir_fd=self.table.dir_fd(node))
@@ -526,68 +386,31 @@ class Operations(pyfuse3.Operations):
             # No more than a reply can hold (a reply that stops early just brings the next
             # call): stat'ing every remaining name on every page made big directories quadratic.
             slots = slots[:READDIR_BATCH]
-            # What each name is now, not what it was when listed: a file swapped or promoted
-            # since has another backing inode, and a stale stat must never rekey the table.
-            current = {name: self.store.resolve_in(dir_fd, parent, name)
-                       for name, _ in slots if name not in _DOTS}
-            unknown = [e.name for e in current.values()
-                       if e is not None and e.compressed and self.store.known_size(e.st) is None]
-            if unknown:
-                # One thread hop for the whole directory rather than one per compressed file:
-                # a cold `find` or `grep -r` reads every seek table once. The stats above are
-                # stale after it: each name is looked at again below.
-                await trio.to_thread.run_sync(self.store.learn_sizes, dir_fd, unknown,
-                                              limiter=self.read_limiter)
+            current, stale = await self.view.current(
+                dir_fd, parent, [name for name, _ in slots if name not in _DOTS])
         finally:
             os.close(dir_fd)
         for name, next_id in slots:
             if name in _DOTS:  # the kernel takes only their inode numbers (no lookup)
-                if not self.readdir_reply(token, name, self._dot(node, _DOTS[name]), next_id):
+                if not self.readdir_reply(token, name, dot(node, _DOTS[name]), next_id):
                     return
                 continue
             entry = current[name]
             if entry is None:
                 continue
-            if unknown or (entry.compressed and self.store.known_size(entry.st) is None):
-                found = await self._listing_entry(node, name)
+            if stale or (entry.compressed and self.store.known_size(entry.st) is None):
+                found = await self.view.listed_entry(node, name)
                 if found is None:
                     continue
                 entry, size = found
             else:
                 size = self.store.known_size(entry.st) if entry.compressed else entry.st.st_size
             child = self.table.attach(node.ino, name, entry.st, entry.compressed)
-            if not self.readdir_reply(token, name, self._attrs(child, entry.st, size), next_id):
+            attrs = entry_attributes(child.ino, entry.st, size)
+            if not self.readdir_reply(token, name, attrs, next_id):
                 self.table.maybe_drop(child)
                 return
             child.lookups += 1
-
-    def _dot(self, node: Node, i: int) -> pyfuse3.EntryAttributes:
-        """`.` (i == 0) or `..` of a directory: the kernel creates no dentry for either and
-        uses only the inode number and type, so no stat is needed."""
-        ino = node.ino
-        if i == 1 and node.ino != ROOT_INODE and node.links:
-            ino = node.links[0][0]
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = InodeT(ino)
-        a.st_mode = stat.S_IFDIR | 0o755
-        return a
-
-    async def _listing_entry(self, dir_node: Node, name: bytes) -> tuple[Entry, int] | None:
-        """The current entry of a listed name and its logical size, stat'ed after the last
-        await (None if it is gone)."""
-        for _ in range(3):
-            parent = self._path(dir_node)
-            dfd = self.table.dir_fd(dir_node)
-            entry = self.store.resolve_in(dfd, parent, name)
-            if entry is None:
-                return None
-            if not entry.compressed:
-                return entry, entry.st.st_size
-            size = self.store.known_size(entry.st)
-            if size is not None:
-                return entry, size
-            await self._logical_size(dfd, parent, entry.name, entry.st)
-        return None  # changing faster than it can be listed
 
     @translate_errors
     async def releasedir(self, fh: FileHandleT) -> None:
@@ -607,21 +430,21 @@ class Operations(pyfuse3.Operations):
     async def mkdir(
         self, parent_inode: InodeT, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        self._check_name(parent_inode, name)
-        dfd = self._dfd(parent_inode)
+        self.view.check_name(parent_inode, name)
+        dfd = self.view.dfd(parent_inode)
         os.mkdir(name, stat.S_IMODE(mode) & ~ctx.umask, dir_fd=dfd)
         self._give_to_caller(dfd, name, ctx)
         return await self._new_entry(parent_inode, name)
 
     @translate_errors
     async def rmdir(self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        if not self.rules.visible(self._dir_path(parent_inode), name):
+        if not self.rules.visible(self.view.dir_path(parent_inode), name):
             raise FUSEError(errno.ENOENT)
-        st = os.stat(name, dir_fd=self._dfd(parent_inode), follow_symlinks=False)
+        st = os.stat(name, dir_fd=self.view.dfd(parent_inode), follow_symlinks=False)
         # A compaction abandoned by the unlink of the directory's last file may still have
         # its temp in there for a moment: let it clean up first.
         await self.files.settle_dir((st.st_dev, st.st_ino))
-        os.rmdir(name, dir_fd=self._dfd(parent_inode))
+        os.rmdir(name, dir_fd=self.view.dfd(parent_inode))
         self.table.unlink(parent_inode, name)
 
     @translate_errors
@@ -632,8 +455,8 @@ class Operations(pyfuse3.Operations):
         target: bytes,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        self._check_name(parent_inode, name)
-        dfd = self._dfd(parent_inode)
+        self.view.check_name(parent_inode, name)
+        dfd = self.view.dfd(parent_inode)
         os.symlink(target, name, dir_fd=dfd)
         self._give_to_caller(dfd, name, ctx)
         return await self._new_entry(parent_inode, name)
@@ -647,8 +470,8 @@ class Operations(pyfuse3.Operations):
         rdev: int,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        self._check_name(parent_inode, name)
-        parent, dfd = self._dir_path(parent_inode), self._dfd(parent_inode)
+        self.view.check_name(parent_inode, name)
+        parent, dfd = self.view.dir_path(parent_inode), self.view.dfd(parent_inode)
         if (self.rules.compressible(parent, name)
                 and self.store.resolve_in(dfd, parent, name) is not None):
             raise FUSEError(errno.EEXIST)
@@ -667,27 +490,17 @@ class Operations(pyfuse3.Operations):
         return attrs
 
     # ------------------------------------------------------------------ namespace
-    def _known_node(self, parent_ino: int, name: bytes) -> Node | None:
-        """The known node of (parent, name), or None."""
-        node = self.table.by_link.get((parent_ino, name))
-        if node is None:
-            entry = self.store.resolve_in(self._dfd(parent_ino), self._dir_path(parent_ino), name)
-            if entry is None:
-                return None
-            node = self.table.by_key.get((entry.st.st_dev, entry.st.st_ino))
-        return node
-
     @translate_errors
     async def unlink(self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        if not self.rules.visible(self._dir_path(parent_inode), name):
+        if not self.rules.visible(self.view.dir_path(parent_inode), name):
             raise FUSEError(errno.ENOENT)
-        async with self.files.hold(self._known_node(parent_inode, name)) as node:
+        async with self.files.hold(self.view.known_node(parent_inode, name)) as node:
             self.files.abandon(node)  # compressing a removed file is wasted work
-            parent, dfd = self._dir_path(parent_inode), self._dfd(parent_inode)
+            parent, dfd = self.view.dir_path(parent_inode), self.view.dfd(parent_inode)
             entry = self.store.resolve_in(dfd, parent, name)
             if not self.store.remove_forms(dfd, parent, name):
                 raise FUSEError(errno.ENOENT)
-            self.table.unlink(parent_inode, name, linked_elsewhere=_linked(entry))
+            self.table.unlink(parent_inode, name, linked_elsewhere=linked(entry))
 
     @translate_errors
     async def rename(
@@ -699,18 +512,20 @@ class Operations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        if not self.rules.visible(self._dir_path(parent_inode_old), name_old):
+        if not self.rules.visible(self.view.dir_path(parent_inode_old), name_old):
             raise FUSEError(errno.ENOENT)
-        self._check_name(parent_inode_new, name_new)
+        self.view.check_name(parent_inode_new, name_new)
         hold = self.files.hold
-        async with hold(self._known_node(parent_inode_old, name_old)) as src_node, \
-                hold(self._known_node(parent_inode_new, name_new)) as dst_node:
+        async with hold(self.view.known_node(parent_inode_old, name_old)) as src_node, \
+                hold(self.view.known_node(parent_inode_new, name_new)) as dst_node:
             # A swap decided under the old name would fail to publish anyway.
             self.files.abandon(src_node)
             self.files.abandon(dst_node)
-            old_path = join(self._dir_path(parent_inode_old), name_old)
-            await self._rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
-            new_path = join(self._dir_path(parent_inode_new), name_new)
+            old_path = join(self.view.dir_path(parent_inode_old), name_old)
+            await self.view.rename(parent_inode_old, name_old, parent_inode_new, name_new,
+                                   noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE),
+                                   exchange=bool(flags & pyfuse3.RENAME_EXCHANGE))
+            new_path = join(self.view.dir_path(parent_inode_new), name_new)
         self._moved(old_path, new_path, src_node, flags)
 
     def _moved(self, old_path: bytes, new_path: bytes, node: Node | None, flags: int) -> None:
@@ -728,78 +543,6 @@ class Operations(pyfuse3.Operations):
         if node is not None:
             self.files.rested(node, new_path)
 
-    async def _rename(
-        self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, flags: int
-    ) -> None:
-        if self.rules.path_aware:  # (awaits: everything below is resolved afterwards)
-            await self._check_subtree_move(p_old, n_old, p_new, n_new)
-            if flags & pyfuse3.RENAME_EXCHANGE:
-                await self._check_subtree_move(p_new, n_new, p_old, n_old)
-        old_dir, new_dir = self._dir_path(p_old), self._dir_path(p_new)
-        src = self.store.resolve_in(self._dfd(p_old), old_dir, n_old)
-        if src is None:
-            raise FUSEError(errno.ENOENT)
-        dst = self.store.resolve_in(self._dfd(p_new), new_dir, n_new)
-        if flags & pyfuse3.RENAME_NOREPLACE and dst is not None:
-            raise FUSEError(errno.EEXIST)
-        if src.compressed and not self.rules.compressible(new_dir, n_new):
-            # The new name cannot have a .zst form: the file becomes plain first.
-            await self.files.make_plain(self._node_at(p_old, n_old, src))
-            old_dir, new_dir = self._dir_path(p_old), self._dir_path(p_new)
-            src = self.store.resolve_in(self._dfd(p_old), old_dir, n_old)
-            assert src is not None
-        if flags & pyfuse3.RENAME_EXCHANGE:
-            await self._exchange(p_old, n_old, src, p_new, n_new, dst)
-            return
-        self.store.rename_entry(self._dfd(p_old), old_dir, n_old, src, self._dfd(p_new), new_dir,
-                                n_new, dst, noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE))
-        self.table.unlink(p_new, n_new, linked_elsewhere=_linked(dst))
-        self.table.move((p_old, n_old), (p_new, n_new))
-
-    async def _exchange(
-        self,
-        p_old: int,
-        n_old: bytes,
-        src: Entry,
-        p_new: int,
-        n_new: bytes,
-        dst: Entry | None,
-    ) -> None:
-        if dst is None:
-            raise FUSEError(errno.ENOENT)
-        for parent_ino, name, entry in ((p_old, n_old, src), (p_new, n_new, dst)):
-            if entry.compressed:
-                # Both sides must have the same form to swap names atomically.
-                await self.files.make_plain(self._node_at(parent_ino, name, entry))
-        old_fd, new_fd = self._dfd(p_old), self._dfd(p_new)
-        src = self.store.resolve_in(old_fd, self._dir_path(p_old), n_old) or src
-        dst = self.store.resolve_in(new_fd, self._dir_path(p_new), n_new) or dst
-        rename_at(old_fd, src.name, new_fd, dst.name, pyfuse3.RENAME_EXCHANGE)
-        self.table.exchange((p_old, n_old), (p_new, n_new))
-
-    def _node_at(self, parent_ino: int, name: bytes, entry: Entry) -> Node:
-        return self.table.attach(parent_ino, name, entry.st, entry.compressed)
-
-    async def _check_subtree_move(
-        self, p_old: int, old_name: bytes, p_new: int, new_name: bytes
-    ) -> None:
-        """With path-dependent patterns, moving a directory can change which `.zst` files inside
-        it are compressed forms of files and which are files of their own: refuse such a move
-        with EXDEV, so that `mv` copies the files (their logical content) instead."""
-        try:
-            st = os.stat(old_name, dir_fd=self._dfd(p_old), follow_symlinks=False)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISDIR(st.st_mode):
-            return
-        old = join(self._dir_path(p_old), old_name)
-        new = join(self._dir_path(p_new), new_name)
-        changed = await trio.to_thread.run_sync(self.store.moved_representation, old, new)
-        if changed is not None:
-            log.info("rename %s -> %s refused (EXDEV): it would change what %s is",
-                     os.fsdecode(old), os.fsdecode(new), os.fsdecode(changed))
-            raise FUSEError(errno.EXDEV)
-
     @translate_errors
     async def link(
         self,
@@ -808,52 +551,31 @@ class Operations(pyfuse3.Operations):
         new_name: bytes,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        self._check_name(new_parent_inode, new_name)
-        node = self._node(inode)
+        self.view.check_name(new_parent_inode, new_name)
+        node = self.view.node(inode)
         # A hard link to a compressed file would be broken by its next promotion: link the
         # plain form instead.
         await self.files.make_plain(node)
-        new_dir, new_fd = self._dir_path(new_parent_inode), self._dfd(new_parent_inode)
+        new_dir, new_fd = self.view.dir_path(new_parent_inode), self.view.dfd(new_parent_inode)
         if (self.rules.compressible(new_dir, new_name)
                 and self.store.resolve_in(new_fd, new_dir, new_name)):
             raise FUSEError(errno.EEXIST)
-        src_fd, _, src_name = self._at(node)
+        src_fd, _, src_name = self.view.at(node)
         os.link(src_name, new_name, src_dir_fd=src_fd, dst_dir_fd=new_fd, follow_symlinks=False)
         return await self._new_entry(new_parent_inode, new_name)
 
     # ------------------------------------------------------------------ open files
     @translate_errors
     async def open(self, inode: InodeT, flags: int, ctx: pyfuse3.RequestContext) -> FileInfo:
-        handle = await self.files.open(self._node(inode), flags)
-        return self._file_info(handle, self._keep_cache(handle.node, handle))
+        handle = await self.files.open(self.view.node(inode), flags)
+        return self._file_info(handle, keep_cache(handle))
 
     def _file_info(self, handle: Handle, keep_cache: bool) -> FileInfo:
         """The kernel's view of a new handle (counted already): kernel passthrough or not,
         direct I/O or not."""
         backing_id = self.passthrough.open(handle)
-        return _file_info(handle.fh, keep_cache, backing_id, self._direct(handle.flags, backing_id))
-
-    def _direct(self, flags: int, backing_id: int) -> bool:
-        """Whether a handle the daemon serves is opened for direct I/O: an appender's
-        (O_APPEND, for writing), where the kernel allows it (DIRECT_APPENDS).
-
-        A buffered write that starts inside a page the kernel has not cached whole (every
-        append that does not start on a page boundary) is cut after that page
-        (`fuse_fill_write_pages`): one `write(2)` reaches the daemon as two WRITEs, and a daemon
-        killed between them leaves the first part of a line in the file. A direct write is sent
-        whole, up to `max_write` per request (128 KiB). The kernel drops the written range from
-        other openers' page cache. Only appenders: a shared writable mapping of a direct-I/O
-        descriptor is refused (ENODEV) unless libfuse negotiates FUSE_DIRECT_IO_ALLOW_MMAP."""
-        return (self.direct_appends and not backing_id and bool(flags & os.O_APPEND)
-                and flags & os.O_ACCMODE != os.O_RDONLY)
-
-    def _keep_cache(self, node: Node, handle: Handle) -> bool:
-        """Keep the kernel's cached pages unless the content changed behind our back."""
-        st = os.fstat(handle.fd)
-        seen = (st.st_size if handle.reader is None else -1, st.st_mtime_ns)
-        keep = node.seen is None or node.seen[1] == seen[1]
-        node.seen = seen
-        return keep
+        direct = self.direct_appends and appending(handle.flags) and not backing_id
+        return file_info(handle.fh, keep_cache, backing_id, direct)
 
     async def _create_existing(
         self, parent_inode: int, name: bytes, flags: int, ctx: pyfuse3.RequestContext
@@ -874,8 +596,8 @@ class Operations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> tuple[FileInfo, pyfuse3.EntryAttributes]:
-        self._check_name(parent_inode, name)
-        parent, dfd = self._dir_path(parent_inode), self._dfd(parent_inode)
+        self.view.check_name(parent_inode, name)
+        parent, dfd = self.view.dir_path(parent_inode), self.view.dfd(parent_inode)
         compressible = self.rules.compressible(parent, name)
         existing = self.store.resolve_in(dfd, parent, name) if compressible else None
         if existing is not None:
@@ -902,7 +624,7 @@ class Operations(pyfuse3.Operations):
         handle = Handle(node, fd, flags, None)
         node.seen = (st.st_size, st.st_mtime_ns)
         self.handles.add(handle)
-        return self._file_info(handle, True), self._attrs(node, st, st.st_size)
+        return self._file_info(handle, True), entry_attributes(node.ino, st, st.st_size)
 
     @translate_errors
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
@@ -917,17 +639,13 @@ class Operations(pyfuse3.Operations):
             data = reader.read_cached(off, size)
             if data is None:
                 data = await trio.to_thread.run_sync(reader.read, off, size,
-                                                     limiter=self.read_limiter)
+                                                     limiter=self.view.read_limiter)
         except codec.CorruptError as e:
-            e.zstfs_path = self._describe(h.node)  # type: ignore[attr-defined]
+            e.zstfs_path = self.view.describe(h.node)  # type: ignore[attr-defined]
             if not isinstance(e, codec.BudgetBusyError):
                 self.store.note_damaged(os.fstat(h.fd), e)
             raise
         return data
-
-    def _describe(self, node: Node) -> str:
-        path = self.table.path(node)
-        return os.fsdecode(path) if path is not None else f"<inode {node.ino}>"
 
     @translate_errors
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
@@ -1008,12 +726,12 @@ class Operations(pyfuse3.Operations):
             if name == STATUS_XATTR and self.status_provider is not None:
                 return await self._status_json(ctx.pid)
             raise FUSEError(pyfuse3.ENOATTR)
-        node = self._node(inode)
+        node = self.view.node(inode)
         fd = self.handles.held_fd(node)
         try:
             if fd is not None:  # every write asks for security.capability: no path walk
                 return os.getxattr(fd, name)
-            return cast(bytes, self._xattr_call(node, os.getxattr, name))
+            return cast(bytes, self.view.xattr_call(node, os.getxattr, name))
         except OSError as e:
             if e.errno == errno.ENODATA:
                 raise FUSEError(pyfuse3.ENOATTR) from None
@@ -1044,13 +762,13 @@ class Operations(pyfuse3.Operations):
     ) -> None:
         if self._reserved_xattr(inode, name):
             raise FUSEError(errno.EPERM)
-        node = self._node(inode)
+        node = self.view.node(inode)
         async with self.files.hold(node):  # never during a swap's publish, which would revert it
-            self._xattr_call(node, os.setxattr, name, value)
+            self.view.xattr_call(node, os.setxattr, name, value)
 
     @translate_errors
     async def listxattr(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        names = [os.fsencode(n) for n in self._xattr_call(self._node(inode), os.listxattr)]
+        names = [os.fsencode(n) for n in self.view.xattr_call(self.view.node(inode), os.listxattr)]
         names = [n for n in names if not self._reserved_xattr(inode, n)]
         if inode == ROOT_INODE and self.status_provider is not None:
             names.append(STATUS_XATTR)
@@ -1060,10 +778,10 @@ class Operations(pyfuse3.Operations):
     async def removexattr(self, inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         if self._reserved_xattr(inode, name):
             raise FUSEError(errno.EPERM)
-        node = self._node(inode)
+        node = self.view.node(inode)
         try:
             async with self.files.hold(node):
-                self._xattr_call(node, os.removexattr, name)
+                self.view.xattr_call(node, os.removexattr, name)
         except OSError as e:
             if e.errno == errno.ENODATA:
                 raise FUSEError(pyfuse3.ENOATTR) from None
