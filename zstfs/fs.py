@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import json
 import logging
 import os
 import stat
@@ -37,12 +36,13 @@ from zstfs.attrs import (
     file_info,
     keep_cache,
 )
-from zstfs.names import NAME_MAX, STATUS_XATTR
-from zstfs.openfiles import ROOT_INODE, Handle, Node, OpenFiles
+from zstfs.names import NAME_MAX
+from zstfs.openfiles import Handle, Node, OpenFiles
 from zstfs.passthrough import Passthrough
 from zstfs.stats import Stats
 from zstfs.store import join
 from zstfs.view import NoEntry, View, codec_problem, linked
+from zstfs.xattrs import Xattrs
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,6 @@ READDIR_BATCH = 1024
 #: seconds, sync on a worker thread, so no request waits long behind another's sync.
 INLINE_FSYNC_LIMIT = 8 << 20
 INLINE_FSYNC_SLOW = 0.02
-#: Extended attributes on the mount root under this prefix are zstfs's own (`user.zstfs.status`).
-RESERVED_XATTR_PREFIX = b"user.zstfs."
-#: How long the status document given to a thread bounds the length of its next one.
-STATUS_PAIR_SECONDS = 1.0
 
 
 P = ParamSpec("P")
@@ -149,8 +145,8 @@ class Operations(pyfuse3.Operations):
         self.view = View(files, read_threads=read_threads)
         self._protocols = (listing.Handles(self.table), listing.Inodes(self.table))
         self.dirs = self._protocols[0].dirs  # directory handles
-        self.status_provider = status  # set by the mount once it can describe itself
-        self._status_given: dict[int, tuple[float, bytes]] = {}  # see _status_json
+        self.xattrs = Xattrs(self.view)
+        self.xattrs.status_provider = status  # set by the mount once it can describe itself
         self._statfs: tuple[float, pyfuse3.StatvfsData] | None = None
         self.root_uid = os.geteuid() == 0
         self.initialized = trio.Event()  # the kernel's INIT request has been answered (see init)
@@ -617,87 +613,24 @@ class Operations(pyfuse3.Operations):
         self.files.release(fh)
 
     # ------------------------------------------------------------------ xattrs
-    def _xattr_call(self, node: Node, call: Callable[..., Any], *args: Any) -> Any:
-        """Run an `os.*xattr` call on the node's backing file, never through the mount.
-
-        The root is the store's own descriptor. Anything else is its backing object itself
-        (`_backing_object`: a symlink's own xattrs, never its target's)."""
-        if node.ino == ROOT_INODE:
-            return call(self.store.root_fd, *args)
-        with self._backing_object(node) as path:
-            return call(path, *args)
-
-    @staticmethod
-    def _reserved_xattr(inode: int, name: bytes) -> bool:
-        """`user.zstfs.*` on the mount root is zstfs's own (the virtual status)."""
-        return inode == ROOT_INODE and name.startswith(RESERVED_XATTR_PREFIX)
-
+    # (ENODATA is pyfuse3.ENOATTR on Linux)
     @translate_errors
     async def getxattr(self, inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if self._reserved_xattr(inode, name):
-            if name == STATUS_XATTR and self.status_provider is not None:
-                return await self._status_json(ctx.pid)
-            raise FUSEError(pyfuse3.ENOATTR)
-        node = self.view.node(inode)
-        fd = self.handles.held_fd(node)
-        try:
-            if fd is not None:  # every write asks for security.capability: no path walk
-                return os.getxattr(fd, name)
-            return cast(bytes, self.view.xattr_call(node, os.getxattr, name))
-        except OSError as e:
-            if e.errno == errno.ENODATA:
-                raise FUSEError(pyfuse3.ENOATTR) from None
-            raise
-
-    async def _status_json(self, caller: int) -> bytes:
-        """The status document, computed afresh for every request.
-
-        A getxattr caller asks twice, for the size and then the value (`getfattr`: size 0, then
-        exactly that size; Python: 128 bytes, then 64 KiB), and the second answer must not be
-        longer than the first. So the document given to a thread is remembered for a second: the
-        thread's next request gets a fresh one padded with spaces (still JSON) to the same length,
-        or, if the fresh one is longer, the remembered one itself."""
-        assert self.status_provider is not None
-        doc = json.dumps(await self.status_provider(), sort_keys=True).encode()
-        now = time.monotonic()
-        self._status_given = {pid: given for pid, given in self._status_given.items()
-                              if now - given[0] < STATUS_PAIR_SECONDS}
-        first = self._status_given.pop(caller, None)
-        if first is None:
-            self._status_given[caller] = (now, doc)
-            return doc
-        return doc.ljust(len(first[1])) if len(doc) <= len(first[1]) else first[1]
+        return await self.xattrs.get(inode, name, ctx.pid)
 
     @translate_errors
     async def setxattr(
         self, inode: InodeT, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        if self._reserved_xattr(inode, name):
-            raise FUSEError(errno.EPERM)
-        node = self.view.node(inode)
-        async with self.files.hold(node):  # never during a swap's publish, which would revert it
-            self.view.xattr_call(node, os.setxattr, name, value)
+        await self.xattrs.set(inode, name, value)
 
     @translate_errors
     async def listxattr(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        names = [os.fsencode(n) for n in self.view.xattr_call(self.view.node(inode), os.listxattr)]
-        names = [n for n in names if not self._reserved_xattr(inode, n)]
-        if inode == ROOT_INODE and self.status_provider is not None:
-            names.append(STATUS_XATTR)
-        return names
+        return self.xattrs.list(inode)
 
     @translate_errors
     async def removexattr(self, inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        if self._reserved_xattr(inode, name):
-            raise FUSEError(errno.EPERM)
-        node = self.view.node(inode)
-        try:
-            async with self.files.hold(node):
-                self.view.xattr_call(node, os.removexattr, name)
-        except OSError as e:
-            if e.errno == errno.ENODATA:
-                raise FUSEError(pyfuse3.ENOATTR) from None
-            raise
+        await self.xattrs.remove(inode, name)
 
     # ------------------------------------------------------------------ filesystem
     @translate_errors

@@ -202,7 +202,7 @@ def mount(opts: MountOptions) -> int:
         snap.update(await compactor.status())
         return snap
 
-    ops.status_provider = status
+    ops.xattrs.status_provider = status
     opstats = install_opstats(ops)  # ZSTFS_OPSTATS=1: count and time every request
     real_mountpoint = os.path.realpath(opts.mountpoint)
     try:
