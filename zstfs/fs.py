@@ -561,31 +561,10 @@ class Operations(pyfuse3.Operations):
         if h.node.compressed:
             await self.files.make_plain(h.node)
         self.files.refresh(h)
-        n = self._write_all(h.fd, buf, off)
+        n = self.store.write_all(h.fd, buf, off)
         h.wrote = True
         h.node.writes += 1
         return n
-
-    def _write_all(self, fd: int, buf: bytes, off: int) -> int:
-        """Write all of `buf`, as one write(2) does on the backing filesystem. Where the disk
-        fills up (a short write, then ENOSPC) while decoded copies hold space, they are given
-        back once and the rest is written; what was written before an error is reported."""
-        view, done, gave_back = memoryview(buf), 0, False
-        while done < len(view):
-            try:
-                n = os.pwrite(fd, view[done:], off + done)
-            except OSError as e:
-                if e.errno == errno.ENOSPC and not gave_back:
-                    gave_back = True
-                    if self.store.give_back_space():
-                        continue
-                if done:
-                    return done
-                raise
-            if n == 0:
-                break
-            done += n
-        return done
 
     @translate_errors
     async def flush(self, fh: FileHandleT) -> None:

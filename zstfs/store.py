@@ -253,6 +253,27 @@ class Store:
                 raise
         return op()
 
+    def write_all(self, fd: int, buf: bytes, off: int) -> int:
+        """Write all of `buf` at `off`, as one write(2) does on the backing filesystem. Where the
+        disk fills up (a short write, then ENOSPC) while decoded copies hold space, they are
+        given back once and the rest is written; what was written before an error is reported."""
+        view, done, gave_back = memoryview(buf), 0, False
+        while done < len(view):
+            try:
+                n = os.pwrite(fd, view[done:], off + done)
+            except OSError as e:
+                if e.errno == errno.ENOSPC and not gave_back:
+                    gave_back = True
+                    if self.give_back_space():
+                        continue
+                if done:
+                    return done
+                raise
+            if n == 0:
+                break
+            done += n
+        return done
+
     # ----------------------------------------------------------------- lookups
     def lstat(self, path: bytes) -> os.stat_result:
         return os.stat(path, dir_fd=self.root_fd, follow_symlinks=False)
