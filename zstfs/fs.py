@@ -225,49 +225,17 @@ class Operations(pyfuse3.Operations):
         fh: FileHandleT | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        node = self.view.node(inode)
-        handle = self.handles.get(fh) if fh is not None else None
-        if fields.update_size:
-            while node.swap is not None:
-                await self.files.settle(node)
-
-        async def attempt() -> pyfuse3.EntryAttributes:
-            # Under the file's lock: a promotion or a swap's publish step never runs meanwhile,
-            # so the change lands on the file that results (and a swap never reverts it).
-            async with self.files.hold(node):
-                if fields.update_size:
-                    self.files.abandon(node)  # one that started while we waited
-                return await self._setattr_locked(node, handle, attr, fields)
-
-        return await self.files.unleased(node, os.O_WRONLY, attempt)
-
-    async def _setattr_locked(
-        self,
-        node: Node,
-        handle: Handle | None,
-        attr: pyfuse3.EntryAttributes,
-        fields: pyfuse3.SetattrFields,
-    ) -> pyfuse3.EntryAttributes:
-        if fields.update_size:
-            # Truncation changes content: a compressed file becomes plain first.
-            await self.files.make_plain(node, empty=attr.st_size == 0)
-            self.view.truncate(node, handle, attr.st_size)
-        target = self.view.target(node, handle)
-        if fields.update_mode:
-            mode = stat.S_IMODE(attr.st_mode)
-            self.view.apply(target, lambda t: os.chmod(t, mode), node)
-        if fields.update_uid or fields.update_gid:
-            uid = attr.st_uid if fields.update_uid else -1
-            gid = attr.st_gid if fields.update_gid else -1
-            self.view.apply(target, lambda t: os.chown(t, uid, gid), node)
-        if fields.update_atime or fields.update_mtime:
-            current, _ = await self.view.stat(node)
-            ns = (
-                attr.st_atime_ns if fields.update_atime else current.st_atime_ns,
-                attr.st_mtime_ns if fields.update_mtime else current.st_mtime_ns,
-            )
-            self.view.apply(target, lambda t: os.utime(t, ns=ns), node)
-        return await self._stat_node(node)
+        f = fields
+        st, size = await self.view.setattr(
+            self.view.node(inode), self.handles.get(fh) if fh is not None else None,
+            size=attr.st_size if f.update_size else None,
+            mode=stat.S_IMODE(attr.st_mode) if f.update_mode else None,
+            owner=((attr.st_uid if f.update_uid else -1, attr.st_gid if f.update_gid else -1)
+                   if f.update_uid or f.update_gid else None),
+            times=((attr.st_atime_ns if f.update_atime else None,
+                    attr.st_mtime_ns if f.update_mtime else None)
+                   if f.update_atime or f.update_mtime else None))
+        return entry_attributes(inode, st, size)
 
     @translate_errors
     async def readlink(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> bytes:

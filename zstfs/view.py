@@ -250,6 +250,40 @@ class View:
                 os.close(fd)
         node.writes += 1
 
+    async def setattr(self, node: Node, handle: Handle | None, *, size: int | None = None,
+                      mode: int | None = None, owner: tuple[int, int] | None = None,
+                      times: tuple[int | None, int | None] | None = None,
+                      ) -> tuple[os.stat_result, int]:
+        """Truncate to `size`, chmod, chown (-1: unchanged) and set (atime, mtime) (None:
+        unchanged) of a node; its stat and logical size after. Under the file's lock: a
+        promotion or a swap's publish step never runs meanwhile, so the change lands on the
+        file that results (and a swap never reverts it)."""
+        files = self.files
+        if size is not None:
+            while node.swap is not None:
+                await files.settle(node)
+
+        async def attempt() -> tuple[os.stat_result, int]:
+            async with files.hold(node):
+                if size is not None:
+                    files.abandon(node)  # one that started while we waited
+                    # Truncation changes content: a compressed file becomes plain first.
+                    await files.make_plain(node, empty=size == 0)
+                    self.truncate(node, handle, size)
+                target = self.target(node, handle)
+                if mode is not None:
+                    self.apply(target, lambda t: os.chmod(t, mode), node)
+                if owner is not None:
+                    self.apply(target, lambda t: os.chown(t, *owner), node)
+                if times is not None:
+                    current, _ = await self.stat(node)
+                    ns = (current.st_atime_ns if times[0] is None else times[0],
+                          current.st_mtime_ns if times[1] is None else times[1])
+                    self.apply(target, lambda t: os.utime(t, ns=ns), node)
+                return await self.stat(node)
+
+        return await files.unleased(node, os.O_WRONLY, attempt)
+
     def target(self, node: Node, handle: Handle | None) -> int | None:
         """A descriptor for metadata changes when the file has no name (unlinked but open)."""
         if self.table.path(node) is not None:
