@@ -138,8 +138,7 @@ class Operations(pyfuse3.Operations):
         self.stats: Stats = files.stats
         self.table = files.table
         files.on_swapped = self.invalidate_attrs
-        files.on_idle = on_idle
-        self.on_moved = on_moved
+        files.on_idle, files.on_moved = on_idle, on_moved
         self.handles = files.handles
         self.passthrough = Passthrough(files, self)
         self.view = View(files, read_threads=read_threads)
@@ -398,26 +397,12 @@ class Operations(pyfuse3.Operations):
             self.files.abandon(src_node)
             self.files.abandon(dst_node)
             old_path = join(self.view.dir_path(parent_inode_old), name_old)
+            exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
             await self.view.rename(parent_inode_old, name_old, parent_inode_new, name_new,
                                    noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE),
-                                   exchange=bool(flags & pyfuse3.RENAME_EXCHANGE))
+                                   exchange=exchange)
             new_path = join(self.view.dir_path(parent_inode_new), name_new)
-        self._moved(old_path, new_path, src_node, flags)
-
-    def _moved(self, old_path: bytes, new_path: bytes, node: Node | None, flags: int) -> None:
-        """Tell the compactor where a renamed file (or directory) is now, so a cold file moved
-        by `codex archive` stays queued; an exchange moved both."""
-        if self.on_moved is None:
-            return
-        if flags & pyfuse3.RENAME_EXCHANGE:
-            tmp = b"\0exchange"
-            self.on_moved(old_path, tmp)
-            self.on_moved(new_path, old_path)
-            self.on_moved(tmp, new_path)
-        else:
-            self.on_moved(old_path, new_path)
-        if node is not None:
-            self.files.rested(node, new_path)
+        self.files.moved(old_path, new_path, src_node, exchange=exchange)
 
     @translate_errors
     async def link(

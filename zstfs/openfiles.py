@@ -425,6 +425,8 @@ class OpenFiles:
         #: Called with the path of a plain file under a name the patterns take once nobody has
         #: it open (released, or renamed while closed): the compactor queues it.
         self.on_idle: Callable[[bytes], None] | None = None
+        #: Called with (old path, new path) of a file or directory renamed through the mount.
+        self.on_moved: Callable[[bytes, bytes], None] | None = None
         self.swaps: set[SwapTicket] = set()
         #: Called after a node's representation changed under the kernel's caches (a swap).
         self.on_swapped: Callable[[Node], None] = lambda node: None
@@ -624,6 +626,22 @@ class OpenFiles:
         path = self.table.path(node) if path is None else path
         if path is not None and self.store.rules.compressible(*split(path)):
             self.on_idle(path)
+
+    def moved(self, old_path: bytes, new_path: bytes, node: Node | None, *,
+              exchange: bool = False) -> None:
+        """Tell the compactor where a renamed file (or directory) is now, so a cold file moved
+        by `codex archive` stays queued; an exchange moved both."""
+        if self.on_moved is None:
+            return
+        if exchange:
+            tmp = b"\0exchange"
+            self.on_moved(old_path, tmp)
+            self.on_moved(new_path, old_path)
+            self.on_moved(tmp, new_path)
+        else:
+            self.on_moved(old_path, new_path)
+        if node is not None:
+            self.rested(node, new_path)
 
     # ------------------------------------------------------------------ promotion
     async def promote(self, node: Node, *, empty: bool = False,
