@@ -1,9 +1,11 @@
 """The FUSE operations of zstfs: a protocol adapter only.
 
-What the store looks like is defined by `store.py` (backing names, plain-wins, promotion) and
-`openfiles.py` (inodes, open counts, per-file locks, the promote and swap steps); here we
-translate between those and pyfuse3's operations interface: inode numbers and EntryAttributes
-in, FUSEErrors out.
+Each handler translates one pyfuse3 request (inode numbers, handle numbers, EntryAttributes,
+FileInfo) into calls on the layers below and their answers back; `translate_errors` is the one
+place where exceptions become errnos. Below: `view.py` (logical names, sizes and stats, metadata
+changes, renames), `openfiles.py` (the file table, open handles, per-file locks through
+`OpenFiles.hold`, promotion and swaps), `listing.py` (the readdir protocol, chosen at INIT),
+`passthrough.py` (kernel passthrough), `xattrs.py` and `attrs.py` (what the kernel is told).
 
 Concurrency contract: every handler runs on the trio thread. Table updates happen between awaits;
 a handler that awaits (promotion, decoding, fsync) re-reads what it needs afterwards. Namespace
