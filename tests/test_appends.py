@@ -4,7 +4,7 @@ killed at any instant leaves whole lines; other openers' cached pages never go s
 The kernel cuts a buffered write after its first page when that page is only partly written and
 not cached whole (every append that does not start on a page boundary), so an appender's handle
 is opened for direct I/O where the kernel drops the written range from the page cache
-(`fs.DIRECT_APPENDS`, Linux 6.13+). Request counts come from `ZSTFS_OPSTATS=1`.
+(`attrs.DIRECT_APPENDS`, Linux 6.13+). Request counts come from `ZSTFS_OPSTATS=1`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import Mount, MountFactory, wait_until
 
-from zstfs.fs import DIRECT_APPENDS
+from zstfs.attrs import DIRECT_APPENDS
 
 needs_direct_appends = pytest.mark.skipif(
     not DIRECT_APPENDS, reason="direct-I/O appends need Linux 6.13+ (page cache dropped on write)")

@@ -465,7 +465,7 @@ def test_zstfs_exec_rollout_compressed_when_idle(codex: Codex, home: Home) -> No
                           capture_output=True, text=True, timeout=30)
     assert grep.stdout.split() == [str(path)]
 
-    # Everything that is not *.jsonl passed through untouched: codex's config, its SQLite
+    # Everything that is not *.jsonl is shown untouched: codex's config, its SQLite
     # databases (consistent after codex's WAL traffic through the mount) and the rest.
     assert (home.backing / "config.toml").read_bytes() == (home.path / "config.toml").read_bytes()
     backing_zst = list(home.backing.rglob("*.zst"))

@@ -4,7 +4,7 @@
   `archived_sessions/` and nothing else; a pattern without `/` matches a file name anywhere; one
   with `/` matches the path from the store root (`*` within a component, `**` across them).
 - On a real mount with the default patterns: only rollouts are compressed, `history.jsonl` and
-  every other file pass through; a rename across directories makes a compressed file plain when
+  every other file stay untouched; a rename across directories makes a compressed file plain when
   its new place is not compressible; a directory move that would change what a `.zst` inside it
   is fails with EXDEV (so `mv` copies the logical files instead).
 """

@@ -2,7 +2,7 @@
 
 Each test mounts a real store over itself (the `mounted` fixture) and drives it with real programs
 (`cp`, `diff`, `grep`, `find`, `stat`, `du`, `tail`, `mv`, `ln`, `sqlite3`) and with real syscalls,
-often from other processes. No background compression runs here: this is the plain passthrough.
+often from other processes. No background compression runs here: this is the plain view.
 """
 
 from __future__ import annotations

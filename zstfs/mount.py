@@ -168,8 +168,9 @@ def mount(opts: MountOptions) -> int:
     compactor.attach(files)
     compactor.left_alone(recovery.kept_pairs)
     opstats = install_opstats(ops)  # ZSTFS_OPSTATS=1: count and time every request
-    ops.status_provider = MountStatus(opts, store, stats, ops, compactor, recovery, warnings,
-                                      tuple(getattr(pyfuse3, "ZSTFS_PATCHES", ())), opstats)
+    ops.xattrs.status_provider = MountStatus(opts, store, stats, ops, compactor, recovery, warnings,
+                                             tuple(getattr(pyfuse3, "ZSTFS_PATCHES", ())),
+                                             opstats)
     real_mountpoint = os.path.realpath(opts.mountpoint)
     try:
         pyfuse3.init(ops, opts.mountpoint, fuse_options(opts))
@@ -226,7 +227,7 @@ async def _ready_after_init(ops: Operations, notify: daemon.Notify,
     mount's read-ahead from that reply, so only then can it be raised (before the first reader
     of a fresh mount, not a while after it)."""
     await ops.initialized.wait()
-    ops.probe_passthrough()
+    ops.passthrough.probe()
     await trio.to_thread.run_sync(tune_readahead, real_mountpoint)
     notify(None)
     daemon.sd_notify("READY=1")

@@ -9,7 +9,7 @@ a `/` matches the path relative to the store root: `*`, `?` and `[...]` stay wit
 component and a `**` component matches any number of directories (`sessions/**/rollout-*.jsonl`).
 The default is what codex's own compressor takes: rollouts under `sessions/` and
 `archived_sessions/`, and nothing else (`history.jsonl`, `session_index.jsonl`, logs and
-databases pass through untouched).
+databases are shown as they are, untouched).
 """
 
 from __future__ import annotations

@@ -224,6 +224,27 @@ class Store:
                 raise
         return op()
 
+    def write_all(self, fd: int, buf: bytes, off: int) -> int:
+        """Write all of `buf` at `off`, as one write(2) does on the backing filesystem. Where the
+        disk fills up (a short write, then ENOSPC) while decoded copies hold space, they are
+        given back once and the rest is written; what was written before an error is reported."""
+        view, done, gave_back = memoryview(buf), 0, False
+        while done < len(view):
+            try:
+                n = os.pwrite(fd, view[done:], off + done)
+            except OSError as e:
+                if e.errno == errno.ENOSPC and not gave_back:
+                    gave_back = True
+                    if self.give_back_space():
+                        continue
+                if done:
+                    return done
+                raise
+            if n == 0:
+                break
+            done += n
+        return done
+
     # ----------------------------------------------------------------- lookups
     def lstat(self, path: bytes) -> os.stat_result:
         return os.stat(path, dir_fd=self.root_fd, follow_symlinks=False)
@@ -405,6 +426,48 @@ class Store:
         log.warning("%s: a leftover that differs from its plain file is kept as %s",
                     os.fsdecode(join(parent, name)), os.fsdecode(kept))
         return kept
+
+    def remove_forms(self, dir_fd: int, parent: bytes, name: bytes) -> bool:
+        """Remove every backing form of logical `name` in directory `dir_fd` (`parent`): the
+        plain file and, where the patterns take the name, its `.zst`. True if any was there."""
+        removed = False
+        forms = [name, zst_name(name)] if self.rules.compressible(parent, name) else [name]
+        for form in forms:
+            try:
+                os.unlink(form, dir_fd=dir_fd)
+                removed = True
+            except OSError as e:
+                if not (e.errno == errno.ENOENT or (form != name and no_zst_form(e))):
+                    raise
+        return removed
+
+    def rename_entry(self, old_fd: int, old_dir: bytes, old_name: bytes, src: Entry,
+                     new_fd: int, new_dir: bytes, new_name: bytes, dst: Entry | None, *,
+                     noreplace: bool = False) -> None:
+        """Rename logical `old_name` (backing entry `src`, in `old_fd`, i.e. `old_dir`) to
+        `new_name` (in `new_fd`, `new_dir`; `dst` is what that name holds), keeping its
+        representation: a `.zst` is renamed to the new name's `.zst`. The caller makes `src`
+        plain first where the new name has no `.zst` form."""
+        target = zst_name(new_name) if src.compressed else new_name
+        if dst is not None and dst.compressed != src.compressed:
+            # Replace both forms of the destination. Remove the other form first, so that
+            # no moment shows the old plain file winning over the new compressed one.
+            if stat.S_ISDIR(src.st.st_mode) != stat.S_ISDIR(dst.st.st_mode):
+                code = errno.EISDIR if stat.S_ISDIR(dst.st.st_mode) else errno.ENOTDIR
+                raise OSError(code, os.strerror(code))
+            os.unlink(dst.name, dir_fd=new_fd)
+        rename_at(old_fd, src.name, new_fd, target, RENAME_NOREPLACE if noreplace else 0)
+        if not src.compressed and self.rules.compressible(old_dir, old_name):
+            # A differing leftover `.zst` that recovery kept hidden behind the plain file
+            # would show its old content under the old name: keep it aside, hidden.
+            self.set_aside(old_dir, zst_name(old_name), dir_fd=old_fd)
+        if self.rules.compressible(new_dir, new_name) and not src.compressed:
+            # A stale compressed form of the destination would resurface if the plain one went.
+            try:
+                os.unlink(zst_name(new_name), dir_fd=new_fd)
+            except OSError as e:
+                if not no_zst_form(e):
+                    raise
 
     def moved_representation(self, old: bytes, new: bytes) -> bytes | None:
         """If directory `old` were renamed to `new`, the first `.zst` inside it (path under `old`)

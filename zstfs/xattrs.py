@@ -1,0 +1,91 @@
+"""Extended attributes through the mount: each backing object's own (never through the mount,
+never a symlink's target's), and zstfs's own on the mount root: `user.zstfs.*`, of which
+`user.zstfs.status` is the virtual status document."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+from zstfs.names import STATUS_XATTR
+from zstfs.openfiles import ROOT_INODE
+from zstfs.view import View
+
+#: Extended attributes on the mount root under this prefix are zstfs's own (`user.zstfs.status`).
+RESERVED_XATTR_PREFIX = b"user.zstfs."
+#: How long the status document given to a thread bounds the length of its next one.
+STATUS_PAIR_SECONDS = 1.0
+
+
+def _error(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+def reserved(inode: int, name: bytes) -> bool:
+    """`user.zstfs.*` on the mount root is zstfs's own (the virtual status)."""
+    return inode == ROOT_INODE and name.startswith(RESERVED_XATTR_PREFIX)
+
+
+class Xattrs:
+    def __init__(self, view: View) -> None:
+        self.view = view
+        #: What the status document says (set by the mount once it can describe itself).
+        self.status_provider: Callable[[], Awaitable[dict[str, Any]]] | None = None
+        self._given: dict[int, tuple[float, bytes]] = {}  # see _status_json
+
+    async def get(self, inode: int, name: bytes, caller: int) -> bytes:
+        """Attribute `name` of inode `inode`, for process `caller`; ENODATA if it has none."""
+        if reserved(inode, name):
+            if name == STATUS_XATTR and self.status_provider is not None:
+                return await self._status_json(caller)
+            raise _error(errno.ENODATA)
+        node = self.view.node(inode)
+        fd = self.view.handles.held_fd(node)
+        if fd is not None:  # every write asks for security.capability: no path walk
+            return os.getxattr(fd, name)
+        return cast(bytes, self.view.xattr_call(node, os.getxattr, name))
+
+    async def set(self, inode: int, name: bytes, value: bytes) -> None:
+        if reserved(inode, name):
+            raise _error(errno.EPERM)
+        node = self.view.node(inode)
+        # Never during a swap's publish, which would revert it.
+        async with self.view.files.hold(node):
+            self.view.xattr_call(node, os.setxattr, name, value)
+
+    def list(self, inode: int) -> list[bytes]:
+        names = [os.fsencode(n) for n in self.view.xattr_call(self.view.node(inode), os.listxattr)]
+        names = [n for n in names if not reserved(inode, n)]
+        if inode == ROOT_INODE and self.status_provider is not None:
+            names.append(STATUS_XATTR)
+        return names
+
+    async def remove(self, inode: int, name: bytes) -> None:
+        if reserved(inode, name):
+            raise _error(errno.EPERM)
+        node = self.view.node(inode)
+        async with self.view.files.hold(node):
+            self.view.xattr_call(node, os.removexattr, name)
+
+    async def _status_json(self, caller: int) -> bytes:
+        """The status document, computed afresh for every request.
+
+        A getxattr caller asks twice, for the size and then the value (`getfattr`: size 0, then
+        exactly that size; Python: 128 bytes, then 64 KiB), and the second answer must not be
+        longer than the first. So the document given to a thread is remembered for a second: the
+        thread's next request gets a fresh one padded with spaces (still JSON) to the same length,
+        or, if the fresh one is longer, the remembered one itself."""
+        assert self.status_provider is not None
+        doc = json.dumps(await self.status_provider(), sort_keys=True).encode()
+        now = time.monotonic()
+        self._given = {pid: given for pid, given in self._given.items()
+                       if now - given[0] < STATUS_PAIR_SECONDS}
+        first = self._given.pop(caller, None)
+        if first is None:
+            self._given[caller] = (now, doc)
+            return doc
+        return doc.ljust(len(first[1])) if len(doc) <= len(first[1]) else first[1]
