@@ -349,12 +349,12 @@ def bench_big(src: Path, work: Path, runs: int) -> None:
     t_worst, _ = median_time(lambda: reader_tail(zst, last_full_end), max(runs, 5))
     # What the small head frame costs in stored size (the frame plan without it).
     no_head = work / "big.nohead.zst"
-    saved_head = codec.HEAD_FRAME
-    codec.HEAD_FRAME = 0
+    saved_head = codec.writer.HEAD_FRAME
+    codec.writer.HEAD_FRAME = 0
     try:
         zstfs_compress(src, no_head, codec.CodecParams())
     finally:
-        codec.HEAD_FRAME = saved_head
+        codec.writer.HEAD_FRAME = saved_head
     with_head_size, no_head_size = zst.stat().st_size, no_head.stat().st_size
     print("\n### Big file: decode (zstfs defaults file unless noted)\n")
     print("| operation | median s | MB/s | vs whole decode |")

@@ -508,8 +508,8 @@ def test_random_reads_keep_a_few_positions(tmp_path: Path, fds: list[int]) -> No
         for s in starts:
             off = s + rnd * 4096
             assert reader.read(off, 4096) == data[off : off + 4096]
-    assert dec.streams_started <= codec.STREAMS_PER_FRAME + 1
-    assert dec.stream_count() <= codec.STREAMS_PER_FRAME
+    assert dec.streams_started <= codec.decoders.STREAMS_PER_FRAME + 1
+    assert dec.stream_count() <= codec.decoders.STREAMS_PER_FRAME
 
 
 # --------------------------------------------------------------------------------------------
@@ -860,7 +860,7 @@ def test_a_copy_being_read_survives_its_eviction(tmp_path: Path, fds: list[int])
     dec = spill_budget(tmp_path, fds)
     reader = ZstReader(fd, dec)
     assert reader.read(0, 10) == data[:10]
-    ident = codec._identity(fd)
+    ident = codec.identity_of(os.fstat(fd))
     index = dec.index(fd, ident)
     key = (ident, index.frames[0].comp_start)
     spill = dec._spills[key]
@@ -884,13 +884,13 @@ def test_sequential_reader_gets_the_next_frames_decoded_ahead(tmp_path: Path,
     fd = open_blob(tmp_path, fds, ours(data, frame_size=128 << 10))
     dec = Decoders(cache=1 << 20, idle_seconds=0)  # 128 KiB frames are cached whole
     reader = ZstReader(fd, dec)
-    index = dec.index(fd, codec._identity(fd))
+    index = dec.index(fd, codec.identity_of(os.fstat(fd)))
     frames = index.frames
     assert len(frames) > 8
     k = 3
     mid = frames[k].log_start + frames[k].log_size // 2
     assert reader.read(mid, 1000) == data[mid : mid + 1000]  # past the middle of frame k
-    ident = codec._identity(fd)
+    ident = codec.identity_of(os.fstat(fd))
     end = time.monotonic() + 10.0
     while not all(dec.cached_frame((ident, k + j)) for j in (1, 2)) and time.monotonic() < end:
         time.sleep(0.005)  # polling an observable, with a deadline
@@ -910,7 +910,7 @@ def test_decoding_ahead_decodes_each_frame_once_and_survives_a_closed_reader(
     read_through_new_handles(path, dec, data, 64 << 10)
     fd = os.open(path, os.O_RDONLY)
     try:
-        n = len(dec.index(fd, codec._identity(fd)).frames)
+        n = len(dec.index(fd, codec.identity_of(os.fstat(fd))).frames)
     finally:
         os.close(fd)
     end = time.monotonic() + 10.0
@@ -933,7 +933,7 @@ def test_a_copy_gives_up_when_the_filesystem_fills_while_it_is_written(
     fd = open_blob(tmp_path, fds, frame(data))
     dec = spill_budget(tmp_path, fds)
     dec.spill_keep_free = (0.0, 1)  # at least one byte must stay free
-    monkeypatch.setattr(codec, "SPILL_CHECK_EVERY", 256 << 10)
+    monkeypatch.setattr(codec.decoders, "SPILL_CHECK_EVERY", 256 << 10)
     real = os.fstatvfs
     calls = 0
 
@@ -942,7 +942,7 @@ def test_a_copy_gives_up_when_the_filesystem_fills_while_it_is_written(
         calls += 1
         return real(fd_) if calls == 1 else _NoRoom()  # room at first, then none (others wrote)
 
-    monkeypatch.setattr(codec.os, "fstatvfs", filling)
+    monkeypatch.setattr(os, "fstatvfs", filling)
     assert ZstReader(fd, dec).read(0, len(data)) == data  # served anyway, decoded again
     assert calls >= 2
     assert dec.spill_stats() == (0, 0)
@@ -954,12 +954,12 @@ def test_held_copies_are_dropped_when_the_filesystem_fills(
         tmp_path: Path, fds: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
     data = text(3 << 20, 51)
     fd = open_blob(tmp_path, fds, frame(data))
-    monkeypatch.setattr(codec, "SPILL_ROOM_CHECK", 0.02)
+    monkeypatch.setattr(codec.decoders, "SPILL_ROOM_CHECK", 0.02)
     dec = spill_budget(tmp_path, fds)
     assert ZstReader(fd, dec).read(0, 10) == data[:10]
     assert dec.spill_stats() == (1, len(data))
     dec.spill_keep_free = (0.0, 1)  # at least one byte must stay free
-    monkeypatch.setattr(codec.os, "fstatvfs", lambda fd_: _NoRoom())
+    monkeypatch.setattr(os, "fstatvfs", lambda fd_: _NoRoom())
     with dec._cond:
         dec._cond.notify_all()  # the janitor looks again now rather than at its next check
     end = time.monotonic() + 10.0
