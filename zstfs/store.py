@@ -173,11 +173,14 @@ class Store:
         rules: NameRules,
         params: codec.CodecParams | None = None,
         source: str = "",
+        decoders: codec.Decoders | None = None,
     ) -> None:
         self.root_fd = root_fd
         self.rules = rules
         self.params = params or codec.CodecParams()
         self.source = source
+        #: The decoders of every `.zst` of this store: readers, sizes and damage found.
+        self.decoders = decoders if decoders is not None else codec.Decoders()
         self._lock_fd: int | None = None
         self._sizes: dict[tuple[int, int, int, int], int] = {}
         self._sizes_lock = threading.Lock()
@@ -228,6 +231,12 @@ class Store:
         self._lock_fd = fd
         self.record_lock_owner()
 
+    def after_fork(self) -> None:
+        """The daemon forked to detach: fresh decoders (the parent's threads are not in this
+        process) and our PID in the lock file."""
+        self.decoders = self.decoders.forked()
+        self.record_lock_owner()
+
     def record_lock_owner(self) -> None:
         """Write our PID into the lock file (again after a daemonizing fork)."""
         if self._lock_fd is not None:
@@ -238,7 +247,7 @@ class Store:
     def give_back_space(self) -> bool:
         """A write into the store failed with ENOSPC: drop the daemon's decoded copies at once
         (they are optional; the frames are decoded again when read). True if any were held."""
-        if codec.default_decoders().give_back_copies():
+        if self.decoders.spills.give_back():
             log.info("out of space: decoded copies given back")
             return True
         return False
@@ -340,7 +349,7 @@ class Store:
         if size is not None:
             return size
         try:
-            size = codec.ZstReader(fd).size
+            size = codec.ZstReader(fd, self.decoders).size
         except codec.CorruptError as e:
             if not isinstance(e, codec.BudgetBusyError):
                 self.note_damaged(st, e)
@@ -531,7 +540,8 @@ class Store:
                 raise Changed(f"{name!r}: the compressed file was replaced")
             with self._temp_in(dir_fd, name) as (tmp_name, tmp):
                 if not empty:
-                    codec.decompress_file(src, tmp, threads=PROMOTE_THREADS)
+                    codec.decompress_file(src, tmp, threads=PROMOTE_THREADS,
+                                          decoders=self.decoders)
                 copy_metadata(src, tmp, st)
                 os.fsync(tmp)
                 rename_at(dir_fd, tmp_name, dir_fd, name, RENAME_NOREPLACE)
@@ -641,7 +651,7 @@ class Store:
         except OSError:
             return False
         try:
-            return _decodes_to_prefix(zfd, swap.src_fd)
+            return _decodes_to_prefix(zfd, swap.src_fd, self.decoders)
         finally:
             os.close(zfd)
 
@@ -968,17 +978,17 @@ class Store:
             os.close(pfd)
             return False
         try:
-            return _decodes_to_prefix(zfd, pfd)
+            return _decodes_to_prefix(zfd, pfd, self.decoders)
         finally:
             os.close(pfd)
             os.close(zfd)
 
 
-def _decodes_to_prefix(zfd: int, pfd: int) -> bool:
+def _decodes_to_prefix(zfd: int, pfd: int, decoders: codec.Decoders) -> bool:
     """True if the `.zst` at `zfd` decodes to a prefix of the plain file at `pfd` (which may
     have grown since). A damaged `.zst` cannot be shown to hold nothing more: False."""
     try:
-        reader = codec.ZstReader(zfd)
+        reader = codec.ZstReader(zfd, decoders)
         size = reader.size
         if os.fstat(pfd).st_size < size:
             return False

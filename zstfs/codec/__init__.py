@@ -32,21 +32,19 @@ The modules, each importing only those before it:
 * ``writer``: :func:`compress_file` (frames, frame plan, seek table);
 * ``index``: seek table reading, the frame walk, the frame index of a file;
 * ``decode``: decoding one frame, verified;
-* ``decoders``: :class:`Decoders`, the daemon's decoder budget;
+* ``budget``: the decoder budget (memory, the shared lock, the janitor thread);
+* ``cache``: decoded frames (small ones, decoded whole) and the marks of frames found intact;
+* ``streams``: resumable decoders inside big frames, with a prefetch thread;
+* ``spill``: decoded copies of checked big frames, in unnamed files in the store;
+* ``indexes``: each file's index, logical size and damage, by identity;
+* ``decoders``: :class:`Decoders`, all of the above composed: one per store;
 * ``reader``: :class:`ZstReader`;
 * ``verify``: whole-file decoding and verification, adoption of foreign files.
 """
 
 from __future__ import annotations
 
-from zstfs.codec.decoders import (
-    SPILL_FREE_SHARE,
-    SPILL_MIN_FREE,
-    Decoders,
-    clear_caches,
-    default_decoders,
-    set_cache_limit,
-)
+from zstfs.codec.decoders import Decoders
 from zstfs.codec.format import (
     ZSTD_DEFAULT_WINDOW,
     BudgetBusyError,
@@ -57,6 +55,7 @@ from zstfs.codec.format import (
     identity_of,
 )
 from zstfs.codec.reader import ZstReader, logical_size
+from zstfs.codec.spill import SPILL_FREE_SHARE, SPILL_MIN_FREE
 from zstfs.codec.verify import (
     decompress_file,
     is_native,
@@ -79,15 +78,12 @@ __all__ = [
     "Decoders",
     "Identity",
     "ZstReader",
-    "clear_caches",
     "compress_file",
     "decompress_file",
-    "default_decoders",
     "identity_of",
     "is_native",
     "logical_size",
     "reencode",
-    "set_cache_limit",
     "verify_equal",
     "verify_file",
     "verify_reencoded",

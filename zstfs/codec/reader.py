@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 
-from zstfs.codec.decoders import AHEAD_FRAMES, Decoders, default_decoders
+from zstfs.codec.cache import AHEAD_FRAMES
+from zstfs.codec.decoders import Decoders
 from zstfs.codec.format import MAX_CONTENT_SIZE, DecodeLimitError, gib, identity_of
 from zstfs.codec.index import Frame, Index
 
@@ -19,10 +20,10 @@ class ZstReader:
     unchanged file share them; a reader itself holds no decoder between reads.
     """
 
-    def __init__(self, fd: int, decoders: Decoders | None = None) -> None:
+    def __init__(self, fd: int, decoders: Decoders) -> None:
         self._fd = fd
         self._identity = identity_of(os.fstat(fd))
-        self._dec = decoders if decoders is not None else default_decoders()
+        self._dec = decoders
 
     def _index(self) -> Index:
         return self._dec.index(self._fd, self._identity)
@@ -50,7 +51,7 @@ class ZstReader:
     def _read(self, offset: int, length: int, *, decode: bool) -> bytes | None:
         if offset < 0 or length < 0:
             raise ValueError(f"negative offset or length: {offset}, {length}")
-        index = self._index() if decode else self._dec.cached_index(self._identity)
+        index = self._index() if decode else self._dec.indexes.cached(self._identity)
         if index is None:
             return None
         end = min(offset + length, index.size)
@@ -64,7 +65,7 @@ class ZstReader:
         # there) checks them: a damaged one is damage, as `zstd -d` says.
         if index.empty and length and offset + length > index.size:
             for frame in index.empty:
-                if not self._dec.is_verified(self._identity, frame.comp_start):
+                if not self._dec.frames.is_verified(self._identity, frame.comp_start):
                     if not decode:
                         return None
                     self._dec.verify(self._fd, self._identity, frame)
@@ -91,15 +92,16 @@ class ZstReader:
         for frame in index.unsized:
             if frame.log_start >= end:
                 break
-            if self._dec.is_verified(self._identity, frame.comp_start):
+            if self._dec.frames.is_verified(self._identity, frame.comp_start):
                 continue
             if not decode:
                 return False
             self._check_size(frame)
-            if frame.log_size and self._dec.cacheable(frame):
+            if frame.log_size and self._dec.frames.cacheable(frame):
                 # Decoded whole with its exact length checked, and cached for the read itself.
                 frame_no = index.frame_at(frame.log_start)
-                self._dec.frame_bytes(self._fd, self._identity, frame_no, index.frames[frame_no])
+                self._dec.frames.frame_bytes(self._fd, self._identity, frame_no,
+                                             index.frames[frame_no])
             else:
                 self._dec.verify(self._fd, self._identity, frame)
         return True
@@ -117,26 +119,26 @@ class ZstReader:
     ) -> bytes | None:
         """Bytes ``[lo, hi)`` of one frame: from the shared cache, or a resumable stream."""
         self._check_size(frame)
-        if not self._dec.cacheable(frame):
+        if not self._dec.frames.cacheable(frame):
             if not decode:
-                if not self._dec.is_verified(self._identity, frame.comp_start):
+                if not self._dec.frames.is_verified(self._identity, frame.comp_start):
                     return None
-                data = self._dec.spill_read(self._identity, frame.comp_start, lo, hi)
+                data = self._dec.spills.read(self._identity, frame.comp_start, lo, hi)
                 if data is not None:
                     return data
-                return self._dec.peek(self._identity, frame_no, lo, hi)
+                return self._dec.streams.peek(self._identity, frame_no, lo, hi)
             self._dec.verify(self._fd, self._identity, frame)
-            data = self._dec.spill_read(self._identity, frame.comp_start, lo, hi)
+            data = self._dec.spills.read(self._identity, frame.comp_start, lo, hi)
             if data is not None:
                 return data
-            return self._dec.stream_read(self._fd, self._identity, frame_no, frame, lo, hi)
+            return self._dec.streams.read(self._fd, self._identity, frame_no, frame, lo, hi)
         key = (self._identity, frame_no)
-        data = self._dec.cached_frame(key)
+        data = self._dec.frames.cached(key)
         if data is None:
             if not decode:
                 return None
             self._read_ahead(frame_no + 1)
-            data = self._dec.frame_bytes(self._fd, self._identity, frame_no, frame)
+            data = self._dec.frames.frame_bytes(self._fd, self._identity, frame_no, frame)
         if hi * 2 > frame.log_size:
             # Past the middle of a frame, a reader that goes on wants the next ones: they are
             # decoded on other cores meanwhile (`grep -r`, `cat`, codex reading a rollout).
@@ -147,12 +149,12 @@ class ZstReader:
         return data[lo:hi]
 
     def _decode_ahead(self, frame_no: int, reading: int) -> None:
-        index = self._dec.cached_index(self._identity)
+        index = self._dec.indexes.cached(self._identity)
         if index is None or frame_no >= len(index.frames):
             return
         frame = index.frames[frame_no]
-        if self._dec.cacheable(frame):
-            self._dec.decode_ahead(self._fd, self._identity, frame_no, frame, reading)
+        if self._dec.frames.cacheable(frame):
+            self._dec.frames.decode_ahead(self._fd, self._identity, frame_no, frame, reading)
 
     def _read_ahead(self, frame_no: int) -> None:
         """Ask the kernel to fetch the next frame's compressed bytes while this one decodes:
@@ -165,6 +167,6 @@ class ZstReader:
                                  os.POSIX_FADV_WILLNEED)
 
 
-def logical_size(fd: int) -> int:
+def logical_size(fd: int, decoders: Decoders) -> int:
     """The decoded size of a ``.zst`` file; shares the index cache with :class:`ZstReader`."""
-    return ZstReader(fd).size
+    return ZstReader(fd, decoders).size

@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable, Iterator
 
 from zstfs.codec.decode import decode_whole, iter_decoded
-from zstfs.codec.decoders import default_decoders
+from zstfs.codec.decoders import Decoders
 from zstfs.codec.format import (
     DEFAULT_PARAMS,
     WRITE_CHUNK,
@@ -73,7 +73,8 @@ def _decode_all(fd: int, sink: Callable[[bytes], None], progress: ProgressFn | N
 
 
 def decompress_file(
-    src_fd: int, dst_fd: int, *, progress: ProgressFn | None = None, threads: int = 1
+    src_fd: int, dst_fd: int, *, progress: ProgressFn | None = None, threads: int = 1,
+    decoders: Decoders | None = None,
 ) -> int:
     """Stream-decode any valid ``.zst`` into ``dst_fd`` with bounded memory; returns bytes written.
 
@@ -81,13 +82,16 @@ def decompress_file(
     be written; the caller writes to a temp file and discards it.  With ``threads`` > 1, a file
     with a seek table (frames of known size, independent by construction) has that many frames
     decoded at once, each written at its own offset: promotion of a big file is then bound by
-    the disk, not one core.  Memory: ``threads`` frames.
+    the disk, not one core.  Memory: ``threads`` frames, charged to ``decoders`` (which the
+    parallel decode needs).
     """
     if threads > 1:
-        index = default_decoders().index(src_fd, identity_of(os.fstat(src_fd)))
+        if decoders is None:
+            raise ValueError("decoding frames in parallel needs the decoders to charge them to")
+        index = decoders.index(src_fd, identity_of(os.fstat(src_fd)))
         if (index.seekable and len(index.frames) > 1
                 and max(f.log_size for f in index.frames) <= PARALLEL_FRAME_LIMIT):
-            return _decode_parallel(src_fd, dst_fd, index, threads, progress)
+            return _decode_parallel(src_fd, dst_fd, index, threads, progress, decoders)
     return _decode_all(src_fd, lambda chunk: write_all(dst_fd, chunk), progress)
 
 
@@ -97,15 +101,16 @@ PARALLEL_FRAME_LIMIT = 64 << 20
 
 
 def _decode_parallel(
-    src_fd: int, dst_fd: int, index: Index, threads: int, progress: ProgressFn | None
+    src_fd: int, dst_fd: int, index: Index, threads: int, progress: ProgressFn | None,
+    decoders: Decoders,
 ) -> int:
     """Decode the frames of a seekable file `threads` at a time, in order, verified each.
 
-    The frames in flight are charged to the default decoder budget (evicting cached frames), so
-    a promotion does not add its own frames on top of everything the readers hold."""
+    The frames in flight are charged to the decoder budget (evicting cached frames), so a
+    promotion does not add its own frames on top of everything the readers hold."""
     written = 0
     frames = list(index.frames)
-    budget = default_decoders()
+    budget = decoders.budget
     pending: collections.deque[tuple[Frame, concurrent.futures.Future[bytes]]] = (
         collections.deque()
     )
