@@ -20,7 +20,6 @@ import fcntl
 import logging
 import os
 import stat
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -146,11 +145,6 @@ def split(path: bytes) -> tuple[bytes, bytes]:
     return (parent or b"."), name
 
 
-def identity(st: os.stat_result) -> tuple[int, int, int, int]:
-    """The key of the size cache: a `.zst` file's content is fixed while these are."""
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_nlink)
-
-
 def full_identity(st: os.stat_result) -> tuple[int, int, int, int, int, int]:
     """What must not change between deciding on a swap and publishing it: the same file
     (device, inode), the same content (size, mtime), the same metadata (ctime covers mode,
@@ -179,16 +173,13 @@ class Store:
         self.rules = rules
         self.params = params or codec.CodecParams()
         self.source = source
-        #: The decoders of every `.zst` of this store: readers, sizes and damage found.
+        #: The decoders of every `.zst` of this store. Their index cache is the one owner of
+        #: each `.zst`'s logical size and of the damage found in it (counted from the first time
+        #: seen, even after the view remembers a damaged file's stored size as its size).
         self.decoders = decoders if decoders is not None else codec.Decoders()
         self._lock_fd: int | None = None
-        self._sizes: dict[tuple[int, int, int, int], int] = {}
-        self._sizes_lock = threading.Lock()
         self.accounting = leases.Accounting()
         leases.ignore_lease_signal()
-        # `.zst` files found damaged (by identity): counted from the first time seen, even after
-        # the view remembers their stored size as their size.
-        self._damaged: dict[tuple[int, int, int, int], codec.CorruptError] = {}
 
     # ----------------------------------------------------------------- lifecycle
     @classmethod
@@ -319,12 +310,11 @@ class Store:
 
     def known_size(self, st: os.stat_result) -> int | None:
         """The logical size of a compressed file if it is known without any I/O."""
-        with self._sizes_lock:
-            return self._sizes.get(identity(st))
+        return self.decoders.indexes.known_size(codec.identity_of(st))
 
     def logical_size(self, path: bytes, st: os.stat_result) -> int:
         """Decoded size of the `.zst` at `path` (reads its seek table or frame headers, cached)."""
-        size = self._size_known(st)
+        size = self.decoders.indexes.size(codec.identity_of(st))
         if size is not None:
             return size
         fd = self.open_compressed(path, st)
@@ -333,36 +323,17 @@ class Store:
         finally:
             os.close(fd)
 
-    def _size_known(self, st: os.stat_result) -> int | None:
-        """The cached size of a `.zst`; raises what was found wrong with it, if anything."""
-        key = identity(st)
-        with self._sizes_lock:
-            why = self._damaged.get(key)
-            size = self._sizes.get(key)
-        if why is not None:
-            raise type(why)(*why.args)
-        return size
-
     def size_of(self, fd: int, st: os.stat_result) -> int:
-        """Decoded size of the open `.zst` `fd`, whose stat is `st` (cached by identity)."""
-        size = self._size_known(st)
+        """Decoded size of the open `.zst` `fd`, whose stat is `st`; raises the damage found in
+        it, now or before (both kept by the decoders' index cache)."""
+        size = self.decoders.indexes.size(codec.identity_of(st))
         if size is not None:
             return size
-        try:
-            size = codec.ZstReader(fd, self.decoders).size
-        except codec.CorruptError as e:
-            if not isinstance(e, codec.BudgetBusyError):
-                self.note_damaged(st, e)
-            raise
-        self.remember_size(st, size)
-        return size
+        return codec.ZstReader(fd, self.decoders).size
 
     def note_damaged(self, st: os.stat_result, why: codec.CorruptError) -> None:
         """Remember a damaged `.zst` (any stat of it) so that the census counts it from now on."""
-        with self._sizes_lock:
-            if len(self._damaged) > 100_000:
-                self._damaged.clear()
-            self._damaged.setdefault(identity(st), type(why)(*why.args))
+        self.decoders.indexes.note_damaged(codec.identity_of(st), why)
 
     def open_plain(self, path: bytes, flags: int, *, dir_fd: int | None = None) -> int:
         """Open a plain backing file for the daemon's own use (`path` relative to `dir_fd`,
@@ -433,10 +404,7 @@ class Store:
                 os.close(fd)
 
     def remember_size(self, st: os.stat_result, size: int) -> None:
-        with self._sizes_lock:
-            if len(self._sizes) > 200_000:
-                self._sizes.clear()
-            self._sizes[identity(st)] = size
+        self.decoders.indexes.remember_size(codec.identity_of(st), size)
 
     # ----------------------------------------------------------------- renames
     def set_aside(self, parent: bytes, name: bytes, *, dir_fd: int | None = None) -> bytes | None:

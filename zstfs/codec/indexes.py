@@ -80,15 +80,21 @@ class IndexCache:
         """The logical size if it is known without any I/O (what a damaged file lists as, once
         remembered), else None."""
         with self._lock:
-            return self._sizes.get(identity)
+            return self._size_locked(identity)
 
     def size(self, identity: Identity) -> int | None:
         """Like :meth:`known_size`, but a file found damaged raises what was found."""
         with self._lock:
             damage = self._damage.get(identity)
-            size = self._sizes.get(identity)
+            size = self._size_locked(identity)
         if damage is not None:
             _raise(damage.error)
+        return size
+
+    def _size_locked(self, identity: Identity) -> int | None:
+        size = self._sizes.get(identity)
+        if size is None and (index := self._indexes.get(identity)) is not None:
+            size = index.size
         return size
 
     def remember_size(self, identity: Identity, size: int) -> None:
