@@ -7,10 +7,10 @@ from __future__ import annotations
 from zstfs.codec.budget import DEFAULT_MEMORY, GROW_STEP, Budget, Janitor, stream_cost
 from zstfs.codec.cache import DEFAULT_CACHE_LIMIT, FrameCache
 from zstfs.codec.decode import check_extent, count_frame
-from zstfs.codec.format import Identity
+from zstfs.codec.format import Identity, ProgressFn
 from zstfs.codec.index import Frame, Index, RawFrame, build_index
 from zstfs.codec.indexes import IndexCache
-from zstfs.codec.spill import DEFAULT_SPILL_LIMIT, SPILL_IDLE_SECONDS, Spills
+from zstfs.codec.spill import DEFAULT_SPILL_LIMIT, SPILL_IDLE_SECONDS, Spill, Spills
 from zstfs.codec.streams import IDLE_SECONDS, Streams
 
 #: The most one read decodes from a single frame (a "zeros bomb" of 20 GiB is refused at once
@@ -115,12 +115,7 @@ class Decoders:
             if raw.end - raw.start >= self.frames.limit // 16:
                 spill = self.spills.new(None)
             try:
-                n = count_frame(fd, raw.start, raw.end, None, self.max_frame, grow,
-                                sink=None if spill is None else spill.write)
-            except BaseException:
-                if spill is not None:
-                    spill.close()
-                raise
+                n = self._check(fd, raw.start, raw.end, None, spill, grow)
             finally:
                 self.budget.release(charged)
             if spill is not None and n <= self.frames.cacheable_size:
@@ -150,15 +145,22 @@ class Decoders:
                 spill = None if frames.cacheable(frame) else self.spills.new(frame.log_size)
                 try:
                     check_extent(fd, frame)
-                    count_frame(fd, frame.comp_start, frame.comp_end, frame.log_size,
-                                self.max_frame, sink=None if spill is None else spill.write)
-                except BaseException:
-                    if spill is not None:
-                        spill.close()
-                    raise
+                    self._check(fd, frame.comp_start, frame.comp_end, frame.log_size, spill)
                 finally:
                     self.budget.release(cost)
                 self.spills.keep(identity, frame.comp_start, spill, frame.log_size)
                 frames.mark_verified(identity, frame.comp_start)
             finally:
                 frames.flights.done(key, event)
+
+    def _check(self, fd: int, start: int, end: int, expected: int | None, spill: Spill | None,
+               progress: ProgressFn | None = None) -> int:
+        """Decode the frame ``[start, end)`` once in full, verified (:func:`count_frame`), into
+        ``spill`` if given (closed, so never kept, if the frame is found damaged)."""
+        try:
+            return count_frame(fd, start, end, expected, self.max_frame, progress,
+                               sink=None if spill is None else spill.write)
+        except BaseException:
+            if spill is not None:
+                spill.close()
+            raise

@@ -10,8 +10,6 @@ import threading
 import time
 from collections import OrderedDict
 
-import zstandard
-
 from zstfs.codec.budget import (
     RESERVE_TIMEOUT,
     STREAM_AHEAD,
@@ -20,14 +18,12 @@ from zstfs.codec.budget import (
     Janitor,
     stream_cost,
 )
-from zstfs.codec.decode import STREAM_READ
+from zstfs.codec.decode import FrameDecoder
 from zstfs.codec.format import (
     IO_CHUNK,
     BudgetBusyError,
     CorruptError,
     Identity,
-    PreadSource,
-    decompressor,
 )
 from zstfs.codec.index import Frame
 
@@ -69,12 +65,7 @@ class Stream:
         self.busy = True
         self.last_used = time.monotonic()
         self._fd = os.dup(fd)
-        self._reader: zstandard.ZstdDecompressionReader | None = decompressor().stream_reader(
-            PreadSource(self._fd, frame.comp_start, frame.comp_end),
-            read_size=STREAM_READ,
-            read_across_frames=False,
-            closefd=False,
-        )
+        self._decoder = FrameDecoder(self._fd, frame.comp_start, frame.comp_end, frame.log_size)
 
     @property
     def history_start(self) -> int:
@@ -87,7 +78,7 @@ class Stream:
         return max(0, lo - self.pos)
 
     def close(self) -> None:
-        self._reader = None  # the decoder and its window go now, even if a traceback holds us
+        self._decoder.close()  # the decoder and its window go now, even if a traceback holds us
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -95,17 +86,9 @@ class Stream:
     def _pull(self, n: int, keep: bool) -> list[bytes]:
         parts: list[bytes] = []
         while n > 0:
-            if self._reader is None:
-                raise CorruptError(f"frame at offset {self.frame.comp_start}: decoder released")
-            try:
-                data = self._reader.read(min(IO_CHUNK, n))
-            except zstandard.ZstdError as exc:
-                raise CorruptError(f"frame at offset {self.frame.comp_start}: {exc}") from exc
-            if not data:
-                raise CorruptError(
-                    f"frame at offset {self.frame.comp_start} ends at {self.pos} bytes, "
-                    f"expected {self.frame.log_size}"
-                )
+            data = self._decoder.read(min(IO_CHUNK, n))
+            if not data:  # never: the decoder ends only at log_size, and reads stop there
+                raise AssertionError(f"read past the end of frame at {self.frame.comp_start}")
             n -= len(data)
             if keep or n < STREAM_HISTORY:
                 parts.append(data)
