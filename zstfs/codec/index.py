@@ -21,6 +21,7 @@ from zstfs.codec.format import (
     SKIPPABLE_MAGIC_MASK,
     ZSTD_MAGIC,
     CorruptError,
+    Header,
     pread_exact,
     read_header,
 )
@@ -183,6 +184,64 @@ class Index:
         return bisect.bisect_right(self.starts, offset) - 1
 
 
+def _size_and_table(fd: int) -> tuple[int, tuple[list[TableEntry], int] | None]:
+    """The file's size and its seek table (None: it has none); an empty file is no zstd."""
+    fsize = os.fstat(fd).st_size
+    if fsize == 0:
+        raise CorruptError("not zstd: empty file")
+    return fsize, read_seek_table(fd, fsize)
+
+
+def check_entry(i: int, entry: TableEntry, content_size: int | None,
+                checksum: int | None) -> None:
+    """The one check of a seek-table entry against its frame: the content size the frame states
+    (if it states one) and its checksum (if both have one) must be the table's."""
+    if content_size is not None and content_size != entry.size:
+        raise CorruptError(
+            f"seek table: frame {i} at offset {entry.start} holds {content_size} bytes, "
+            f"table says {entry.size}"
+        )
+    if None not in (checksum, entry.checksum) and checksum != entry.checksum:
+        raise CorruptError(
+            f"seek table: checksum of frame {i} at offset {entry.start} does not match"
+        )
+
+
+def entry_header(fd: int, i: int, entry: TableEntry) -> Header:
+    """The header of the frame seek-table entry ``i`` claims, checked against the entry with
+    its trailing checksum (:func:`check_entry`): a pread or two, nothing decoded."""
+    header = read_header(fd, entry.start, entry.end)
+    checksum = None
+    if header.has_checksum and entry.checksum is not None:
+        checksum = int.from_bytes(pread_exact(fd, 4, entry.end - 4, "frame checksum"), "little")
+    check_entry(i, entry, header.content_size, checksum)
+    return header
+
+
+def checked_frames(fd: int) -> Iterator[tuple[RawFrame, int | None]]:
+    """Every zstd frame of the file with its expected decoded size, after full structural checks.
+
+    Walks the whole file (ignoring any seek table) and, if a seek table is present, requires it to
+    describe exactly the frames found: same extents, sizes and checksums.
+    """
+    fsize, table = _size_and_table(fd)
+    walked = list(walk_frames(fd, fsize))
+    if table is None:
+        for kind, _start, _end, raw in walked:
+            if kind == "zstd" and raw is not None:
+                yield raw, raw.content_size
+        return
+    entries, _table_len = table
+    body = walked[:-1]
+    if not walked or walked[-1][0] != "skip" or len(body) != len(entries):
+        raise CorruptError(f"seek table: lists {len(entries)} frames, file has {len(body)}")
+    for i, ((kind, start, end, raw), entry) in enumerate(zip(body, entries, strict=True)):
+        if kind != "zstd" or raw is None or (start, end) != (entry.start, entry.end):
+            raise CorruptError(f"seek table: frame {i} at offset {entry.start} does not match")
+        check_entry(i, entry, raw.content_size, raw.checksum)
+        yield raw, entry.size
+
+
 def _index_from_table(fd: int, entries: list[TableEntry], fsize: int) -> list[Frame]:
     """Trust but check the seek table: each entry must start with a frame header that agrees.
 
@@ -194,18 +253,7 @@ def _index_from_table(fd: int, entries: list[TableEntry], fsize: int) -> list[Fr
     frames: list[Frame] = []
     log = 0
     for i, entry in enumerate(entries):
-        header = read_header(fd, entry.start, entry.end)
-        if header.content_size is not None and header.content_size != entry.size:
-            raise CorruptError(
-                f"seek table: frame {i} at offset {entry.start} holds {header.content_size} bytes, "
-                f"table says {entry.size}"
-            )
-        if header.has_checksum and entry.checksum is not None:
-            trailer = pread_exact(fd, 4, entry.end - 4, "frame checksum")
-            if int.from_bytes(trailer, "little") != entry.checksum:
-                raise CorruptError(
-                    f"seek table: checksum of frame {i} at offset {entry.start} does not match"
-                )
+        header = entry_header(fd, i, entry)
         window = header.window or entry.size
         frames.append(Frame(entry.start, entry.end, log, entry.size, header.has_checksum,
                              window, header.content_size is not None))
@@ -236,10 +284,7 @@ def _index_from_walk(fd: int, fsize: int, count: Callable[[RawFrame], int]) -> l
 
 def build_index(fd: int, count: Callable[[RawFrame], int]) -> Index:
     """Build the frame index of one ``.zst`` (seek table if present, else a structural walk)."""
-    fsize = os.fstat(fd).st_size
-    if fsize == 0:
-        raise CorruptError("not zstd: empty file")
-    table = read_seek_table(fd, fsize)
+    fsize, table = _size_and_table(fd)
     if table is not None:
         frames = _index_from_table(fd, table[0], fsize)
     else:

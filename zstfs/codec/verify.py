@@ -19,45 +19,11 @@ from zstfs.codec.format import (
     ProgressFn,
     gib,
     identity_of,
-    pread_exact,
     pread_full,
-    read_header,
     write_all,
 )
-from zstfs.codec.index import Frame, Index, RawFrame, read_seek_table, walk_frames
+from zstfs.codec.index import Frame, Index, checked_frames, entry_header, read_seek_table
 from zstfs.codec.writer import compress_stream
-
-
-def checked_frames(fd: int) -> Iterator[tuple[RawFrame, int | None]]:
-    """Every zstd frame of the file with its expected decoded size, after full structural checks.
-
-    Walks the whole file (ignoring any seek table) and, if a seek table is present, requires it to
-    describe exactly the frames found: same extents, sizes and checksums.
-    """
-    fsize = os.fstat(fd).st_size
-    if fsize == 0:
-        raise CorruptError("not zstd: empty file")
-    table = read_seek_table(fd, fsize)
-    walked = list(walk_frames(fd, fsize))
-    if table is None:
-        for kind, _start, _end, raw in walked:
-            if kind == "zstd" and raw is not None:
-                yield raw, raw.content_size
-        return
-    entries, _table_len = table
-    body = walked[:-1]
-    if not walked or walked[-1][0] != "skip" or len(body) != len(entries):
-        raise CorruptError(f"seek table: lists {len(entries)} frames, file has {len(body)}")
-    for i, ((kind, start, end, raw), entry) in enumerate(zip(body, entries, strict=True)):
-        if kind != "zstd" or raw is None or (start, end) != (entry.start, entry.end):
-            raise CorruptError(f"seek table: frame {i} at offset {entry.start} does not match")
-        if raw.content_size is not None and raw.content_size != entry.size:
-            raise CorruptError(f"seek table: size of frame {i} at offset {start} does not match")
-        if None not in (raw.checksum, entry.checksum) and raw.checksum != entry.checksum:
-            raise CorruptError(
-                f"seek table: checksum of frame {i} at offset {start} does not match"
-            )
-        yield raw, entry.size
 
 
 def _decode_all(fd: int, sink: Callable[[bytes], None], progress: ProgressFn | None) -> int:
@@ -169,22 +135,33 @@ def verify_equal(zst_fd: int, plain_fd: int, progress: ProgressFn | None = None)
     The compactor calls this before it deletes a plain file, so a bad compression can never lose
     data.  Any difference, including length, raises CorruptError with the first differing offset.
     """
+    pos = _compare_decoded(zst_fd, lambda at, n: pread_full(plain_fd, n, at), "the plain file",
+                           progress)
+    if os.pread(plain_fd, 1, pos):
+        raise CorruptError(f"plain file is longer than the decoded {pos} bytes")
+
+
+def _compare_decoded(zst_fd: int, theirs: Callable[[int, int], bytes], what: str,
+                     progress: ProgressFn | None) -> int:
+    """Decode ``zst_fd`` (every check of :func:`verify_file`) comparing it with ``theirs(at, n)``
+    (the other side's ``n`` bytes at ``at``, fewer only at its end): raise :class:`CorruptError`
+    at the first differing offset, or return the decoded length (the caller checks that the
+    other side ends there)."""
     pos = 0
 
     def compare(chunk: bytes) -> None:
         nonlocal pos
-        plain = pread_full(plain_fd, len(chunk), pos)
-        if plain != chunk:
+        other = theirs(pos, len(chunk))
+        if other != chunk:
             at = pos + next(
-                (i for i, (a, b) in enumerate(zip(plain, chunk, strict=False)) if a != b),
-                min(len(plain), len(chunk)),
+                (i for i, (a, b) in enumerate(zip(other, chunk, strict=False)) if a != b),
+                min(len(other), len(chunk)),
             )
-            raise CorruptError(f"content differs from the plain file at offset {at}")
+            raise CorruptError(f"content differs from {what} at offset {at}")
         pos += len(chunk)
 
     _decode_all(zst_fd, compare, progress)
-    if os.pread(plain_fd, 1, pos):
-        raise CorruptError(f"plain file is longer than the decoded {pos} bytes")
+    return pos
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,20 +180,16 @@ def is_native(fd: int, params: CodecParams = DEFAULT_PARAMS) -> bool:
     :func:`reencode` is for.
     """
     try:
-        fsize = os.fstat(fd).st_size
-        table = read_seek_table(fd, fsize)
+        table = read_seek_table(fd, os.fstat(fd).st_size)
         if table is None:
             return False
         entries, _table_len = table
         if any(entry.checksum is None for entry in entries):
             return False
-        for entry in entries:
-            header = read_header(fd, entry.start, entry.end)
-            if (header.content_size != entry.size or not header.has_checksum
+        for i, entry in enumerate(entries):
+            header = entry_header(fd, i, entry)
+            if (header.content_size is None or not header.has_checksum
                     or header.window > ZSTD_DEFAULT_WINDOW or entry.size > params.frame_size):
-                return False
-            trailer = pread_exact(fd, 4, entry.end - 4, "frame checksum")
-            if int.from_bytes(trailer, "little") != entry.checksum:
                 return False
         return True
     except CorruptError:
@@ -304,20 +277,7 @@ def verify_reencoded(new_fd: int, src_fd: int, *, max_window: int = ZSTD_DEFAULT
     offset.
     """
     source = _DecodedSource(src_fd, max_window)
-    pos = 0
-
-    def compare(chunk: bytes) -> None:
-        nonlocal pos
-        theirs = source.read(len(chunk))
-        if theirs != chunk:
-            at = pos + next(
-                (i for i, (a, b) in enumerate(zip(theirs, chunk, strict=False)) if a != b),
-                min(len(theirs), len(chunk)),
-            )
-            raise CorruptError(f"content differs from the source .zst at offset {at}")
-        pos += len(chunk)
-
-    _decode_all(new_fd, compare, None)
+    pos = _compare_decoded(new_fd, lambda _at, n: source.read(n), "the source .zst", None)
     if source.read(1):
         raise CorruptError(f"the source .zst is longer than the re-encoded {pos} bytes")
     return pos
