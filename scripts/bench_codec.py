@@ -212,10 +212,10 @@ def zstfs_decompress(src: Path) -> int:
 
 def reader_cat(src: Path) -> int:
     """Sequential 128 KiB reads through ZstReader, as ``cat`` through the mount would do."""
-    codec.clear_caches()
+    dec = codec.Decoders()  # cold caches
     fd = os.open(src, os.O_RDONLY)
     try:
-        reader = codec.ZstReader(fd)
+        reader = codec.ZstReader(fd, dec)
         pos = 0
         while chunk := reader.read(pos, 128 * 1024):
             pos += len(chunk)
@@ -227,10 +227,10 @@ def reader_cat(src: Path) -> int:
 def reader_head(src: Path) -> bytes:
     """The first line (codex's ``session_meta``) through a fresh ZstReader with cold caches,
     index build included, read the way a line reader does: 64 KiB at a time up to a newline."""
-    codec.clear_caches()
+    dec = codec.Decoders()  # cold caches
     fd = os.open(src, os.O_RDONLY)
     try:
-        reader = codec.ZstReader(fd)
+        reader = codec.ZstReader(fd, dec)
         line = b""
         while b"\n" not in line:
             chunk = reader.read(len(line), 64 * 1024)
@@ -245,10 +245,10 @@ def reader_head(src: Path) -> bytes:
 def reader_tail(src: Path, end: int | None = None) -> bytes:
     """The 8 KiB before ``end`` (default EOF) through a fresh ZstReader with cold caches, index
     build included.  Ending at a frame end shows the worst case: a whole frame decoded."""
-    codec.clear_caches()
+    dec = codec.Decoders()  # cold caches
     fd = os.open(src, os.O_RDONLY)
     try:
-        reader = codec.ZstReader(fd)
+        reader = codec.ZstReader(fd, dec)
         end = reader.size if end is None else end
         return reader.read(max(0, end - 8192), 8192)
     finally:
@@ -349,12 +349,12 @@ def bench_big(src: Path, work: Path, runs: int) -> None:
     t_worst, _ = median_time(lambda: reader_tail(zst, last_full_end), max(runs, 5))
     # What the small head frame costs in stored size (the frame plan without it).
     no_head = work / "big.nohead.zst"
-    saved_head = codec.HEAD_FRAME
-    codec.HEAD_FRAME = 0
+    saved_head = codec.writer.HEAD_FRAME
+    codec.writer.HEAD_FRAME = 0
     try:
         zstfs_compress(src, no_head, codec.CodecParams())
     finally:
-        codec.HEAD_FRAME = saved_head
+        codec.writer.HEAD_FRAME = saved_head
     with_head_size, no_head_size = zst.stat().st_size, no_head.stat().st_size
     print("\n### Big file: decode (zstfs defaults file unless noted)\n")
     print("| operation | median s | MB/s | vs whole decode |")

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zstfs import codec
-from zstfs.codec import CodecParams, CorruptError, ZstReader
+from zstfs.codec import CodecParams, CorruptError, Decoders, ZstReader
 
 SMALL = CodecParams(frame_size=4096)
 HAS_ZSTD = shutil.which("zstd") is not None
@@ -26,14 +26,6 @@ HYPO = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-
-
-@pytest.fixture(autouse=True)
-def _fresh_caches() -> Iterator[None]:
-    """Each test starts cold, so a cached index or frame cannot hide a bug."""
-    codec.clear_caches()
-    yield
-    codec.clear_caches()
 
 
 def text_data(n: int, seed: int = 0) -> bytes:
@@ -49,12 +41,15 @@ def text_data(n: int, seed: int = 0) -> bytes:
 
 
 class Files:
-    """Writes files into the test's tmp_path and opens fds that are closed at teardown."""
+    """Writes files into the test's tmp_path and opens fds that are closed at teardown; `dec`,
+    the test's own decoders (each test starts cold, so a cached index or frame cannot hide a
+    bug)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.fds: list[int] = []
         self.count = 0
+        self.dec = Decoders()
 
     def path(self, suffix: str = "") -> Path:
         self.count += 1
@@ -80,6 +75,7 @@ class Files:
         return dst_path
 
     def close(self) -> None:
+        self.dec.clear()
         for fd in self.fds:
             os.close(fd)
 
@@ -105,8 +101,8 @@ def check_roundtrip(files: Files, zst: Path, data: bytes) -> None:
     assert codec.verify_file(fd) == len(data)
     assert decompress(files, zst) == data
     codec.verify_equal(fd, files.open(files.write(data)))
-    reader = ZstReader(fd)
-    assert reader.size == len(data) == codec.logical_size(fd)
+    reader = ZstReader(fd, files.dec)
+    assert reader.size == len(data) == codec.logical_size(fd, files.dec)
     assert reader.read(0, len(data) + 10) == data
 
 
@@ -124,7 +120,7 @@ def test_roundtrip_sizes(files: Files, n: int) -> None:
     data = text_data(n, seed=n)
     zst = files.compress(data)
     check_roundtrip(files, zst, data)
-    assert ZstReader(files.open(zst)).seekable
+    assert ZstReader(files.open(zst), files.dec).seekable
 
 
 def seek_table_sizes(zst: Path) -> list[int]:
@@ -167,14 +163,14 @@ def test_roundtrip_hypothesis(files: Files, data: bytes, frame_size: int) -> Non
 )
 def test_random_reads(files: Files, n: int, reads: list[tuple[int, int]]) -> None:
     data = text_data(n, seed=n)
-    reader = ZstReader(files.open(files.compress(data)))
+    reader = ZstReader(files.open(files.compress(data)), files.dec)
     for offset, length in reads:
         assert reader.read(offset, length) == data[offset : offset + length]
 
 
 def test_read_edges(files: Files) -> None:
     data = text_data(5 * 4096 + 7)
-    reader = ZstReader(files.open(files.compress(data)))
+    reader = ZstReader(files.open(files.compress(data)), files.dec)
     for offset, length in [
         (0, 0),
         (4095, 2),
@@ -192,7 +188,7 @@ def test_read_edges(files: Files) -> None:
 
 def test_read_cached(files: Files) -> None:
     data = text_data(3 * 4096 + 100)
-    reader = ZstReader(files.open(files.compress(data)))
+    reader = ZstReader(files.open(files.compress(data)), files.dec)
     assert reader.read_cached(5000, 100) is None  # nothing indexed or decoded yet
     assert reader.read(5000, 100) == data[5000:5100]
     assert reader.read_cached(5000, 100) == data[5000:5100]
@@ -204,8 +200,9 @@ def test_read_cached(files: Files) -> None:
 def test_cache_shared_between_readers(files: Files) -> None:
     data = text_data(3 * 4096)
     zst = files.compress(data)
-    assert ZstReader(files.open(zst)).read(0, 10) == data[:10]
-    assert ZstReader(files.open(zst)).read_cached(0, 512) == data[:512]  # the head frame
+    assert ZstReader(files.open(zst), files.dec).read(0, 10) == data[:10]
+    reader = ZstReader(files.open(zst), files.dec)
+    assert reader.read_cached(0, 512) == data[:512]  # the head frame
 
 
 def test_progress_and_empty(files: Files) -> None:
@@ -254,7 +251,7 @@ def test_foreign_file_with_content_size(files: Files) -> None:
     plain = files.write(data)
     subprocess.run(["zstd", "-q", "-3", str(plain), "-o", f"{plain}.zst"], check=True)
     check_roundtrip(files, Path(f"{plain}.zst"), data)
-    assert not ZstReader(files.open(Path(f"{plain}.zst"))).seekable
+    assert not ZstReader(files.open(Path(f"{plain}.zst")), files.dec).seekable
 
 
 def skippable(payload: bytes, magic: int = 0x184D2A50) -> bytes:
@@ -271,7 +268,7 @@ def test_foreign_concatenated_and_skippable(files: Files) -> None:
     blob = skippable(b"hello") + za + skippable(b"", 0x184D2A5F) + zb + zc + skippable(b"x" * 9)
     path = files.write(blob)
     check_roundtrip(files, path, a + b + c)
-    reader = ZstReader(files.open(path))
+    reader = ZstReader(files.open(path), files.dec)
     full = a + b + c
     for offset in (0, 69_999, 70_000, 119_999, 120_000, 120_001):
         assert reader.read(offset, 3) == full[offset : offset + 3]
@@ -311,7 +308,7 @@ def test_pyzstd_written_seekable(files: Files) -> None:
     with pyzstd.SeekableZstdFile(path, "w", max_frame_content_size=5000) as f:
         f.write(data)
     check_roundtrip(files, path, data)
-    assert ZstReader(files.open(path)).seekable
+    assert ZstReader(files.open(path), files.dec).seekable
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,16 +383,16 @@ def test_damage_detected(files: Files, case: str) -> None:
         decompress(files, path)
     with pytest.raises(CorruptError):
         codec.verify_equal(files.open(path), files.open(files.write(data)))
-    codec.clear_caches()
+    files.dec.clear()
     with pytest.raises(CorruptError):
-        ZstReader(files.open(path)).read(0, len(data))
-    codec.clear_caches()
+        ZstReader(files.open(path), files.dec).read(0, len(data))
+    files.dec.clear()
     if case in STRUCTURAL:
         with pytest.raises(CorruptError):
-            _ = ZstReader(files.open(path)).size
+            _ = ZstReader(files.open(path), files.dec).size
     # Whatever part still reads must be the right bytes.
-    codec.clear_caches()
-    reader = ZstReader(files.open(path))
+    files.dec.clear()
+    reader = ZstReader(files.open(path), files.dec)
     rng = random.Random(case)
     for _ in range(50):
         offset, length = rng.randrange(len(data)), rng.randrange(1, 9000)
@@ -418,8 +415,8 @@ def test_corrupt_error_says_where(files: Files) -> None:
 
 def test_concurrent_readers(files: Files) -> None:
     data = text_data(40 * 4096 + 5, seed=3)
-    reader = ZstReader(files.open(files.compress(data)))
-    previous = codec.set_cache_limit(64 * 1024)  # force evictions and re-decodes
+    reader = ZstReader(files.open(files.compress(data)), files.dec)
+    files.dec.frames.set_limit(64 * 1024)  # force evictions and re-decodes
 
     def work(seed: int) -> None:
         rng = random.Random(seed)
@@ -427,18 +424,13 @@ def test_concurrent_readers(files: Files) -> None:
             offset, length = rng.randrange(len(data)), rng.randrange(0, 20_000)
             assert reader.read(offset, length) == data[offset : offset + length]
 
-    try:
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(work, range(16)))
-    finally:
-        codec.set_cache_limit(previous)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(work, range(16)))
 
 
 @pytest.fixture
-def small_cache() -> Iterator[None]:
-    previous = codec.set_cache_limit(64 * 1024)  # frames above 16 KiB are streamed
-    yield
-    codec.set_cache_limit(previous)
+def small_cache(files: Files) -> None:
+    files.dec.frames.set_limit(64 * 1024)  # frames above 16 KiB are streamed
 
 
 def big_frame_files(files: Files, data: bytes) -> list[Path]:
@@ -453,8 +445,8 @@ def big_frame_files(files: Files, data: bytes) -> list[Path]:
 def test_big_frame_streaming(files: Files) -> None:
     data = text_data(300_000, seed=5)
     for path in big_frame_files(files, data):
-        codec.clear_caches()
-        reader = ZstReader(files.open(path))
+        files.dec.clear()
+        reader = ZstReader(files.open(path), files.dec)
         assert reader.size == len(data)
         pos, chunk = 0, 8192
         while pos < len(data):
@@ -473,7 +465,8 @@ def test_big_frame_streaming(files: Files) -> None:
 @pytest.mark.usefixtures("small_cache")
 def test_big_frame_concurrent(files: Files) -> None:
     data = text_data(200_000, seed=6)
-    reader = ZstReader(files.open(files.compress(data, CodecParams(frame_size=1 << 20))))
+    reader = ZstReader(files.open(files.compress(data, CodecParams(frame_size=1 << 20))),
+                       files.dec)
 
     def work(seed: int) -> None:
         rng = random.Random(seed)
@@ -491,7 +484,7 @@ def test_big_frame_damage_caught_before_any_byte(files: Files) -> None:
     data = text_data(300_000, seed=8)
     good = files.compress(data, CodecParams(frame_size=1 << 20)).read_bytes()
     bad = flip(good, len(good) // 2, 5)
-    reader = ZstReader(files.open(files.write(bad)))
+    reader = ZstReader(files.open(files.write(bad)), files.dec)
     with pytest.raises(CorruptError):
         reader.read(0, 100)
 
@@ -523,7 +516,7 @@ def test_parallel_decode_equals_sequential_and_catches_damage(files: Files) -> N
     zst = files.compress(data)
     out = files.path(".out")
     n = codec.decompress_file(files.open(zst), files.open(out, os.O_WRONLY | os.O_CREAT),
-                              threads=2)
+                              threads=2, decoders=files.dec)
     assert n == len(data)
     assert out.read_bytes() == data
     raw = bytearray(zst.read_bytes())
@@ -531,4 +524,4 @@ def test_parallel_decode_equals_sequential_and_catches_damage(files: Files) -> N
     bad = files.write(bytes(raw), ".zst")
     with pytest.raises(CorruptError):
         codec.decompress_file(files.open(bad), files.open(files.path(".o"),
-                              os.O_WRONLY | os.O_CREAT), threads=2)
+                              os.O_WRONLY | os.O_CREAT), threads=2, decoders=files.dec)

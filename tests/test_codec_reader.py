@@ -356,12 +356,12 @@ def test_window_beyond_budget_is_refused_with_the_long_flag(tmp_path: Path,
     with pytest.raises(DecodeLimitError, match="decoding window") as info:
         reader.read(20 << 20, 100)
     assert "--long" not in str(info.value)  # 24 MiB content < 2**27: no --long needed
-    assert dec.used == 0
-    assert dec.peak <= 16 << 20
+    assert dec.budget.used == 0
+    assert dec.budget.peak <= 16 << 20
     # With room for it, the same file reads correctly.
     big = Decoders(memory=64 << 20, cache=1 << 20)
     assert ZstReader(fd, big).read(20 << 20, 100) == repetitive(24 << 20, 3 << 20)[20 << 20:][:100]
-    assert big.peak <= 64 << 20
+    assert big.budget.peak <= 64 << 20
 
 
 def test_unsized_long_window_names_zstd_long(tmp_path: Path, fds: list[int]) -> None:
@@ -370,8 +370,8 @@ def test_unsized_long_window_names_zstd_long(tmp_path: Path, fds: list[int]) -> 
     dec = Decoders(memory=16 << 20, cache=1 << 20)
     with pytest.raises(DecodeLimitError, match="--long=28"):
         _ = ZstReader(fd, dec).size
-    assert dec.used == 0
-    assert dec.peak <= 16 << 20
+    assert dec.budget.used == 0
+    assert dec.budget.peak <= 16 << 20
     assert ZstReader(fd, Decoders(memory=64 << 20)).size == 24 << 20
 
 
@@ -407,12 +407,12 @@ def test_many_readers_stay_within_the_budget(tmp_path: Path, fds: list[int]) -> 
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads)
     assert not errors, errors[0]
-    assert dec.peak <= 30 << 20
+    assert dec.budget.peak <= 30 << 20
     dec.clear()  # a stream the prefetcher still holds goes when it lets go
     end = time.monotonic() + 10.0
-    while dec.used and time.monotonic() < end:
+    while dec.budget.used and time.monotonic() < end:
         time.sleep(0.01)  # polling an observable, with a deadline
-    assert dec.used == 0
+    assert dec.budget.used == 0
 
 
 def test_work_per_read_is_bounded(tmp_path: Path, fds: list[int]) -> None:
@@ -425,7 +425,7 @@ def test_work_per_read_is_bounded(tmp_path: Path, fds: list[int]) -> None:
     assert reader.size == 8 << 20
     with pytest.raises(DecodeLimitError, match="zstd -d"):
         reader.read(0, 10)
-    assert dec.streamed_bytes == 0
+    assert dec.streams.streamed_bytes == 0
     unsized = open_blob(tmp_path, fds, frame(zeros, size=False), "unsized.zst")
     with pytest.raises(DecodeLimitError):
         _ = ZstReader(unsized, dec).size
@@ -446,8 +446,8 @@ def test_sequential_reads_continue_the_decoder(tmp_path: Path, fds: list[int],
     while pos < len(data):
         assert reader.read(pos, 128 << 10) == data[pos : pos + (128 << 10)]
         pos += 128 << 10
-    assert dec.streams_started == 1
-    assert dec.streamed_bytes == len(data)  # every byte decoded once for serving
+    assert dec.streams.started == 1
+    assert dec.streams.streamed_bytes == len(data)  # every byte decoded once for serving
 
 
 def test_out_of_order_readahead_is_served_from_history(tmp_path: Path, fds: list[int]) -> None:
@@ -459,7 +459,7 @@ def test_out_of_order_readahead_is_served_from_history(tmp_path: Path, fds: list
     order = [0, 2, 1, 3, 5, 4, 6, 7]  # the kernel's parallel readahead can swap neighbours
     for i in order:
         assert reader.read(i * k, k) == data[i * k : (i + 1) * k]
-    assert dec.streams_started == 1
+    assert dec.streams.started == 1
 
 
 def read_through_new_handles(path: Path, dec: Decoders, data: bytes, step: int) -> None:
@@ -483,7 +483,7 @@ def test_new_handles_resume_parked_decoders(tmp_path: Path, fds: list[int]) -> N
     path.write_bytes(frame(data))
     dec = Decoders(cache=1 << 20, idle_seconds=0)
     read_through_new_handles(path, dec, data, 256 << 10)
-    assert dec.streams_started == 1
+    assert dec.streams.started == 1
 
 
 def test_idle_decoders_give_their_memory_back(tmp_path: Path, fds: list[int]) -> None:
@@ -492,10 +492,10 @@ def test_idle_decoders_give_their_memory_back(tmp_path: Path, fds: list[int]) ->
     dec = Decoders(cache=1 << 20, idle_seconds=0.05)
     assert ZstReader(fd, dec).read(1 << 20, 100) == data[1 << 20 : (1 << 20) + 100]
     end = time.monotonic() + 10.0
-    while dec.stream_count() and time.monotonic() < end:
+    while dec.streams.count() and time.monotonic() < end:
         time.sleep(0.01)  # polling an observable, with a deadline
-    assert dec.stream_count() == 0
-    assert dec.used == 0
+    assert dec.streams.count() == 0
+    assert dec.budget.used == 0
 
 
 def test_random_reads_keep_a_few_positions(tmp_path: Path, fds: list[int]) -> None:
@@ -508,8 +508,8 @@ def test_random_reads_keep_a_few_positions(tmp_path: Path, fds: list[int]) -> No
         for s in starts:
             off = s + rnd * 4096
             assert reader.read(off, 4096) == data[off : off + 4096]
-    assert dec.streams_started <= codec.STREAMS_PER_FRAME + 1
-    assert dec.stream_count() <= codec.STREAMS_PER_FRAME
+    assert dec.streams.started <= codec.streams.STREAMS_PER_FRAME + 1
+    assert dec.streams.count() <= codec.streams.STREAMS_PER_FRAME
 
 
 # --------------------------------------------------------------------------------------------
@@ -608,21 +608,21 @@ def test_reencode_zstd_cli_file(tmp_path: Path, fds: list[int]) -> None:
     assert out == data
 
 
-def test_forked_child_gets_a_fresh_default_budget(tmp_path: Path, fds: list[int]) -> None:
+def test_forked_child_gets_fresh_decoders(tmp_path: Path, fds: list[int]) -> None:
     """The daemon forks after recovery, which may have started decoder threads: the child must
-    not inherit a budget whose threads do not exist (or whose lock one of them held)."""
+    not go on with decoders whose threads do not exist (or whose lock one of them held)."""
     data = text(3 << 20, 13)
     fd = open_blob(tmp_path, fds, frame(data))
-    parent = codec.default_decoders()
-    previous = parent.set_cache_limit(1 << 20)
+    parent = Decoders(cache=1 << 20)
     try:
-        assert ZstReader(fd).read(0, 1 << 20) == data[: 1 << 20]  # parks a stream
-        assert ZstReader(fd).read(1 << 20, 4096) == data[1 << 20 :][:4096]
+        assert ZstReader(fd, parent).read(0, 1 << 20) == data[: 1 << 20]  # parks a stream
+        assert ZstReader(fd, parent).read(1 << 20, 4096) == data[1 << 20 :][:4096]
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: report, never return into pytest
-            ok = codec.default_decoders() is not parent
-            ok = ok and ZstReader(fd).read(2 << 20, 100) == data[2 << 20 :][:100]
+            child = parent.forked()
+            ok = child is not parent and child.frames.limit == parent.frames.limit
+            ok = ok and ZstReader(fd, child).read(2 << 20, 100) == data[2 << 20 :][:100]
             os.write(w, b"1" if ok else b"0")
             os._exit(0)
         os.close(w)
@@ -630,8 +630,7 @@ def test_forked_child_gets_a_fresh_default_budget(tmp_path: Path, fds: list[int]
         os.close(r)
         assert os.waitpid(pid, 0)[1] == 0
     finally:
-        parent.set_cache_limit(previous)
-        codec.clear_caches()
+        parent.clear()
 
 
 def test_concurrent_sequential_readers_share_streams_correctly(tmp_path: Path,
@@ -673,15 +672,14 @@ def test_concurrent_sequential_readers_share_streams_correctly(tmp_path: Path,
         t.join(timeout=300)
     assert not any(t.is_alive() for t in threads)
     assert not errors, errors[0]
-    assert dec.peak <= 48 << 20
+    assert dec.budget.peak <= 48 << 20
 
 
 def test_parallel_promotion_decode_is_charged_and_released(tmp_path: Path,
                                                            fds: list[int]) -> None:
-    """decompress_file(threads=2) (promotion) charges its frames in flight to the default
+    """decompress_file(threads=2) (promotion) charges its frames in flight to the decoders'
     budget and gives them back, also when a frame is damaged."""
-    codec.clear_caches()
-    dec = codec.default_decoders()
+    dec = Decoders()
     data = text(200_000, 15)
     blob = ours(data, 16_384)
     out = tmp_path / "out"
@@ -691,18 +689,18 @@ def test_parallel_promotion_decode_is_charged_and_released(tmp_path: Path,
             raw[len(raw) // 2] ^= 0xFF
         src = open_blob(tmp_path, fds, bytes(raw), f"src{damaged}.zst")
         dst = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        dec.peak = 0
+        dec.budget.peak = 0
         try:
             if damaged:
                 with pytest.raises(CorruptError):
-                    codec.decompress_file(src, dst, threads=2)
+                    codec.decompress_file(src, dst, threads=2, decoders=dec)
             else:
-                assert codec.decompress_file(src, dst, threads=2) == len(data)
+                assert codec.decompress_file(src, dst, threads=2, decoders=dec) == len(data)
                 assert out.read_bytes() == data
         finally:
             os.close(dst)
-        assert dec.peak >= 16_384  # the frames in flight were charged
-        assert dec.used == dec._frame_bytes  # nothing left but cached frames
+        assert dec.budget.peak >= 16_384  # the frames in flight were charged
+        assert dec.budget.used == dec.frames.held  # nothing left but cached frames
 
 
 def test_eof_of_a_short_table_is_not_served_unchecked(tmp_path: Path, fds: list[int]) -> None:
@@ -748,7 +746,7 @@ def spill_budget(tmp_path: Path, fds: list[int], **kw: object) -> Decoders:
     dir_fd = os.open(spill, os.O_RDONLY | os.O_DIRECTORY)
     fds.append(dir_fd)
     dec = Decoders(cache=1 << 20, idle_seconds=0, spill_dir=dir_fd, **kw)  # type: ignore[arg-type]
-    dec.spill_keep_free = (0.0, 0)
+    dec.spills.keep_free = (0.0, 0)
     return dec
 
 
@@ -781,12 +779,12 @@ def test_big_frame_is_decoded_once_and_served_from_its_copy(tmp_path: Path, fds:
         n = rng.randrange(1, 300_000)
         assert reader.read(off, n) == data[off : off + n]
         assert reader.read_cached(off, n) == data[off : off + n]  # no decoding: a pread
-    assert dec.spill_stats() == (1, len(data))
-    assert dec.streams_started == 0
-    assert dec.streamed_bytes == 0
+    assert dec.spills.stats() == (1, len(data))
+    assert dec.streams.started == 0
+    assert dec.streams.streamed_bytes == 0
     assert list((tmp_path / "spill").iterdir()) == []  # unnamed: nothing to clean up, ever
     dec.clear()
-    assert dec.spill_stats() == (0, 0)
+    assert dec.spills.stats() == (0, 0)
     assert unnamed_files(tmp_path) == 0
 
 
@@ -802,7 +800,7 @@ def test_damaged_big_frame_keeps_no_copy_and_serves_nothing(tmp_path: Path,
         with pytest.raises(CorruptError, match=r"(?i)checksum|corrupt"):
             reader.read(off, 4096)
         assert reader.read_cached(off, 4096) is None
-    assert dec.spill_stats() == (0, 0)
+    assert dec.spills.stats() == (0, 0)
     assert unnamed_files(tmp_path) == 0
 
 
@@ -812,16 +810,16 @@ def test_copy_limits_fall_back_to_streaming(tmp_path: Path, fds: list[int]) -> N
     dec = spill_budget(tmp_path, fds, spill_limit=1 << 20)  # no room for this frame's copy
     reader = ZstReader(fd, dec)
     assert reader.read(0, len(data)) == data
-    assert dec.spill_stats() == (0, 0)
-    assert dec.spills_skipped == 1
-    assert dec.streams_started == 1
+    assert dec.spills.stats() == (0, 0)
+    assert dec.spills.skipped == 1
+    assert dec.streams.started == 1
     # No room on the filesystem either: the same.
     fd2 = open_blob(tmp_path, fds, frame(text(3 << 20, 14)), "g.zst")
     dec2 = spill_budget(tmp_path, fds)
-    dec2.spill_keep_free = (1.0, 0)  # keep the whole filesystem free
+    dec2.spills.keep_free = (1.0, 0)  # keep the whole filesystem free
     assert ZstReader(fd2, dec2).read(1 << 20, 10) == text(3 << 20, 14)[1 << 20 : (1 << 20) + 10]
-    assert dec2.spill_stats() == (0, 0)
-    assert dec2.spills_skipped == 1
+    assert dec2.spills.stats() == (0, 0)
+    assert dec2.spills.skipped == 1
     assert unnamed_files(tmp_path) == 0
 
 
@@ -834,10 +832,10 @@ def test_copies_are_bounded_and_evicted_least_recently_used(tmp_path: Path,
         readers.append(ZstReader(open_blob(tmp_path, fds, frame(data), f"f{i}.zst"), dec))
     for r, data in zip(readers, blobs, strict=True):
         assert r.read(100, 1000) == data[100:1100]
-    assert dec.spill_stats() == (2, 6 << 20)
+    assert dec.spills.stats() == (2, 6 << 20)
     for r, data in zip(readers, blobs, strict=True):  # all still right, whichever is evicted
         assert r.read(len(data) - 5000, 5000) == data[-5000:]
-    assert dec.spill_stats()[1] <= 7 << 20
+    assert dec.spills.stats()[1] <= 7 << 20
     assert unnamed_files(tmp_path) == 2
 
 
@@ -847,9 +845,9 @@ def test_idle_copies_are_dropped(tmp_path: Path, fds: list[int]) -> None:
     dec = spill_budget(tmp_path, fds, spill_idle=0.05)
     assert ZstReader(fd, dec).read(0, 10) == data[:10]
     end = time.monotonic() + 10.0
-    while dec.spill_stats()[0] and time.monotonic() < end:
+    while dec.spills.stats()[0] and time.monotonic() < end:
         time.sleep(0.01)  # polling an observable, with a deadline
-    assert dec.spill_stats() == (0, 0)
+    assert dec.spills.stats() == (0, 0)
     assert unnamed_files(tmp_path) == 0
     assert ZstReader(fd, dec).read(1 << 20, 10) == data[1 << 20 : (1 << 20) + 10]
 
@@ -860,16 +858,16 @@ def test_a_copy_being_read_survives_its_eviction(tmp_path: Path, fds: list[int])
     dec = spill_budget(tmp_path, fds)
     reader = ZstReader(fd, dec)
     assert reader.read(0, 10) == data[:10]
-    ident = codec._identity(fd)
+    ident = codec.identity_of(os.fstat(fd))
     index = dec.index(fd, ident)
     key = (ident, index.frames[0].comp_start)
-    spill = dec._spills[key]
+    spill = dec.spills.held(*key)
     spill.pins += 1  # a reader in the middle of its pread
     dec.clear()  # evicts it
     assert spill.fd >= 0
     assert spill.doomed
     assert os.pread(spill.fd, 10, 0) == data[:10]
-    dec._unpin_spill(spill)  # the reader is done: now it goes
+    dec.spills.unpin(spill)  # the reader is done: now it goes
     assert spill.fd < 0
     assert unnamed_files(tmp_path) == 0
 
@@ -884,21 +882,21 @@ def test_sequential_reader_gets_the_next_frames_decoded_ahead(tmp_path: Path,
     fd = open_blob(tmp_path, fds, ours(data, frame_size=128 << 10))
     dec = Decoders(cache=1 << 20, idle_seconds=0)  # 128 KiB frames are cached whole
     reader = ZstReader(fd, dec)
-    index = dec.index(fd, codec._identity(fd))
+    index = dec.index(fd, codec.identity_of(os.fstat(fd)))
     frames = index.frames
     assert len(frames) > 8
     k = 3
     mid = frames[k].log_start + frames[k].log_size // 2
     assert reader.read(mid, 1000) == data[mid : mid + 1000]  # past the middle of frame k
-    ident = codec._identity(fd)
+    ident = codec.identity_of(os.fstat(fd))
     end = time.monotonic() + 10.0
-    while not all(dec.cached_frame((ident, k + j)) for j in (1, 2)) and time.monotonic() < end:
+    while not all(dec.frames.cached((ident, k + j)) for j in (1, 2)) and time.monotonic() < end:
         time.sleep(0.005)  # polling an observable, with a deadline
     for j in (1, 2):  # decoded and cached without being read
-        assert dec.cached_frame((ident, k + j)) == data[frames[k + j].log_start:
+        assert dec.frames.cached((ident, k + j)) == data[frames[k + j].log_start:
                                                          frames[k + j].log_start
                                                          + frames[k + j].log_size]
-    assert dec.cached_frame((ident, k + 3)) is None  # not more than AHEAD_FRAMES
+    assert dec.frames.cached((ident, k + 3)) is None  # not more than AHEAD_FRAMES
 
 
 def test_decoding_ahead_decodes_each_frame_once_and_survives_a_closed_reader(
@@ -910,13 +908,13 @@ def test_decoding_ahead_decodes_each_frame_once_and_survives_a_closed_reader(
     read_through_new_handles(path, dec, data, 64 << 10)
     fd = os.open(path, os.O_RDONLY)
     try:
-        n = len(dec.index(fd, codec._identity(fd)).frames)
+        n = len(dec.index(fd, codec.identity_of(os.fstat(fd))).frames)
     finally:
         os.close(fd)
     end = time.monotonic() + 10.0
-    while dec._ahead and time.monotonic() < end:
+    while dec.frames.pending_ahead() and time.monotonic() < end:
         time.sleep(0.005)  # the last jobs finishing
-    assert dec.frames_decoded == n  # every frame once: ahead, or by its reader, never both
+    assert dec.frames.decoded == n  # every frame once: ahead, or by its reader, never both
 
 
 class _NoRoom:
@@ -932,8 +930,8 @@ def test_a_copy_gives_up_when_the_filesystem_fills_while_it_is_written(
     data = text(3 << 20, 50)
     fd = open_blob(tmp_path, fds, frame(data))
     dec = spill_budget(tmp_path, fds)
-    dec.spill_keep_free = (0.0, 1)  # at least one byte must stay free
-    monkeypatch.setattr(codec, "SPILL_CHECK_EVERY", 256 << 10)
+    dec.spills.keep_free = (0.0, 1)  # at least one byte must stay free
+    monkeypatch.setattr(codec.spill, "SPILL_CHECK_EVERY", 256 << 10)
     real = os.fstatvfs
     calls = 0
 
@@ -942,11 +940,11 @@ def test_a_copy_gives_up_when_the_filesystem_fills_while_it_is_written(
         calls += 1
         return real(fd_) if calls == 1 else _NoRoom()  # room at first, then none (others wrote)
 
-    monkeypatch.setattr(codec.os, "fstatvfs", filling)
+    monkeypatch.setattr(os, "fstatvfs", filling)
     assert ZstReader(fd, dec).read(0, len(data)) == data  # served anyway, decoded again
     assert calls >= 2
-    assert dec.spill_stats() == (0, 0)
-    assert dec.spills_skipped == 1
+    assert dec.spills.stats() == (0, 0)
+    assert dec.spills.skipped == 1
     assert unnamed_files(tmp_path) == 0
 
 
@@ -954,18 +952,18 @@ def test_held_copies_are_dropped_when_the_filesystem_fills(
         tmp_path: Path, fds: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
     data = text(3 << 20, 51)
     fd = open_blob(tmp_path, fds, frame(data))
-    monkeypatch.setattr(codec, "SPILL_ROOM_CHECK", 0.02)
+    monkeypatch.setattr(codec.spill, "SPILL_ROOM_CHECK", 0.02)
     dec = spill_budget(tmp_path, fds)
     assert ZstReader(fd, dec).read(0, 10) == data[:10]
-    assert dec.spill_stats() == (1, len(data))
-    dec.spill_keep_free = (0.0, 1)  # at least one byte must stay free
-    monkeypatch.setattr(codec.os, "fstatvfs", lambda fd_: _NoRoom())
-    with dec._cond:
-        dec._cond.notify_all()  # the janitor looks again now rather than at its next check
+    assert dec.spills.stats() == (1, len(data))
+    dec.spills.keep_free = (0.0, 1)  # at least one byte must stay free
+    monkeypatch.setattr(os, "fstatvfs", lambda fd_: _NoRoom())
+    with dec.budget.cond:
+        dec.budget.cond.notify_all()  # the janitor looks again now rather than at its next check
     end = time.monotonic() + 10.0
-    while dec.spill_stats()[0] and time.monotonic() < end:
+    while dec.spills.stats()[0] and time.monotonic() < end:
         time.sleep(0.01)  # polling an observable, with a deadline
-    assert dec.spill_stats() == (0, 0)
+    assert dec.spills.stats() == (0, 0)
     assert unnamed_files(tmp_path) == 0
     monkeypatch.undo()
     assert ZstReader(fd, dec).read(len(data) - 10, 10) == data[-10:]

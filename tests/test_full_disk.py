@@ -20,8 +20,6 @@ from conftest import compress_in_place, tmpfs_store
 from inprocess import World, errno_of, jsonl
 from pyfuse3 import FUSEError
 
-from zstfs import codec
-
 MiB = 1 << 20
 
 
@@ -34,22 +32,17 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.fixture
 async def world(small_fs: Path) -> AsyncIterator[World]:
-    """The operations over the small store, with the process's decoders keeping copies there
+    """The operations over the small store, with the store's decoders keeping copies there
     whatever the free space (as they do on a big disk) and caching only small frames."""
     w = World(small_fs)
-    dec = codec.default_decoders()
-    keep_free, limit = dec.spill_keep_free, dec.cache_limit
-    dec.clear()
-    dec.spill_keep_free = (0.0, 0)
-    dec.set_cache_limit(1 * MiB)
-    dec.set_spill_dir(w.store.root_fd)
+    dec = w.store.decoders
+    dec.spills.keep_free = (0.0, 0)
+    dec.frames.set_limit(1 * MiB)
+    dec.spills.set_dir(w.store.root_fd)
     try:
         yield w
     finally:
-        dec.set_spill_dir(None)
         dec.clear()
-        dec.spill_keep_free = keep_free
-        dec.set_cache_limit(limit)
         w.close()
 
 
@@ -70,7 +63,7 @@ async def hold_a_copy(world: World) -> tuple[bytes, int]:
     frame = zstandard.ZstdCompressor(level=3, write_content_size=True).compress(data)
     (world.root / "big.jsonl.zst").write_bytes(frame)
     assert await world.content("big.jsonl") == data
-    copies, held = codec.default_decoders().spill_stats()
+    copies, held = world.store.decoders.spills.stats()
     assert copies == 1
     assert held == len(data)
     return data, held
@@ -85,7 +78,7 @@ async def test_a_write_takes_the_space_of_a_decoded_copy(world: World) -> None:
         assert await world.ops.write(fh, 0, payload) == len(payload)
     finally:
         await world.release(fh)
-    assert codec.default_decoders().spill_stats() == (0, 0)
+    assert world.store.decoders.spills.stats() == (0, 0)
     assert (world.root / "new.jsonl").read_bytes() == payload
     assert await world.content("big.jsonl") == data  # decoded again, from the .zst
     # Nothing left to give back: the disk is really full now, and a write says so.
@@ -111,7 +104,7 @@ async def test_a_promotion_takes_the_space_of_a_decoded_copy(world: World) -> No
         await world.append(fh, b'{"appended": true}\n')
     finally:
         await world.release(fh)
-    assert codec.default_decoders().spill_stats() == (0, 0)
+    assert world.store.decoders.spills.stats() == (0, 0)
     assert (world.root / "r.jsonl").read_bytes() == text + b'{"appended": true}\n'
     assert list(world.stats.last_errors) == []
 

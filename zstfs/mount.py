@@ -182,11 +182,11 @@ def mount(opts: MountOptions) -> int:
         notify = daemon.detach(None if log_handler is None else log_handler.fd)
         if log_handler is not None:
             log_handler.mirror_stderr = True  # fd 2 follows the log through rotations
-        store.record_lock_owner()
+        store.after_fork()
     # Big foreign frames are checked once before any byte is served; the checking pass keeps its
     # output in unnamed files in the store (its filesystem has the room, and they vanish with the
     # daemon), so such files are decoded once, not twice (codec.Decoders).
-    codec.default_decoders().set_spill_dir(store.root_fd)
+    store.decoders.spills.set_dir(store.root_fd)
     log.info("mounted %s on %s (pid %d)", opts.source, opts.mountpoint, os.getpid())
     try:
         trio.run(_serve, ops, compactor, notify, real_mountpoint)

@@ -553,7 +553,7 @@ class OpenFiles:
             except codec.CorruptError as e:
                 e.zstfs_path = os.fsdecode(join(parent, entry.name))  # type: ignore[attr-defined]
                 raise
-            reader = codec.ZstReader(fd)
+            reader = codec.ZstReader(fd, self.store.decoders)
             size = self.store.known_size(entry.st)
             return Handle(node, fd, flags, reader, size is not None and size <= INLINE_DECODE_LIMIT)
         return Handle(node, self.store.open_plain(name, backing_flags, dir_fd=dfd), flags, None)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from zstfs import __version__, codec, control
+from zstfs import __version__, control
 from zstfs.names import NameRules, Patterns
 from zstfs.stats import Stats, human_bytes
 
@@ -72,7 +72,7 @@ class MountStatus:
                          "leftovers_removed": recovery.leftovers_removed,
                          "leftovers_kept": recovery.leftovers_kept},
         }
-        copies, copied = codec.default_decoders().spill_stats()
+        copies, copied = self.store.decoders.spills.stats()
         snap["decoded_copies"] = {"files": copies, "bytes": copied}
         snap.update(self.stats.counters())
         if self.opstats is not None:

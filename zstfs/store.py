@@ -21,7 +21,6 @@ import fcntl
 import logging
 import os
 import stat
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final, TypeVar
@@ -124,9 +123,6 @@ def split(path: bytes) -> tuple[bytes, bytes]:
     return (parent or b"."), name
 
 
-def identity(st: os.stat_result) -> tuple[int, int, int, int]:
-    """The key of the size cache: a `.zst` file's content is fixed while these are."""
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_nlink)
 
 
 def no_zst_form(e: OSError) -> bool:
@@ -144,19 +140,19 @@ class Store:
         rules: NameRules,
         params: codec.CodecParams | None = None,
         source: str = "",
+        decoders: codec.Decoders | None = None,
     ) -> None:
         self.root_fd = root_fd
         self.rules = rules
         self.params = params or codec.CodecParams()
         self.source = source
+        #: The decoders of every `.zst` of this store. Their index cache is the one owner of
+        #: each `.zst`'s logical size and of the damage found in it (counted from the first time
+        #: seen, even after the view remembers a damaged file's stored size as its size).
+        self.decoders = decoders if decoders is not None else codec.Decoders()
         self._lock_fd: int | None = None
-        self._sizes: dict[tuple[int, int, int, int], int] = {}
-        self._sizes_lock = threading.Lock()
         self.accounting = leases.Accounting()
         leases.ignore_lease_signal()
-        # `.zst` files found damaged (by identity): counted from the first time seen, even after
-        # the view remembers their stored size as their size.
-        self._damaged: dict[tuple[int, int, int, int], codec.CorruptError] = {}
 
     # ----------------------------------------------------------------- lifecycle
     @classmethod
@@ -199,6 +195,12 @@ class Store:
         self._lock_fd = fd
         self.record_lock_owner()
 
+    def after_fork(self) -> None:
+        """The daemon forked to detach: fresh decoders (the parent's threads are not in this
+        process) and our PID in the lock file."""
+        self.decoders = self.decoders.forked()
+        self.record_lock_owner()
+
     def record_lock_owner(self) -> None:
         """Write our PID into the lock file (again after a daemonizing fork)."""
         if self._lock_fd is not None:
@@ -209,7 +211,7 @@ class Store:
     def give_back_space(self) -> bool:
         """A write into the store failed with ENOSPC: drop the daemon's decoded copies at once
         (they are optional; the frames are decoded again when read). True if any were held."""
-        if codec.default_decoders().give_back_copies():
+        if self.decoders.spills.give_back():
             log.info("out of space: decoded copies given back")
             return True
         return False
@@ -302,12 +304,11 @@ class Store:
 
     def known_size(self, st: os.stat_result) -> int | None:
         """The logical size of a compressed file if it is known without any I/O."""
-        with self._sizes_lock:
-            return self._sizes.get(identity(st))
+        return self.decoders.indexes.known_size(codec.identity_of(st))
 
     def logical_size(self, path: bytes, st: os.stat_result) -> int:
         """Decoded size of the `.zst` at `path` (reads its seek table or frame headers, cached)."""
-        size = self._size_known(st)
+        size = self.decoders.indexes.size(codec.identity_of(st))
         if size is not None:
             return size
         fd = self.open_compressed(path, st)
@@ -316,36 +317,17 @@ class Store:
         finally:
             os.close(fd)
 
-    def _size_known(self, st: os.stat_result) -> int | None:
-        """The cached size of a `.zst`; raises what was found wrong with it, if anything."""
-        key = identity(st)
-        with self._sizes_lock:
-            why = self._damaged.get(key)
-            size = self._sizes.get(key)
-        if why is not None:
-            raise type(why)(*why.args)
-        return size
-
     def size_of(self, fd: int, st: os.stat_result) -> int:
-        """Decoded size of the open `.zst` `fd`, whose stat is `st` (cached by identity)."""
-        size = self._size_known(st)
+        """Decoded size of the open `.zst` `fd`, whose stat is `st`; raises the damage found in
+        it, now or before (both kept by the decoders' index cache)."""
+        size = self.decoders.indexes.size(codec.identity_of(st))
         if size is not None:
             return size
-        try:
-            size = codec.ZstReader(fd).size
-        except codec.CorruptError as e:
-            if not isinstance(e, codec.BudgetBusyError):
-                self.note_damaged(st, e)
-            raise
-        self.remember_size(st, size)
-        return size
+        return codec.ZstReader(fd, self.decoders).size
 
     def note_damaged(self, st: os.stat_result, why: codec.CorruptError) -> None:
         """Remember a damaged `.zst` (any stat of it) so that the census counts it from now on."""
-        with self._sizes_lock:
-            if len(self._damaged) > 100_000:
-                self._damaged.clear()
-            self._damaged.setdefault(identity(st), type(why)(*why.args))
+        self.decoders.indexes.note_damaged(codec.identity_of(st), why)
 
     def open_plain(self, path: bytes, flags: int, *, dir_fd: int | None = None) -> int:
         """Open a plain backing file for the daemon's own use (`path` relative to `dir_fd`,
@@ -403,10 +385,7 @@ class Store:
                 os.close(fd)
 
     def remember_size(self, st: os.stat_result, size: int) -> None:
-        with self._sizes_lock:
-            if len(self._sizes) > 200_000:
-                self._sizes.clear()
-            self._sizes[identity(st)] = size
+        self.decoders.indexes.remember_size(codec.identity_of(st), size)
 
     # ----------------------------------------------------------------- renames
     def set_aside(self, parent: bytes, name: bytes, *, dir_fd: int | None = None) -> bytes | None:
@@ -552,7 +531,8 @@ class Store:
                 raise Changed(f"{name!r}: the compressed file was replaced")
             with self._temp_in(dir_fd, name) as (tmp_name, tmp):
                 if not empty:
-                    codec.decompress_file(src, tmp, threads=PROMOTE_THREADS)
+                    codec.decompress_file(src, tmp, threads=PROMOTE_THREADS,
+                                          decoders=self.decoders)
                 copy_metadata(src, tmp, st)
                 os.fsync(tmp)
                 rename_at(dir_fd, tmp_name, dir_fd, name, RENAME_NOREPLACE)
@@ -665,17 +645,17 @@ class Store:
             os.close(pfd)
             return False
         try:
-            return decodes_to_prefix(zfd, pfd)
+            return decodes_to_prefix(zfd, pfd, self.decoders)
         finally:
             os.close(pfd)
             os.close(zfd)
 
 
-def decodes_to_prefix(zfd: int, pfd: int) -> bool:
+def decodes_to_prefix(zfd: int, pfd: int, decoders: codec.Decoders) -> bool:
     """True if the `.zst` at `zfd` decodes to a prefix of the plain file at `pfd` (which may
     have grown since). A damaged `.zst` cannot be shown to hold nothing more: False."""
     try:
-        reader = codec.ZstReader(zfd)
+        reader = codec.ZstReader(zfd, decoders)
         size = reader.size
         if os.fstat(pfd).st_size < size:
             return False

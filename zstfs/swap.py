@@ -270,7 +270,7 @@ class Compress:
         try:
             return _install(swap)
         except PairExists:
-            if not _leftover_superseded(swap):
+            if not _leftover_superseded(store, swap):
                 raise
         return _install(swap, replace=True)
 
@@ -441,7 +441,7 @@ def _undo_install(swap: Swap, keep: bytes, zname: bytes) -> None:
     os.unlink(zname, dir_fd=swap.dir_fd)
 
 
-def _leftover_superseded(swap: Swap) -> bool:
+def _leftover_superseded(store: Store, swap: Swap) -> bool:
     """True if the `NAME.zst` beside the file being swapped holds nothing the plain file
     lacks (it decodes to a prefix of it: an earlier swap's, interrupted after its rename)."""
     try:
@@ -450,7 +450,7 @@ def _leftover_superseded(swap: Swap) -> bool:
     except OSError:
         return False
     try:
-        return decodes_to_prefix(zfd, swap.src_fd)
+        return decodes_to_prefix(zfd, swap.src_fd, store.decoders)
     finally:
         os.close(zfd)
 
