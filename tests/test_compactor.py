@@ -29,12 +29,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import gen_rollouts
 import pytest
 from conftest import Mount, MountFactory, flat_pattern, tmpfs_store, wait_until
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import gen_rollouts  # noqa: E402
 
 MiB = 1 << 20
 DAY = 86400

@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import gen_rollouts
 import pytest
 from conftest import (
     FLAT_PATTERN,
@@ -35,10 +36,6 @@ from conftest import (
     lazy_unmount,
     wait_until,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import gen_rollouts  # noqa: E402
 
 
 def errno_of(fn, *args) -> int:  # type: ignore[no-untyped-def]

@@ -18,12 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+import gen_rollouts
 import pytest
 from conftest import MountFactory, flat_pattern
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import gen_rollouts  # noqa: E402
 
 DAY = 86400
 needs_zstd = pytest.mark.skipif(shutil.which("zstd") is None, reason="zstd CLI not installed")

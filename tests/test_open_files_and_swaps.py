@@ -66,9 +66,7 @@ from test_compactor import (
     zstfs_cli,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from zstfs import codec  # noqa: E402
+from zstfs import codec
 
 MiB = 1 << 20
 FRAME = 32 * MiB  # the codec's frame size: a swap notices a lease break or an abandon per frame
