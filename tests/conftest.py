@@ -25,6 +25,11 @@ from typing import Any
 
 import pytest
 
+pytest.register_assert_rewrite("harness")
+pytest_plugins = ["harness.logcheck"]
+
+from harness.logcheck import LogCheck, daemon_errors  # noqa: E402
+
 STATUS_XATTR = "user.zstfs.status"
 MOUNT_TIMEOUT = 20.0
 #: The ordinary user that tests run zstfs as (`nobody`).
@@ -194,8 +199,7 @@ class Mount:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def errors(self) -> list[str]:
-        return [line for line in self.log_text().splitlines()
-                if " ERROR " in line or "Traceback" in line or " CRITICAL " in line]
+        return daemon_errors(self.log)
 
 
 def lazy_unmount(path: Path) -> None:
@@ -210,32 +214,30 @@ MountFactory = Callable[..., Mount]
 
 
 @pytest.fixture
-def mount_factory(tmp_path: Path) -> Iterator[MountFactory]:
+def mount_factory(tmp_path: Path, log_check: LogCheck) -> Iterator[MountFactory]:
     """`mount_factory(source, *args, mountpoint=None)` → a started Mount (over source by default).
 
     Mounts get `--pattern '*.jsonl'` (see `flat_pattern`) unless `flat=False` (the default
     patterns, for codex's own layout) or the arguments name a pattern.
 
-    All mounts are cleaned up at teardown; one that logged errors fails the test unless the
-    test passed `expect_errors=True`.
+    All mounts are cleaned up at teardown; one that logged errors fails the test (`log_check`)
+    unless the test expected them: `expect_errors=PATTERN` for this mount's log, or the test's
+    `expect_log_errors`.
     """
-    mounts: list[tuple[Mount, bool]] = []
+    mounts: list[Mount] = []
 
     def factory(source: Path, *args: str, mountpoint: Path | None = None,
-                expect_errors: bool = False, start: bool = True, flat: bool = True) -> Mount:
+                expect_errors: str = "", start: bool = True,
+                flat: bool = True) -> Mount:
         m = Mount(source, mountpoint or source, list(args),
                   tmp_path / f"zstfs-{len(mounts)}.log", flat)
-        mounts.append((m, expect_errors))
+        mounts.append(m)
+        log_check.watch(m.log, expect_errors)
         return m.start() if start else m
 
     yield factory
-    problems = []
-    for m, expect_errors in mounts:
+    for m in mounts:
         m.cleanup()
-        if not expect_errors and m.errors():
-            problems.append(f"{m.log}:\n" + "\n".join(m.errors()[:20]))
-    if problems:
-        pytest.fail("the daemon logged errors:\n" + "\n".join(problems))
 
 
 @pytest.fixture

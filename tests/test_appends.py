@@ -119,7 +119,7 @@ def test_a_daemon_killed_under_an_appender_leaves_whole_lines(store: Path,
     killed: the backing file holds only whole lines, each acknowledged one among them."""
     fd = os.open(store, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        m = mount_factory(store, expect_errors=True)
+        m = mount_factory(store)
         writer = subprocess.Popen([sys.executable, "-c", APPENDER, str(store / "r.jsonl")],
                                   stdout=subprocess.PIPE, text=True)
         assert writer.stdout is not None

@@ -116,6 +116,7 @@ async def test_a_promotion_takes_the_space_of_a_decoded_copy(world: World) -> No
     assert list(world.stats.last_errors) == []
 
 
+@pytest.mark.expect_log_errors(r"r\.jsonl: cannot make it plain for writing: .*No space left")
 async def test_a_failed_promotion_is_reported(world: World) -> None:
     text = jsonl(40_000)
     (world.root / "r.jsonl").write_bytes(text)

@@ -134,7 +134,7 @@ def test_window_beyond_the_budget_is_eio_with_one_log_line(
     block = random.Random(2).randbytes(MiB)
     long_window_file(store / "huge.jsonl.zst", block, 300 * MiB, stdin=stdin)
     (store / "ok.jsonl").write_bytes(b"fine\n")
-    m = mount_factory(store, expect_errors=True)
+    m = mount_factory(store, expect_errors=r"huge\.jsonl: cannot decode \.zst: .* decoding window")
     assert sorted(os.listdir(store)) == ["huge.jsonl", "ok.jsonl"]  # the directory lists
     results = readers_near_end(store / "huge.jsonl", 4)
     for r in results:
@@ -198,7 +198,7 @@ def test_single_frame_is_decoded_once_into_an_unnamed_copy(tmp_path: Path, store
     bad[-1] ^= 0x10  # its content checksum: only a check of the whole frame sees it
     (store / "bad.jsonl.zst").write_bytes(bytes(bad))
     before = sorted(os.listdir(store))
-    m = mount_factory(store, expect_errors=True)
+    m = mount_factory(store, expect_errors=r"bad\.jsonl: damaged \.zst: .*checksum")
     assert m.status()["decoded_copies"] == {"files": 0, "bytes": 0}
     for name in ("bad.jsonl", "bad.jsonl"):  # again: still EIO, from the remembered failure
         r = subprocess.run(["cat", str(store / name)], capture_output=True, timeout=120)
@@ -236,7 +236,7 @@ def test_lying_seek_table_is_eio(store: Path, mount_factory: MountFactory) -> No
     off[1] -= 5000  # one frame 5,000 bytes short
     (store / "shifted.jsonl.zst").write_bytes(
         seekable(chunks, checksum=False, size=False, claims=off))
-    mount_factory(store, expect_errors=True)
+    mount_factory(store, expect_errors=r"(short|shifted)\.jsonl: damaged \.zst")
     for name in ("short.jsonl", "shifted.jsonl"):
         r = subprocess.run(["cat", str(store / name)], capture_output=True, timeout=60)
         assert r.returncode != 0, name
@@ -255,7 +255,7 @@ def test_lying_seek_table_is_eio(store: Path, mount_factory: MountFactory) -> No
 def test_content_size_beyond_2_63_still_lists(store: Path, mount_factory: MountFactory) -> None:
     (store / "absurd.jsonl.zst").write_bytes(frame_claiming(2**63 + 5))
     (store / "good.jsonl").write_bytes(b"good\n")
-    mount_factory(store, expect_errors=True)
+    mount_factory(store, expect_errors=r"absurd\.jsonl: damaged \.zst: .*beyond 2\*\*63")
     assert sorted(os.listdir(store)) == ["absurd.jsonl", "good.jsonl"]
     assert os.stat(store / "absurd.jsonl").st_size == len(frame_claiming(0))  # its stored size
     r = subprocess.run(["ls", "-l", str(store)], capture_output=True, timeout=30)
@@ -265,7 +265,7 @@ def test_content_size_beyond_2_63_still_lists(store: Path, mount_factory: MountF
 
 def test_empty_zst_is_eio(store: Path, mount_factory: MountFactory) -> None:
     (store / "empty.jsonl.zst").write_bytes(b"")
-    mount_factory(store, expect_errors=True)
+    mount_factory(store, expect_errors=r"empty\.jsonl(\.zst)?: damaged \.zst: not zstd: empty")
     assert os.stat(store / "empty.jsonl").st_size == 0
     assert read_error(store / "empty.jsonl") == errno.EIO
 
@@ -275,7 +275,7 @@ def test_damaged_files_are_counted_once_from_first_seen(store: Path,
     for i in range(5):
         (store / f"bad{i}.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd garbage" * (i + 1))
     (store / "zero.jsonl.zst").write_bytes(b"")
-    m = mount_factory(store, expect_errors=True)
+    m = mount_factory(store, expect_errors=r"(zero|bad\d)\.jsonl(\.zst)?: damaged \.zst")
     first = m.status()["damaged_files"]
     assert first == 6
     for name in sorted(os.listdir(store)):
@@ -340,7 +340,7 @@ def test_zeros_bomb_is_refused_quickly(store: Path, mount_factory: MountFactory,
     small = (3 << 17) + 5  # the same construction, small: a valid frame of zeros
     assert reference(zeros_bomb(small, stated=stated)) == bytes(small)
     (store / "bomb.jsonl.zst").write_bytes(zeros_bomb(20 << 30, stated=stated))
-    m = mount_factory(store, expect_errors=True)
+    m = mount_factory(store, expect_errors=r"bomb\.jsonl: cannot decode \.zst")
     assert os.listdir(store) == ["bomb.jsonl"]
     for cmd in (["head", "-c", "100"], ["tail", "-c", "100"]):
         r = subprocess.run([*cmd, str(store / "bomb.jsonl")], capture_output=True, timeout=60)

@@ -50,7 +50,7 @@ def test_no_room_for_an_xattr_fails_the_swap_and_keeps_the_plain_file(
     below = os.open(store, os.O_RDONLY | os.O_DIRECTORY)
     try:
         m = mount_factory(store, "--pattern", "*.jsonl", "--compress-after", "0",
-                          expect_errors=True)
+                          expect_errors=r"r\.jsonl: compression failed \(no space left")
         wait_until(lambda: m.status()["swaps_failed"] >= 1, 60, "the swap to fail")
         assert "no space left" in errors(m)
         names = sorted(n for n in os.listdir(below) if not n.startswith("filler"))

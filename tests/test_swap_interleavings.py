@@ -354,6 +354,8 @@ async def test_6_a_chmod_or_setxattr_during_the_publish_lands_on_the_result(
 
 
 # --------------------------------------------------------------------------- 7
+@pytest.mark.expect_log_errors(r"compaction of bad\.jsonl failed",
+                               r"bad\.jsonl: compression failed")
 async def test_7_any_exception_in_a_job_is_survived(world: World,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     write_cold(world.root / "bad.jsonl", jsonl(500, "bad"))
@@ -505,6 +507,7 @@ async def test_10_an_error_after_the_rename_does_not_block_later_swaps(
     assert await world.content("e.jsonl") == data
 
 
+@pytest.mark.expect_log_errors(r"p\.jsonl: both plain and \.zst exist and differ")
 async def test_10_a_differing_pair_is_reported_once_and_skipped(world: World) -> None:
     from zstfs import codec
 

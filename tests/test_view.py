@@ -909,7 +909,7 @@ def test_corrupt_zst_reads_as_eio(store: Path, mount_factory: MountFactory) -> N
     good = write_rollout(store / "good.jsonl", MiB, seed=37)
     zstd_cli(store / "good.jsonl", "zstd")
 
-    m = mount_factory(store, expect_errors=True)
+    m = mount_factory(store, expect_errors=r"(garbage|truncated|flipped)\.jsonl: damaged \.zst")
     assert sorted(os.listdir(store)) == ["flipped.jsonl", "garbage.jsonl", "good.jsonl",
                                          "truncated.jsonl"]
     for name, original in (("flipped.jsonl", flipped), ("truncated.jsonl", truncated),
