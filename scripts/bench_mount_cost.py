@@ -56,7 +56,7 @@ from benchlib import fuse_device_open, run, umount_under
 
 REPO = Path(__file__).resolve().parent.parent
 #: The mock model server and codex runner of the codex tests, loaded from its file.
-CODEX_HARNESS = REPO / "tests" / "codex_harness.py"
+CODEX_HARNESS = REPO / "tests" / "harness" / "codex.py"
 
 # The daemons run this checkout's zstfs.
 os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -395,7 +395,7 @@ def bench_mount_cost(res: benchlib.Results, work: Path, reps: int, only: set[str
 # The same rows as an ordinary user
 
 #: What a run as the user needs of this checkout, copied into their workdir.
-STAGED = ("zstfs", "scripts", "tests/codex_harness.py")
+STAGED = ("zstfs", "scripts", "tests/harness/codex.py")
 
 
 class User:

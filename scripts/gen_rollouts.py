@@ -3,7 +3,7 @@
 
 The data model is codex's own rollout format: the ``RolloutItem`` lines of openai/codex
 (``codex-rs/protocol/src/protocol.rs`` and ``models.rs``), as the real CLI writes them in the
-codex tests (tests/codex_harness.py describes what codex does to CODEX_HOME); the sizes are
+codex tests (tests/harness/codex.py describes what codex does to CODEX_HOME); the sizes are
 calibrated on stores users have reported (a 732 MB rollout of 170,415 lines: 46 % ``compacted``,
 32 % ``function_call_output``, 7 % reasoning):
 

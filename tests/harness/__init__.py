@@ -1,3 +1,5 @@
-"""What the tests share: mounts and the zstfs command (`mount`), zstfs in one process without a
-mount (`inprocess`), the real Codex CLI against a mock model (`codex`), the check that fails a
-test on an unexpected error in zstfs's logs (`logcheck`), and stores built for tests (`stores`)."""
+"""What the tests share: mounts and the `zstfs` command (`mount`, also the fixtures), zstfs in one
+process without a mount (`inprocess`), the real Codex CLI against a mock model (`codex`), the
+store seen from below while mounted (`backing`), zstd files as other writers make them
+(`zstfiles`), and the check that fails a test on an error in zstfs's logs it did not declare
+(`logcheck`)."""

@@ -54,8 +54,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Mount, MountFactory, is_mounted, lazy_unmount, shared_tmp, wait_until
-from test_compactor import (
+from harness.backing import (
     TEMP_PREFIX,
     Backing,
     backing,
@@ -65,6 +64,7 @@ from test_compactor import (
     zstd_decode,
     zstfs_cli,
 )
+from harness.mount import Mount, MountFactory, is_mounted, lazy_unmount, shared_tmp, wait_until
 
 from zstfs import codec
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import gen_rollouts
 import pytest
-from conftest import (
+from harness.mount import (
     FLAT_PATTERN,
     STATUS_XATTR,
     Mount,
@@ -226,7 +226,7 @@ def src_store(tmp_path: Path) -> Iterator[Path]:
     (d / "data.jsonl").write_bytes(b'{"line": "compress me"}\n' * 500)
     yield d
     # A daemon that deadlocked on its own mount blocks every path lookup through it (even
-    # conftest's checks): end it first (a dead mount answers ENOTCONN at once), then unmount.
+    # the harness's checks): end it first (a dead mount answers ENOTCONN at once), then unmount.
     for mp in (d, tmp_path / "mnt"):
         for pid in daemons_serving(mp):
             os.kill(pid, signal.SIGTERM)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import MountFactory, wait_until
-from inprocess import Gate, World, jsonl
+from harness.inprocess import Gate, World, jsonl
+from harness.mount import MountFactory, wait_until
 
 from zstfs import codec
 from zstfs.openfiles import Outcome

@@ -22,8 +22,8 @@ from pathlib import Path
 import pyfuse3
 import pytest
 import trio
-from conftest import Mount, MountFactory, compress_in_place, wait_until
-from inprocess import CTX, World
+from harness.inprocess import CTX, World
+from harness.mount import Mount, MountFactory, compress_in_place, wait_until
 
 
 def kernel_at_least(major: int, minor: int) -> bool:

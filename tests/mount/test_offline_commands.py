@@ -20,7 +20,7 @@ from pathlib import Path
 
 import gen_rollouts
 import pytest
-from conftest import MountFactory, flat_pattern
+from harness.mount import MountFactory, flat_pattern
 
 DAY = 86400
 needs_zstd = pytest.mark.skipif(shutil.which("zstd") is None, reason="zstd CLI not installed")

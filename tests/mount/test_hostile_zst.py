@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import MountFactory
-from test_codec_reader import frame_claiming, reference, seekable, text
+from harness.mount import MountFactory
+from harness.zstfiles import frame_claiming, reference, seekable, text
 
 from zstfs import codec
 from zstfs.names import NameRules

@@ -87,7 +87,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CODEX_DIR = REPO_ROOT / ".cache" / "codex-npm"
 CODEX_VERSION = "0.169.0"
 

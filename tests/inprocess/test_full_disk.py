@@ -1,10 +1,10 @@
-"""A full disk, in process (tests/inprocess.py) on a small tmpfs (needs root to mount it).
+"""A full disk, in process (tests/harness/inprocess.py) on a small tmpfs (needs root to mount it).
 
 Decoded copies of big foreign frames live as unnamed files in the store's filesystem. When a
 write, a create or a promotion through the operations layer fails with ENOSPC while copies hold
 space there, the copies are given back at once and the operation is tried once more: no writer
 gets ENOSPC for space a copy could give up. A promotion that still fails is in `last_errors`.
-(ENOSPC during a swap is in test_compactor.py.)
+(ENOSPC during a swap is in tests/mount/test_compactor.py.)
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from conftest import compress_in_place, tmpfs_store
-from inprocess import World, errno_of, jsonl
+from harness.inprocess import World, errno_of, jsonl
+from harness.mount import compress_in_place, tmpfs_store
 from pyfuse3 import FUSEError
 
 from zstfs import codec

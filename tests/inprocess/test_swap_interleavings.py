@@ -1,9 +1,9 @@
 """The open-file promise, deterministically: every interleaving of a swap with other
-operations, one step at a time, in one trio run (tests/inprocess.py), against the real
+operations, one step at a time, in one trio run (tests/harness/inprocess.py), against the real
 backing directory.
 
 One test per numbered scenario (the real-mount versions of 1, 2, 3, 5 and 13 are in
-test_open_files_and_swaps.py). Each checks every byte and what is left on disk.
+tests/mount/test_open_files_and_swaps.py). Each checks every byte and what is left on disk.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
-from inprocess import CTX, O_APPEND_W, Gate, World, jsonl, wait_for, write_cold
+from harness.inprocess import CTX, O_APPEND_W, Gate, World, jsonl, wait_for, write_cold
 from pyfuse3 import FUSEError
 
 from zstfs import leases

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MountFactory, wait_until
+from harness.mount import MountFactory, wait_until
 
 pytestmark = pytest.mark.skipif(subprocess.run(["which", "zstd"], capture_output=True)
                                 .returncode != 0, reason="zstd CLI not installed")

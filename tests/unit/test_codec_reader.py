@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from harness.zstfiles import frame, frame_claiming, reference, reference_prefix, seekable, text
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -26,17 +27,6 @@ from zstfs.codec import CodecParams, CorruptError, DecodeLimitError, Decoders, Z
 
 HAS_ZSTD = shutil.which("zstd") is not None
 needs_zstd = pytest.mark.skipif(not HAS_ZSTD, reason="zstd CLI not installed")
-
-
-def text(n: int, seed: int = 0) -> bytes:
-    rng = random.Random(seed)
-    words = [b"alpha", b"beta", b'"type":"event_msg"', b"{", b"}", b"0123", b"\n"]
-    out = bytearray()
-    while len(out) < n:
-        out += rng.choice(words)
-        if rng.random() < 0.01:
-            out += rng.randbytes(rng.randrange(1, 64))
-    return bytes(out[:n])
 
 
 @pytest.fixture
@@ -65,59 +55,8 @@ def ours(data: bytes, frame_size: int = 4096) -> bytes:
         return out.read()
 
 
-def frame(data: bytes, *, checksum: bool = True, size: bool = True, level: int = 3) -> bytes:
-    cctx = zstandard.ZstdCompressor(level=level, write_checksum=checksum, write_content_size=size)
-    if size:
-        return cctx.compress(data)
-    out = io.BytesIO()
-    with cctx.stream_writer(out, closefd=False) as w:  # streaming: no content size
-        w.write(data)
-    return out.getvalue()
-
-
-def seekable(chunks: list[bytes], *, checksum: bool, size: bool,
-             claims: list[int] | None = None) -> bytes:
-    """A seekable file from another writer: frames with or without checksums and content sizes,
-    and a seek table whose decompressed sizes may lie (``claims``)."""
-    frames = [frame(c, checksum=checksum, size=size) for c in chunks]
-    sizes = claims if claims is not None else [len(c) for c in chunks]
-    entries = b"".join(struct.pack("<II", len(f), d) for f, d in zip(frames, sizes, strict=True))
-    footer = struct.pack("<IBI", len(frames), 0, 0x8F92EAB1)
-    table = struct.pack("<II", 0x184D2A5E, len(entries) + len(footer)) + entries + footer
-    return b"".join(frames) + table
-
-
 def skippable(payload: bytes) -> bytes:
     return struct.pack("<II", 0x184D2A53, len(payload)) + payload
-
-
-def reference_prefix(blob: bytes) -> bytes:
-    """What libzstd's streaming decoder emits before it fails (all of it if it does not): what
-    `zstd -d` prints of a damaged file."""
-    out = bytearray()
-    reader = zstandard.ZstdDecompressor(max_window_size=1 << 31).stream_reader(
-        io.BytesIO(blob), read_across_frames=True)
-    try:
-        while chunk := reader.read(1024):
-            out += chunk
-    except zstandard.ZstdError:
-        pass
-    return bytes(out)
-
-
-def reference(blob: bytes) -> bytes | None:
-    """What libzstd's own streaming decoder makes of the whole file (None: it fails)."""
-    if not blob:
-        return None
-    try:
-        reader = zstandard.ZstdDecompressor(max_window_size=1 << 31).stream_reader(
-            io.BytesIO(blob), read_across_frames=True)
-        out = reader.read()
-        if reader.read(1):
-            return None
-        return out
-    except zstandard.ZstdError:
-        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,11 +233,6 @@ def test_table_5000_bytes_short_tail_is_eio(tmp_path: Path, fds: list[int]) -> N
     reader = ZstReader(fd, Decoders(cache=64 << 10))  # frame 1 streamed, not cached
     with pytest.raises(CorruptError):
         reader.read(reader.size - 8192, 8192)
-
-
-def frame_claiming(size: int) -> bytes:
-    """A frame header declaring ``size`` bytes (8-byte field), followed by one empty raw block."""
-    return struct.pack("<IBB", 0xFD2FB528, 0xC0, 0x50) + struct.pack("<Q", size) + b"\x01\x00\x00"
 
 
 @pytest.mark.parametrize("size", [2**63, 2**64 - 1, 2**64 - 2])

@@ -22,14 +22,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from codex_harness import codex_daemons, find_codex, kill_codex_daemons, process_gone, run_codex
-from conftest import STATUS_XATTR, fuse_available, is_mounted, lazy_unmount, wait_until
+from harness.codex import codex_daemons, find_codex, kill_codex_daemons, process_gone, run_codex
+from harness.mount import STATUS_XATTR, fuse_available, is_mounted, lazy_unmount, wait_until
 
 from zstfs.cli import GENERIC_MOUNT_OPTIONS, UsageError, apply_o_options, fstab_argv
 from zstfs.names import DEFAULT_PATTERNS
 from zstfs.options import MountOptions, parse_duration
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "contrib" / "zstfs-codex.service"
 FSTAB_EXAMPLE = REPO / "contrib" / "fstab.example"
 #: The venv's console script: what `zstfs` must resolve to for mount.fuse3's `sh -c`.

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, MountFactory, tmpfs_store, wait_until
+from harness.mount import Mount, MountFactory, tmpfs_store, wait_until
 
 
 def lines(n: int) -> bytes:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Mount, compress_in_place, wait_until
+from harness.mount import Mount, compress_in_place, wait_until
 
 
 def enoent(path: Path) -> bool:

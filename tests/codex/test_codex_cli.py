@@ -11,7 +11,7 @@ and not just ``sessions/``. The last tests run codex as people do: interactive (
 pseudo-terminal, which writes history.jsonl) and with its background app-server, which the
 mount must refuse to split and the unmount must name (or stop, with ``--stop-codex``).
 
-Helpers live in tests/codex_harness.py; its docstring lists what codex really does to
+Helpers live in tests/harness/codex.py; its docstring lists what codex really does to
 CODEX_HOME.
 """
 
@@ -30,9 +30,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import codex_harness as h
 import pytest
-from conftest import Mount, MountFactory, fuse_available, is_mounted, wait_until
+from harness import codex as h
+from harness.mount import Mount, MountFactory, fuse_available, is_mounted, wait_until
 
 CODEX = h.find_codex()
 if CODEX is None:

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, wait_until
+from harness.mount import Mount, MountFactory, wait_until
 
 NOBODY = 65534
 RENAME_NOREPLACE = 1
@@ -183,6 +183,16 @@ def make_tree(root: Path) -> None:
 
 
 @pytest.mark.timeout(120)
+def test_mount_over_source_shows_existing_files(store: Path,
+                                                mount_factory: MountFactory) -> None:
+    (store / "old.txt").write_text("before\n")
+    m = mount_factory(store)
+    assert (store / "old.txt").read_text() == "before\n"
+    (store / "new.txt").write_text("after\n")
+    m.stop()
+    assert (store / "new.txt").read_text() == "after\n"
+
+
 def test_cp_a_round_trip_preserves_everything(mounted: Mount, outside: Path) -> None:
     """cp -a in and out again: content, modes, nanosecond mtimes, symlinks, xattrs, odd names."""
     src = outside / "src"

@@ -20,8 +20,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import NOBODY, MountFactory, shared_tmp, wait_until
-from inprocess import World
+from harness.inprocess import World
+from harness.mount import NOBODY, MountFactory, shared_tmp, wait_until
 
 from zstfs import openfiles
 

@@ -1,7 +1,7 @@
 """The open-file promise as a property: random sequences of FUSE operations, processes
 holding files outside the mount, compactions (also paused at a step while other operations
-run) and clock jumps over the in-process layer (tests/inprocess.py), checked after every step
-against a plain model of the directory tree.
+run) and clock jumps over the in-process layer (tests/harness/inprocess.py), checked after
+every step against a plain model of the directory tree.
 
 How it runs. A World (store, file table, operations, compactor) lives in one trio run, and
 hypothesis rules are synchronous: each example starts `trio.run` in a thread of its own (a
@@ -45,6 +45,7 @@ from typing import Any
 import pyfuse3
 import pytest
 import trio
+from harness.inprocess import CTX, O_APPEND_W, Fields, Gate, World, jsonl, write_cold
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -54,7 +55,6 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
-from inprocess import CTX, O_APPEND_W, Fields, Gate, World, jsonl, write_cold
 from pyfuse3 import FUSEError
 
 from zstfs import leases

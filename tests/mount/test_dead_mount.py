@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import (
+from harness.mount import (
     NOBODY,
     as_nobody_in,
     gone,

@@ -19,7 +19,6 @@ import ctypes
 import ctypes.util
 import errno
 import hashlib
-import importlib.util
 import json
 import os
 import random
@@ -28,18 +27,18 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import gen_rollouts
 import pytest
-from conftest import Mount, MountFactory, wait_until
+from harness.mount import Mount, MountFactory, wait_until
 
 from zstfs.codec import CodecParams, compress_file
 
 MiB = 1 << 20
 OLD_NS = 1_700_000_000_123_456_789  # an old mtime with nanoseconds, for codec-made files
-ROOT = Path(__file__).resolve().parent.parent
 TEMP_PREFIX = ".zstfs-tmp."
 
 
@@ -47,38 +46,10 @@ TEMP_PREFIX = ".zstfs-tmp."
 # building stores
 
 
-def _load_generator() -> Callable[..., int] | None:
-    path = ROOT / "scripts" / "gen_rollouts.py"
-    if not path.exists():
-        return None
-    spec = importlib.util.spec_from_file_location("gen_rollouts", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gen_rollouts"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module.generate_rollout
-
-
-GENERATE_ROLLOUT = _load_generator()
-
-
 def write_rollout(path: Path, size: int, seed: int) -> bytes:
     """A realistic Codex rollout of about `size` bytes at `path`; returns its bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if GENERATE_ROLLOUT is not None:
-        GENERATE_ROLLOUT(path, size, seed=seed)
-    else:
-        rng = random.Random(seed)
-        lines, n, i = [], 0, 0
-        while n < size:
-            text = " ".join(f"w{rng.randrange(5000)}" for _ in range(rng.randint(3, 60)))
-            line = json.dumps({"i": i, "type": rng.choice(["response_item", "event_msg"]),
-                               "payload": text}).encode() + b"\n"
-            lines.append(line)
-            n += len(line)
-            i += 1
-        path.write_bytes(b"".join(lines))
+    gen_rollouts.generate_rollout(path, size, seed=seed)
     return path.read_bytes()
 
 

@@ -1,8 +1,8 @@
 """`zstfs mount` refuses a store that processes use, each way the kernel knows of (/proc): an open
 file, a working directory, a mapping whose descriptor is closed, an executable. Stand-in
-processes hold the store the way codex's background app-server does (tests/test_codex.py runs
-the real one). An open directory alone does not count; `--force` mounts anyway and keeps a
-warning in the status.
+processes hold the store the way codex's background app-server does
+(tests/codex/test_codex_cli.py runs the real one). An open directory alone does not count;
+`--force` mounts anyway and keeps a warning in the status.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import STATUS_XATTR, fuse_available, is_mounted, lazy_unmount, wait_until
+from harness.mount import STATUS_XATTR, fuse_available, is_mounted, lazy_unmount, wait_until
 
 from zstfs import busy
 

@@ -28,11 +28,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import codex_harness as h
 import pytest
-from conftest import fuse_available, is_mounted, lazy_unmount, wait_until
+from harness import codex as h
+from harness.mount import fuse_available, is_mounted, lazy_unmount, wait_until
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 USER = "zstfs-user"
 PROMPT = "hello from an ordinary user"
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Mount, MountFactory, wait_until
+from harness.mount import Mount, MountFactory, wait_until
 
 from zstfs.fs import DIRECT_APPENDS
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import MountFactory, wait_until
+from harness.mount import MountFactory, wait_until
 
 from zstfs.names import DEFAULT_PATTERNS, NameRules
 
