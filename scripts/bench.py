@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark a real zstfs mount against the tools people use without it (issue 7).
+"""Benchmark a real zstfs mount against the tools people use without it.
 
 One command runs every comparison side by side on this machine and prints a table of medians,
 ratios to the baseline, the target and PASS/MISS:
@@ -17,7 +17,7 @@ ratios to the baseline, the target and PASS/MISS:
   RSS while 8 processes hold 8 ``zstd --long=30`` files open;
 * the daemons' peak RSS (VmHWM) over all of it;
 * with ``--only mountcost``, the rows of ``scripts/bench_mount_cost.py`` (sqlite, git, tar,
-  diff, rm and codex through the mount vs on disk, issue 13); with ``--user NAME
+  diff, rm and codex through the mount vs on disk); with ``--user NAME
   --user-python PATH`` also as that ordinary user, side by side.
 
 Stores come from ``scripts/gen_rollouts.py`` and are cached in ``--workdir`` across runs (the
@@ -43,29 +43,30 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import random
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import gen_rollouts  # noqa: E402
-
-MB = 1_000_000
-STATUS_XATTR = "user.zstfs.status"
-#: The console script installed next to this interpreter (the venv's), else `python -m zstfs`.
-_SCRIPT = Path(sys.executable).parent / "zstfs"
-ZSTFS = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "zstfs"]
+import gen_rollouts
+from benchlib import (
+    MB,
+    ZSTFS,
+    Results,
+    Row,
+    can_drop_caches,
+    drop_caches,
+    mounted,
+    ratio_row,
+    sh,
+    versions,
+    vm_hwm,
+)
 
 
 @dataclass
@@ -84,195 +85,6 @@ FULL = Config(small=2000, big=["30M", "150M", "200M"], promo="100M", append_mb=6
               tree_files=10_000, reps=5)
 QUICK = Config(small=300, big=["30M", "150M", "200M"], promo="100M", append_mb=16,
                tree_files=10_000, reps=2)
-
-
-# --------------------------------------------------------------------------------------------
-# Results
-
-
-@dataclass
-class Row:
-    what: str
-    zstfs: str
-    baseline: str
-    ratio: float | None
-    target: str
-    ok: bool | None  # None: informational, no target
-
-    @property
-    def verdict(self) -> str:
-        return "info" if self.ok is None else ("PASS" if self.ok else "MISS")
-
-
-@dataclass
-class Results:
-    rows: list[Row] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    hwm: dict[str, int] = field(default_factory=dict)  # daemon label -> peak VmHWM in bytes
-
-    def add(self, row: Row) -> None:
-        self.rows.append(row)
-        r = f"{row.ratio:.3f}x" if row.ratio is not None else "-"
-        print(f"  {row.what}: zstfs {row.zstfs} | {row.baseline} | {r} | {row.target} | "
-              f"{row.verdict}", flush=True)
-
-    def table(self) -> str:
-        lines = ["| comparison | zstfs | baseline | ratio | target | result |",
-                 "|---|---:|---:|---:|---|---|"]
-        for r in self.rows:
-            ratio = f"{r.ratio:.3f}" if r.ratio is not None else "-"
-            lines.append(f"| {r.what} | {r.zstfs} | {r.baseline} | {ratio} | {r.target} | "
-                         f"{r.verdict} |")
-        return "\n".join(lines)
-
-
-def secs(t: float) -> str:
-    return f"{t:.3f} s" if t >= 0.01 else f"{t * 1000:.2f} ms"
-
-
-def ratio_row(res: Results, what: str, zstfs: list[float], base: list[float], base_label: str,
-              limit: float | None, *, higher_is_better: bool = False,
-              fmt: Callable[[float], str] = secs) -> None:
-    """A row comparing the medians of two lists of run times; the ratio is zstfs / baseline
-    (times) or its inverse (throughputs)."""
-    print(f"    runs (s): zstfs {[round(x, 4) for x in zstfs]}, "
-          f"{base_label} {[round(x, 4) for x in base]}", flush=True)
-    t_zstfs, t_base = median(zstfs), median(base)
-    if higher_is_better:  # throughput: baseline time / zstfs time
-        ratio = t_base / t_zstfs
-        target = f">= {limit}x" if limit is not None else "-"
-        ok = None if limit is None else ratio >= limit
-    else:
-        ratio = t_zstfs / t_base
-        target = f"<= {limit}x" if limit is not None else "-"
-        ok = None if limit is None else ratio <= limit
-    res.add(Row(what, fmt(t_zstfs), f"{base_label} {fmt(t_base)}", ratio, target, ok))
-
-
-# --------------------------------------------------------------------------------------------
-# Running things
-
-
-def can_drop_caches() -> bool:
-    return os.geteuid() == 0 and os.access("/proc/sys/vm/drop_caches", os.W_OK)
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
-
-
-def sh(cmd: str, *, ok_codes: tuple[int, ...] = (0,)) -> tuple[float, bytes]:
-    """Run a shell pipeline with its stdout on a pipe we read; (wall seconds, stdout)."""
-    t0 = time.perf_counter()
-    r = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd}"], capture_output=True)
-    dt = time.perf_counter() - t0
-    if r.returncode not in ok_codes:
-        raise RuntimeError(f"{cmd!r} failed ({r.returncode}): {r.stderr.decode()[-2000:]}")
-    return dt, r.stdout
-
-
-def vm_hwm(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-class Daemon:
-    """`zstfs mount --foreground ARGS SOURCE MOUNTPOINT` as a subprocess."""
-
-    def __init__(self, res: Results, label: str, source: Path, mountpoint: Path,
-                 *args: str) -> None:
-        self.res, self.label = res, label
-        self.source, self.mountpoint, self.args = source, mountpoint, list(args)
-        self.log = source.parent / f"{mountpoint.name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.started_at = 0.0
-
-    def start(self) -> Daemon:
-        self.mountpoint.mkdir(parents=True, exist_ok=True)
-        cmd = [*ZSTFS, "mount", "--foreground", *self.args, str(self.source),
-               str(self.mountpoint)]
-        self.started_at = time.perf_counter()
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while self.status() is None:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"zstfs mount exited {self.proc.returncode}; see {self.log}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the mount on {self.mountpoint} did not come up in 60 s")
-            time.sleep(0.02)
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def status(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(os.getxattr(self.mountpoint, STATUS_XATTR))
-        except OSError:
-            return None
-
-    def record_hwm(self) -> None:
-        if self.proc is not None and (hwm := vm_hwm(self.proc.pid)) is not None:
-            self.res.hwm[self.label] = max(self.res.hwm.get(self.label, 0), hwm)
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.record_hwm()
-        r = subprocess.run([*ZSTFS, "umount", str(self.mountpoint)], capture_output=True,
-                           text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"zstfs umount {self.mountpoint}: {r.stderr.strip()}")
-        rc = self.proc.wait(timeout=600)
-        self.proc = None
-        if rc != 0:
-            raise RuntimeError(f"the daemon on {self.mountpoint} exited {rc}; see {self.log}")
-        errors = [ln for ln in self.log.read_text(errors="replace").splitlines()
-                  if " ERROR " in ln or "Traceback" in ln]
-        if errors:
-            raise RuntimeError(f"the daemon logged errors ({self.log}): {errors[:3]}")
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def kill(self) -> None:
-        """Cleanup after a failure: lazy unmount and wait."""
-        if self.proc is None:
-            return
-        subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-
-@contextlib.contextmanager
-def mounted(res: Results, label: str, source: Path, mountpoint: Path,
-            *args: str) -> Iterator[Daemon]:
-    d = Daemon(res, label, source, mountpoint, *args).start()
-    try:
-        yield d
-        d.stop()
-    finally:
-        d.kill()
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -507,7 +319,7 @@ def forget_pages(path: Path) -> None:
 
 
 def bench_foreign(res: Results, cfg: Config, work: Path, cold_ok: bool) -> None:
-    """Foreign `.zst` files (issue 11): `cat` of a 400 MB single-frame `zstd -3` file (what codex
+    """Foreign `.zst` files: `cat` of a 400 MB single-frame `zstd -3` file (what codex
     and people write) vs `zstdcat`, and the daemon's peak RSS while 8 processes hold 8
     `zstd --long=30` files (windows of ~100 MB each) open after reading their ends."""
     root = work / "foreign"
@@ -691,17 +503,6 @@ def bench_promotion(res: Results, cfg: Config, work: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def versions() -> str:
-    import pyfuse3
-    import trio
-    import zstandard
-
-    zstd = subprocess.run(["zstd", "--version"], capture_output=True, text=True).stdout.strip()
-    return (f"{platform.node()}, {os.cpu_count()} CPUs, kernel {platform.release()}, "
-            f"Python {platform.python_version()}, pyfuse3 {pyfuse3.__version__}, "
-            f"trio {trio.__version__}, python-zstandard {zstandard.__version__}; {zstd}")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller store, fewer repetitions")
@@ -759,8 +560,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_promotion(res, cfg, work)
     if want("foreign"):
         bench_foreign(res, cfg, work, cold_ok)
-    if only is not None and "mountcost" in only:  # issue 13: sqlite, git, tar, codex, ...
-        import bench_mount_cost
+    if only is not None and "mountcost" in only:  # sqlite, git, tar, codex, ...
+        import bench_mount_cost  # imports the codex harness: only when asked for
 
         if args.user:
             users = [bench_mount_cost.User(args.user, py,

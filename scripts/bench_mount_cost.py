@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""What the mount costs everyday tools (issue 13): each workload through a zstfs mount of a plain
-directory vs the same on the plain disk, interleaved, medians and ratios against the issue's goals.
+"""What the mount costs everyday tools: each workload through a zstfs mount of a plain
+directory vs the same on the plain disk, interleaved, medians and ratios against their goals.
 
 Rows: sqlite3 WAL with 10,000 single-statement inserts; `git status` on a clean tree; `git clone`
 of a local repository (file://, so both sides copy a pack); `tar -x`, `diff -r` and `rm -rf` of a
 few thousand files; and, when the Codex CLI is installed (scripts/install-codex.sh), `codex exec`
 and `codex exec resume` of a session that is compressed in the store (baseline: the same resume of
-a plain session on disk), both against the loopback mock model of tests/codex_harness.py.
+a plain session on disk), both against the loopback mock model of the codex tests' harness.
 
 With `--count` (default on) every row is first run once on a mount started with
 `ZSTFS_OPSTATS=1`, and the FUSE requests it caused are reported by type, with the time spent in
@@ -35,26 +35,28 @@ import argparse
 import collections
 import contextlib
 import datetime
+import functools
+import importlib.util
 import json
 import os
 import pwd
 import re
 import shutil
-import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+import types
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(REPO / "tests"))
+import benchlib
+from benchlib import fuse_device_open, run, umount_under
 
-import bench  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
+#: The mock model server and codex runner of the codex tests, loaded from its file.
+CODEX_HARNESS = REPO / "tests" / "harness" / "codex.py"
 
 # The daemons run this checkout's zstfs.
 os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -66,17 +68,6 @@ INSERTS = 10_000
 
 GOALS = {"sqlite": 1.5, "sqlite-normal": None, "git-status": 2.0, "git-clone": None,
          "tar": 2.0, "diff": 3.0, "rm": 2.0, "codex-exec": 1.05, "codex-resume": 1.10}
-
-
-def run(argv: list[str] | str, *, cwd: Path | None = None, env: dict[str, str] | None = None,
-        stdin: bytes | None = None, ok: tuple[int, ...] = (0,)) -> float:
-    t0 = time.perf_counter()
-    r = subprocess.run(argv, cwd=cwd, env=env, input=stdin, capture_output=True,
-                       shell=isinstance(argv, str))
-    dt = time.perf_counter() - t0
-    if r.returncode not in ok:
-        raise RuntimeError(f"{argv!r} failed ({r.returncode}): {r.stderr.decode()[-2000:]}")
-    return dt
 
 
 @dataclass
@@ -117,6 +108,18 @@ class Fixtures:
         self.files = sum(len(f) for _, _, f in os.walk(self.tree))
         self.dirs = sum(1 for _ in os.walk(self.tree))
         self.bytes = self.tar.stat().st_size
+
+
+@functools.cache
+def load_codex_harness() -> types.ModuleType:
+    """The tests' codex harness (stdlib only), loaded from its file (tests are not a package)."""
+    spec = importlib.util.spec_from_file_location("codex_harness", CODEX_HARNESS)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def workloads(fx: Fixtures, codex: Codex | None) -> list[Workload]:
@@ -199,9 +202,7 @@ class Codex:
     """The real Codex CLI against the loopback mock; CODEX_HOME is BASE/codex."""
 
     def __init__(self, work: Path, binary: Path, server: Any) -> None:
-        import codex_harness
-
-        self.h = codex_harness
+        self.h = load_codex_harness()
         self.binary, self.server = binary, server
         self.cwd = work / "codex-cwd"
         self.cwd.mkdir(exist_ok=True)
@@ -253,7 +254,7 @@ def diff_requests(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def settle_status(d: bench.Daemon) -> dict[str, Any]:
+def settle_status(d: benchlib.Daemon) -> dict[str, Any]:
     time.sleep(1.1)  # the status document is cached for a second
     st = d.status()
     if st is None or "requests" not in st:
@@ -306,12 +307,13 @@ def other_mount(kind: str, src: Path, mnt: Path) -> Iterator[None]:
         proc.wait(timeout=60)
 
 
-def bench_mount_cost(res: bench.Results, work: Path, reps: int, only: set[str] | None = None,
+def bench_mount_cost(res: benchlib.Results, work: Path, reps: int, only: set[str] | None = None,
                      count: bool = True, mounter: str = "zstfs",
-                     record: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+                     record: dict[str, Any] | None = None,
+                     zstfs: Sequence[str] = benchlib.ZSTFS) -> dict[str, dict[str, Any]]:
     """Run the rows into `res`; returns the request counts per row (empty without `count`).
     `record`, if given, gets each row's run times (`rows`) and what the timed daemon reported
-    about its pyfuse3 (`daemon`)."""
+    about its pyfuse3 (`daemon`); `zstfs` is the command that runs zstfs."""
     work.mkdir(parents=True, exist_ok=True)
     fx = Fixtures(work)
     disk, src, mnt = work / "disk", work / "src", work / "mnt"
@@ -319,7 +321,7 @@ def bench_mount_cost(res: bench.Results, work: Path, reps: int, only: set[str] |
     server = None
     want_codex = only is None or bool({"codex-exec", "codex-resume"} & only)
     if want_codex:
-        import codex_harness
+        codex_harness = load_codex_harness()
 
         binary = codex_harness.find_codex()
         if binary is None:
@@ -341,13 +343,14 @@ def bench_mount_cost(res: bench.Results, work: Path, reps: int, only: set[str] |
             # compressed offline: what a store looks like after `--compress-after`.
             resumes = 2 * reps + 2 if any(w.name == "codex-resume" for w in rows) else 0
             codex.setup(disk, resumes)
-            with bench.mounted(res, "mount cost (codex sessions)", src, mnt):
+            with benchlib.mounted(res, "mount cost (codex sessions)", src, mnt, zstfs=zstfs):
                 codex.setup(mnt, resumes)
-            run([*bench.ZSTFS, "compress", "--older-than", "0", str(src)])
+            run([*zstfs, "compress", "--older-than", "0", str(src)])
         if count:
             os.environ["ZSTFS_OPSTATS"] = "1"
             try:
-                with bench.mounted(res, "mount cost (counting)", src, mnt) as d:
+                with benchlib.mounted(res, "mount cost (counting)", src, mnt,
+                                      zstfs=zstfs) as d:
                     settle_status(d)
                     idle = diff_requests(settle_status(d), settle_status(d))
                     for w in rows:
@@ -364,8 +367,8 @@ def bench_mount_cost(res: bench.Results, work: Path, reps: int, only: set[str] |
                               f"{counts[w.name]['count']}", flush=True)
             finally:
                 del os.environ["ZSTFS_OPSTATS"]
-        timed_mount = (bench.mounted(res, "mount cost", src, mnt) if mounter == "zstfs"
-                       else other_mount(mounter, src, mnt))
+        timed_mount = (benchlib.mounted(res, "mount cost", src, mnt, zstfs=zstfs)
+                       if mounter == "zstfs" else other_mount(mounter, src, mnt))
         with timed_mount as d:
             for w in rows:
                 times: dict[Path, list[float]] = {disk: [], mnt: []}
@@ -373,7 +376,7 @@ def bench_mount_cost(res: bench.Results, work: Path, reps: int, only: set[str] |
                     for base in ((disk, mnt) if i % 2 == 0 else (mnt, disk)):
                         w.prepare(base, i)
                         times[base].append(w.timed(base, i))
-                bench.ratio_row(res, w.what, times[mnt], times[disk], "disk", GOALS[w.name])
+                benchlib.ratio_row(res, w.what, times[mnt], times[disk], "disk", GOALS[w.name])
                 if record is not None:
                     record.setdefault("rows", {})[w.name] = {
                         "what": w.what, "mount": times[mnt], "disk": times[disk]}
@@ -392,7 +395,7 @@ def bench_mount_cost(res: bench.Results, work: Path, reps: int, only: set[str] |
 # The same rows as an ordinary user
 
 #: What a run as the user needs of this checkout, copied into their workdir.
-STAGED = ("zstfs", "scripts", "tests/codex_harness.py")
+STAGED = ("zstfs", "scripts", "tests/harness/codex.py")
 
 
 class User:
@@ -407,10 +410,7 @@ class User:
 
     def argv(self, *cmd: str, env: dict[str, str] | None = None) -> list[str]:
         """`cmd` as the user (uid, gid, groups), in a clean environment with their HOME."""
-        full = {"HOME": str(self.home), "USER": self.name, "LOGNAME": self.name,
-                "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", **(env or {})}
-        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups", "--",
-                "env", "-i", *(f"{k}={v}" for k, v in full.items()), *cmd]
+        return benchlib.as_user(self.uid, self.gid, self.name, self.home, *cmd, env=env)
 
     def can(self, *test: str) -> bool:
         """`test ARGS` as the user (what they can read, write, run)."""
@@ -456,32 +456,6 @@ class User:
         return doc
 
 
-@contextlib.contextmanager
-def fuse_device_open() -> Iterator[None]:
-    """/dev/fuse readable and writable by everyone (what distributions ship, and what an ordinary
-    user's mount needs) for the duration; its mode is put back after."""
-    mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
-    if mode & 0o006 == 0o006:
-        yield
-        return
-    os.chmod("/dev/fuse", mode | 0o006)
-    try:
-        yield
-    finally:
-        os.chmod("/dev/fuse", mode)
-
-
-def umount_under(path: Path) -> None:
-    """Lazily unmount whatever is still mounted under `path` (root cannot even stat another
-    user's FUSE mount, so this reads the mount table)."""
-    prefix = str(path) + "/"
-    with open("/proc/self/mountinfo") as f:
-        points = [ln.split()[4].encode().decode("unicode_escape") for ln in f]
-    for p in points:
-        if p.startswith(prefix):
-            subprocess.run(["umount", "-l", p], capture_output=True)
-
-
 def total_requests(counts: dict[str, Any] | None) -> str:
     return str(sum(counts["count"].values())) if counts else "-"
 
@@ -508,7 +482,7 @@ def pyfuse3_label(doc: dict[str, Any]) -> str:
 def side_by_side(names: list[str], sides: list[tuple[str, dict[str, dict[str, Any]]]]) -> str:
     """workload | disk | root | ratio | ordinary user | ratio | ... | requests root / user ...;
     `sides`: (label, {row: that side's --json document}), root first."""
-    med, secs = bench.median, bench.secs
+    med, secs = benchlib.median, benchlib.secs
     lines = ["| workload | disk (each side, in column order) | "
              + " | ".join(f"{lbl} | ratio" for lbl, _ in sides)
              + " | requests (" + " / ".join(lbl.split(" (")[0] for lbl, _ in sides) + ") |",
@@ -529,12 +503,13 @@ def side_by_side(names: list[str], sides: list[tuple[str, dict[str, dict[str, An
     return "\n".join(lines)
 
 
-def root_and_user(res: bench.Results, work: Path, reps: int, only: set[str] | None,
-                  count: bool, users: list[User]) -> tuple[str, bool]:
+def root_and_user(res: benchlib.Results, work: Path, reps: int, only: set[str] | None,
+                  count: bool, users: list[User],
+                  zstfs: Sequence[str] = benchlib.ZSTFS) -> tuple[str, bool]:
     """Each row as root (into `res`) and as each of `users` (one user, a venv each; which side
     goes first rotates row by row); the side-by-side table with its notes, and whether every
     user row that could run did."""
-    import codex_harness
+    codex_harness = load_codex_harness()
 
     names = [n for n in GOALS if only is None or n in only]
     name = users[0].name
@@ -562,7 +537,8 @@ def root_and_user(res: bench.Results, work: Path, reps: int, only: set[str] | No
             side %= sides
             if side == 0:
                 rec: dict[str, Any] = {}
-                rec["counts"] = bench_mount_cost(res, work, reps, {n}, count, record=rec)
+                rec["counts"] = bench_mount_cost(res, work, reps, {n}, count, record=rec,
+                                                 zstfs=zstfs)
                 root_daemons.append(rec.pop("daemon", {}))
                 root[n] = rec
             elif n in skips:
@@ -628,11 +604,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.python or args.set:
         sets = "".join(f"setattr(f.Operations, {k!r}, {v});"
                        for k, v in (a.split("=", 1) for a in args.set))
-        bench.ZSTFS = [args.python or sys.executable, "-c",
-                       f"import sys; import zstfs.fs as f; {sets} "
-                       "from zstfs.cli import main; sys.exit(main())"]
+        zstfs = [args.python or sys.executable, "-c",
+                 f"import sys; import zstfs.fs as f; {sets} "
+                 "from zstfs.cli import main; sys.exit(main())"]
+    else:
+        zstfs = list(benchlib.ZSTFS)
     only = set(args.rows.split(",")) if args.rows else None
-    res = bench.Results()
+    res = benchlib.Results()
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     count = not args.no_count and args.mounter == "zstfs"
@@ -643,18 +621,18 @@ def main(argv: list[str] | None = None) -> int:
         work = args.workdir.resolve()
         users = [User(args.user, py, work / f"user-{args.user}", args.set)
                  for py in args.user_python]
-        both, user_ok = root_and_user(res, work, args.reps, only, count, users)
+        both, user_ok = root_and_user(res, work, args.reps, only, count, users, zstfs)
         counts = {}
     else:
         counts = bench_mount_cost(res, args.workdir.resolve(), args.reps, only, count,
-                                  args.mounter, record=record)
+                                  args.mounter, record=record, zstfs=zstfs)
     load1 = os.getloadavg()
     header = [
         f"date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; "
         f"total {time.perf_counter() - t0:.0f} s; medians of {args.reps} interleaved runs",
-        f"machine: {bench.versions()}",
+        f"machine: {benchlib.versions()}",
         f"load average at start {load0[0]:.2f}, at end {load1[0]:.2f}",
-        f"daemons: {' '.join(bench.ZSTFS) if args.mounter == 'zstfs' else args.mounter}",
+        f"daemons: {' '.join(zstfs) if args.mounter == 'zstfs' else args.mounter}",
         *res.notes,
     ]
     text = "\n".join(f"- {h}" for h in header) + "\n\n" + res.table() + "\n"
@@ -675,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
         with open("/proc/self/maps") as f:
             libfuse = re.search(r"libfuse3\.so\.(\d[\d.]*)", f.read())
         args.json.write_text(json.dumps({
-            **record, "counts": counts, "notes": res.notes, "versions": bench.versions(),
+            **record, "counts": counts, "notes": res.notes, "versions": benchlib.versions(),
             "python": sys.executable, "uid": os.geteuid(),
             "pyfuse3": {"patches": list(getattr(pyfuse3, "ZSTFS_PATCHES", ())),
                         "libfuse": libfuse.group(1) if libfuse else None}}))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the Codex CLI (npm package @openai/codex) into a private prefix so the
-# end-to-end tests in tests/test_codex.py can run the real binary offline.
+# end-to-end tests in tests/codex/test_codex_cli.py can run the real binary offline.
 #
 # Idempotent: if the pinned version is already installed and its native binary
 # runs, nothing is downloaded. Prints the absolute path of the native binary on

@@ -1,0 +1,279 @@
+#!/usr/bin/env python3
+"""What the benchmark scripts share: running and timing commands, medians and ratios, a zstfs
+daemon on a mountpoint, dropping the page cache, running a command as another user, and the
+result table.
+
+`scripts/bench.py` and `scripts/bench_mount_cost.py` import it; it imports neither (run as
+scripts, both find it beside them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import stat
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MB = 1_000_000
+STATUS_XATTR = "user.zstfs.status"
+#: The console script installed next to this interpreter (the venv's), else `python -m zstfs`.
+_SCRIPT = Path(sys.executable).parent / "zstfs"
+ZSTFS: tuple[str, ...] = (str(_SCRIPT),) if _SCRIPT.exists() else (sys.executable, "-m", "zstfs")
+# --------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class Row:
+    what: str
+    zstfs: str
+    baseline: str
+    ratio: float | None
+    target: str
+    ok: bool | None  # None: informational, no target
+
+    @property
+    def verdict(self) -> str:
+        return "info" if self.ok is None else ("PASS" if self.ok else "MISS")
+
+
+@dataclass
+class Results:
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    hwm: dict[str, int] = field(default_factory=dict)  # daemon label -> peak VmHWM in bytes
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        r = f"{row.ratio:.3f}x" if row.ratio is not None else "-"
+        print(f"  {row.what}: zstfs {row.zstfs} | {row.baseline} | {r} | {row.target} | "
+              f"{row.verdict}", flush=True)
+
+    def table(self) -> str:
+        lines = ["| comparison | zstfs | baseline | ratio | target | result |",
+                 "|---|---:|---:|---:|---|---|"]
+        for r in self.rows:
+            ratio = f"{r.ratio:.3f}" if r.ratio is not None else "-"
+            lines.append(f"| {r.what} | {r.zstfs} | {r.baseline} | {ratio} | {r.target} | "
+                         f"{r.verdict} |")
+        return "\n".join(lines)
+
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def secs(t: float) -> str:
+    return f"{t:.3f} s" if t >= 0.01 else f"{t * 1000:.2f} ms"
+
+
+def ratio_row(res: Results, what: str, zstfs: list[float], base: list[float], base_label: str,
+              limit: float | None, *, higher_is_better: bool = False,
+              fmt: Callable[[float], str] = secs) -> None:
+    """A row comparing the medians of two lists of run times; the ratio is zstfs / baseline
+    (times) or its inverse (throughputs)."""
+    print(f"    runs (s): zstfs {[round(x, 4) for x in zstfs]}, "
+          f"{base_label} {[round(x, 4) for x in base]}", flush=True)
+    t_zstfs, t_base = median(zstfs), median(base)
+    if higher_is_better:  # throughput: baseline time / zstfs time
+        ratio = t_base / t_zstfs
+        target = f">= {limit}x" if limit is not None else "-"
+        ok = None if limit is None else ratio >= limit
+    else:
+        ratio = t_zstfs / t_base
+        target = f"<= {limit}x" if limit is not None else "-"
+        ok = None if limit is None else ratio <= limit
+    res.add(Row(what, fmt(t_zstfs), f"{base_label} {fmt(t_base)}", ratio, target, ok))
+
+
+# --------------------------------------------------------------------------------------------
+# Running things
+
+
+def can_drop_caches() -> bool:
+    return os.geteuid() == 0 and os.access("/proc/sys/vm/drop_caches", os.W_OK)
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def sh(cmd: str, *, ok_codes: tuple[int, ...] = (0,)) -> tuple[float, bytes]:
+    """Run a shell pipeline with its stdout on a pipe we read; (wall seconds, stdout)."""
+    t0 = time.perf_counter()
+    r = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd}"], capture_output=True)
+    dt = time.perf_counter() - t0
+    if r.returncode not in ok_codes:
+        raise RuntimeError(f"{cmd!r} failed ({r.returncode}): {r.stderr.decode()[-2000:]}")
+    return dt, r.stdout
+
+
+def vm_hwm(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class Daemon:
+    """`zstfs mount --foreground ARGS SOURCE MOUNTPOINT` as a subprocess; `zstfs` is the command
+    that runs zstfs (by default this interpreter's)."""
+
+    def __init__(self, res: Results, label: str, source: Path, mountpoint: Path,
+                 *args: str, zstfs: Sequence[str] = ZSTFS) -> None:
+        self.res, self.label, self.zstfs = res, label, list(zstfs)
+        self.source, self.mountpoint, self.args = source, mountpoint, list(args)
+        self.log = source.parent / f"{mountpoint.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+
+    def start(self) -> Daemon:
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        cmd = [*self.zstfs, "mount", "--foreground", *self.args, str(self.source),
+               str(self.mountpoint)]
+        self.started_at = time.perf_counter()
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while self.status() is None:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"zstfs mount exited {self.proc.returncode}; see {self.log}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the mount on {self.mountpoint} did not come up in 60 s")
+            time.sleep(0.02)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def status(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(os.getxattr(self.mountpoint, STATUS_XATTR))
+        except OSError:
+            return None
+
+    def record_hwm(self) -> None:
+        if self.proc is not None and (hwm := vm_hwm(self.proc.pid)) is not None:
+            self.res.hwm[self.label] = max(self.res.hwm.get(self.label, 0), hwm)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.record_hwm()
+        r = subprocess.run([*self.zstfs, "umount", str(self.mountpoint)], capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"zstfs umount {self.mountpoint}: {r.stderr.strip()}")
+        rc = self.proc.wait(timeout=600)
+        self.proc = None
+        if rc != 0:
+            raise RuntimeError(f"the daemon on {self.mountpoint} exited {rc}; see {self.log}")
+        errors = [ln for ln in self.log.read_text(errors="replace").splitlines()
+                  if " ERROR " in ln or "Traceback" in ln]
+        if errors:
+            raise RuntimeError(f"the daemon logged errors ({self.log}): {errors[:3]}")
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def kill(self) -> None:
+        """Cleanup after a failure: lazy unmount and wait."""
+        if self.proc is None:
+            return
+        subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+@contextlib.contextmanager
+def mounted(res: Results, label: str, source: Path, mountpoint: Path,
+            *args: str, zstfs: Sequence[str] = ZSTFS) -> Iterator[Daemon]:
+    d = Daemon(res, label, source, mountpoint, *args, zstfs=zstfs).start()
+    try:
+        yield d
+        d.stop()
+    finally:
+        d.kill()
+
+
+
+def run(argv: Sequence[str] | str, *, cwd: Path | None = None, env: dict[str, str] | None = None,
+        stdin: bytes | None = None, ok: tuple[int, ...] = (0,)) -> float:
+    t0 = time.perf_counter()
+    r = subprocess.run(argv, cwd=cwd, env=env, input=stdin, capture_output=True,
+                       shell=isinstance(argv, str))
+    dt = time.perf_counter() - t0
+    if r.returncode not in ok:
+        raise RuntimeError(f"{argv!r} failed ({r.returncode}): {r.stderr.decode()[-2000:]}")
+    return dt
+
+
+@contextlib.contextmanager
+def fuse_device_open() -> Iterator[None]:
+    """/dev/fuse readable and writable by everyone (what distributions ship, and what an ordinary
+    user's mount needs) for the duration; its mode is put back after."""
+    mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+    if mode & 0o006 == 0o006:
+        yield
+        return
+    os.chmod("/dev/fuse", mode | 0o006)
+    try:
+        yield
+    finally:
+        os.chmod("/dev/fuse", mode)
+
+
+def umount_under(path: Path) -> None:
+    """Lazily unmount whatever is still mounted under `path` (root cannot even stat another
+    user's FUSE mount, so this reads the mount table)."""
+    prefix = str(path) + "/"
+    with open("/proc/self/mountinfo") as f:
+        points = [ln.split()[4].encode().decode("unicode_escape") for ln in f]
+    for p in points:
+        if p.startswith(prefix):
+            subprocess.run(["umount", "-l", p], capture_output=True)
+
+
+def as_user(uid: int, gid: int, name: str, home: Path, *cmd: str,
+            env: dict[str, str] | None = None) -> list[str]:
+    """The argv that runs `cmd` as that user (uid, gid, groups), in a clean environment with
+    their HOME."""
+    full = {"HOME": str(home), "USER": name, "LOGNAME": name,
+            "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", **(env or {})}
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups", "--",
+            "env", "-i", *(f"{k}={v}" for k, v in full.items()), *cmd]
+
+
+def versions() -> str:
+    import pyfuse3
+    import trio
+    import zstandard
+
+    zstd = subprocess.run(["zstd", "--version"], capture_output=True, text=True).stdout.strip()
+    return (f"{platform.node()}, {os.cpu_count()} CPUs, kernel {platform.release()}, "
+            f"Python {platform.python_version()}, pyfuse3 {pyfuse3.__version__}, "
+            f"trio {trio.__version__}, python-zstandard {zstandard.__version__}; {zstd}")
+
