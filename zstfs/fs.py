@@ -31,7 +31,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FileHandleT, FileInfo, FUSEError, InodeT
 
-from zstfs import codec
+from zstfs import codec, privileges
 from zstfs.names import NAME_MAX, STATUS_XATTR, zst_name
 from zstfs.openfiles import ROOT_INODE, Node, OpenFiles
 from zstfs.stats import Stats
@@ -209,6 +209,11 @@ class Operations(pyfuse3.Operations):
     # written is ever held here (see _passthrough). zstfs's pyfuse3 resets this at INIT where
     # the kernel lacks it; the first refused registration turns it off for the mount.
     enable_passthrough = "enable_passthrough" in getattr(pyfuse3, "ZSTFS_PATCHES", ())
+    # FUSE_HANDLE_KILLPRIV_V2 (libfuse 3.17+): no GETXATTR security.capability before every
+    # write; set-uid/set-gid are cleared here where a request's kill flag says so (privileges).
+    # zstfs's pyfuse3 resets this at INIT where the kernel lacks it; its presence alone has
+    # the kill flags passed on (`kill_suidgid`), which direct I/O writes carry in any case.
+    enable_killpriv_v2 = "enable_killpriv_v2" in getattr(pyfuse3, "ZSTFS_PATCHES", ())
     # The calls into the kernel session, replaceable so that the in-process tests can drive
     # these operations without a mount.
     readdir_reply = staticmethod(pyfuse3.readdir_reply)
@@ -464,6 +469,7 @@ class Operations(pyfuse3.Operations):
         fields: pyfuse3.SetattrFields,
         fh: FileHandleT | None,
         ctx: pyfuse3.RequestContext,
+        kill_suidgid: bool = False,
     ) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
         handle = self.handles.get(fh) if fh is not None else None
@@ -477,7 +483,7 @@ class Operations(pyfuse3.Operations):
             async with self._locked(node):
                 if fields.update_size:
                     self.files.abandon(node)  # one that started while we waited
-                return await self._setattr_locked(node, handle, attr, fields)
+                return await self._setattr_locked(node, handle, attr, fields, kill_suidgid)
 
         return await self._unleased(node, os.O_WRONLY, attempt)
 
@@ -487,6 +493,7 @@ class Operations(pyfuse3.Operations):
         handle: Handle | None,
         attr: pyfuse3.EntryAttributes,
         fields: pyfuse3.SetattrFields,
+        kill_suidgid: bool = False,
     ) -> pyfuse3.EntryAttributes:
         if fields.update_size:
             # Truncation changes content: a compressed file becomes plain first.
@@ -514,6 +521,8 @@ class Operations(pyfuse3.Operations):
                 attr.st_mtime_ns if fields.update_mtime else current.st_mtime_ns,
             )
             self._apply(target, lambda t: os.utime(t, ns=ns), node)
+        if kill_suidgid:  # a truncation or chown (FATTR_KILL_SUIDGID)
+            self._apply(target, privileges.clear_suidgid, node)
         return await self._stat_node(node)
 
     @contextlib.asynccontextmanager
@@ -1004,9 +1013,13 @@ class Operations(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ open files
     @translate_errors
-    async def open(self, inode: InodeT, flags: int, ctx: pyfuse3.RequestContext) -> FileInfo:
+    async def open(self, inode: InodeT, flags: int, ctx: pyfuse3.RequestContext,
+                   kill_suidgid: bool = False) -> FileInfo:
         node = self._node(inode)
-        return await self._unleased(node, flags, lambda: self._open(node, flags))
+        info = await self._unleased(node, flags, lambda: self._open(node, flags))
+        if privileges.kills_on_open(flags, kill_suidgid, self.enable_killpriv_v2, ctx.uid):
+            privileges.clear_suidgid(self.handles[info.fh].fd)
+        return info
 
     async def _unleased(self, node: Node, flags: int,
                         attempt: Callable[[], Awaitable[R]]) -> R:
@@ -1094,6 +1107,8 @@ class Operations(pyfuse3.Operations):
         backing_id = self._backing_id_of(node)
         if not backing_id:
             if not self.enable_passthrough or node.opens:  # (each open handle is served here)
+                return 0
+            if privileges.served_writer(handle.fd, handle.flags):
                 return 0
             path = self.table.path(node)
             if path is None or self.rules.compressible(*split(path)):
@@ -1225,12 +1240,13 @@ class Operations(pyfuse3.Operations):
         return next((h.fd for h in self._handles_of(node)), None)
 
     async def _create_existing(
-        self, parent_inode: int, name: bytes, flags: int, ctx: pyfuse3.RequestContext
+        self, parent_inode: int, name: bytes, flags: int, ctx: pyfuse3.RequestContext,
+        kill_suidgid: bool = False,
     ) -> tuple[FileInfo, pyfuse3.EntryAttributes]:
         if flags & os.O_EXCL:
             raise FUSEError(errno.EEXIST)
         node, _ = await self._entry(parent_inode, name)
-        info = await self.open(InodeT(node.ino), flags & ~os.O_CREAT, ctx)
+        info = await self.open(InodeT(node.ino), flags & ~os.O_CREAT, ctx, kill_suidgid)
         node.lookups += 1
         return info, await self._stat_node(node)
 
@@ -1242,6 +1258,7 @@ class Operations(pyfuse3.Operations):
         mode: int,
         flags: int,
         ctx: pyfuse3.RequestContext,
+        kill_suidgid: bool = False,
     ) -> tuple[FileInfo, pyfuse3.EntryAttributes]:
         self._check_name(parent_inode, name)
         parent, dfd = self._dir_path(parent_inode), self._dfd(parent_inode)
@@ -1249,7 +1266,7 @@ class Operations(pyfuse3.Operations):
         existing = self.store.resolve_in(dfd, parent, name) if compressible else None
         if existing is not None:
             # The name exists in compressed form: O_CREAT without O_EXCL opens it.
-            return await self._create_existing(parent_inode, name, flags, ctx)
+            return await self._create_existing(parent_inode, name, flags, ctx, kill_suidgid)
         try:
             # Exclusive, whatever the caller asked: an existing file (created below the mount
             # since the kernel cached its absence) is opened like any open, never chowned or
@@ -1258,7 +1275,7 @@ class Operations(pyfuse3.Operations):
                 name, (flags & ~getattr(os, "O_DIRECT", 0)) | os.O_CREAT | os.O_EXCL
                 | os.O_CLOEXEC | os.O_NOFOLLOW, stat.S_IMODE(mode) & ~ctx.umask, dir_fd=dfd))
         except FileExistsError:
-            return await self._create_existing(parent_inode, name, flags, ctx)
+            return await self._create_existing(parent_inode, name, flags, ctx, kill_suidgid)
         try:
             if self.root_uid and (ctx.uid, ctx.gid) != (0, 0):
                 os.fchown(fd, ctx.uid, ctx.gid)
@@ -1302,11 +1319,13 @@ class Operations(pyfuse3.Operations):
         return os.fsdecode(path) if path is not None else f"<inode {node.ino}>"
 
     @translate_errors
-    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
+    async def write(self, fh: FileHandleT, off: int, buf: bytes,
+                    kill_suidgid: bool = False) -> int:
         h = self.handles[fh]
         if h.node.compressed:
             await self._make_plain(h.node)
         self._refresh_handle(h)
+        privileges.before_write(h.fd, kill_suidgid, self.enable_killpriv_v2 and not h.wrote)
         n = self._write_all(h.fd, buf, off)
         h.wrote = True
         h.node.writes += 1
