@@ -189,6 +189,7 @@ def mount(opts: MountOptions) -> int:
             "open_file_accounting": store.accounting.mode,
             "pyfuse3_patches": list(getattr(pyfuse3, "ZSTFS_PATCHES", ())),
             "passthrough": ops.enable_passthrough,
+            "killpriv_v2": ops.enable_killpriv_v2,
             "known_inodes": len(ops.table.nodes),
             "recovery": {"temps_removed": recovery.temps_removed,
                          "leftovers_removed": recovery.leftovers_removed,
