@@ -1325,7 +1325,7 @@ class Operations(pyfuse3.Operations):
         if h.node.compressed:
             await self._make_plain(h.node)
         self._refresh_handle(h)
-        privileges.before_write(h.fd, kill_suidgid, self.enable_killpriv_v2 and not h.wrote)
+        privileges.before_write(h.fd, kill_suidgid)
         n = self._write_all(h.fd, buf, off)
         h.wrote = True
         h.node.writes += 1

@@ -1,25 +1,24 @@
 """What a file system does for the kernel under FUSE_HANDLE_KILLPRIV_V2: clear set-uid/set-gid
-where a request says so, and drop `security.capability` on write.
+where a request says so.
 
 With KILLPRIV_V2 negotiated (zstfs's pyfuse3 on libfuse 3.17+: `enable_killpriv_v2`), the kernel
 marks the superblock SB_NOSEC: once a write has found a file without set-uid/set-gid bits and
 without `security.capability`, its inode gets S_NOSEC and later writes no longer ask for the
 xattr (one GETXATTR per write(2) otherwise). In exchange the kernel leaves to the server what it
-did itself: on WRITE (FUSE_WRITE_KILL_SUIDGID), on SETATTR of size or owner
+did itself. On WRITE (FUSE_WRITE_KILL_SUIDGID), on SETATTR of size or owner
 (FATTR_KILL_SUIDGID) and on a truncating OPEN or CREATE (FUSE_OPEN_KILL_SUIDGID), sent only for
 a caller without CAP_FSETID (always for chown), it expects set-uid and, where the group may
 execute, set-gid cleared, as the VFS clears them on a local file system. Direct I/O writes carry
 the write flag whether or not KILLPRIV_V2 is negotiated (the kernel never clears the bits itself
-on that path). zstfs's pyfuse3 reads the flags from each request (`kill_suidgid`).
+on that path). zstfs's pyfuse3 reads the flags from each request (`kill_suidgid`). The
+capability needs nothing here: the daemon's own write to the backing file makes the backing
+file system remove it (its file_remove_privs drops it for any writer, root included).
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
-
-CAPS_XATTR = "security.capability"
 
 
 def clear_suidgid(target: int | bytes) -> None:
@@ -33,26 +32,10 @@ def clear_suidgid(target: int | bytes) -> None:
         os.chmod(target, stat.S_IMODE(kept))
 
 
-def drop_capabilities(fd: int) -> None:
-    """Remove `security.capability` from the file open as `fd`, as the kernel removes it on a
-    write; nothing where there is none or the backing file system has no such xattrs. (Only a
-    daemon with CAP_SETFCAP can remove one, and only such a caller can have set one.)"""
-    try:
-        os.removexattr(fd, CAPS_XATTR)
-    except OSError as e:
-        if e.errno not in (errno.ENODATA, errno.EOPNOTSUPP, errno.EPERM):
-            raise
-
-
-def before_write(fd: int, kill_suidgid: bool, first: bool) -> None:
-    """What a WRITE asks of the server before its data lands on the backing file `fd`: the
-    bits where the kernel says so, and `security.capability` at the first write through a
-    handle (a capability set through the mount later makes the kernel ask and remove it
-    itself: setting a `security.*` xattr clears S_NOSEC)."""
+def before_write(fd: int, kill_suidgid: bool) -> None:
+    """What a WRITE asks of the server before its data lands on the backing file `fd`."""
     if kill_suidgid:
         clear_suidgid(fd)
-    if first:
-        drop_capabilities(fd)
 
 
 def served_writer(fd: int, flags: int) -> bool:
