@@ -12,13 +12,13 @@ cd "$(dirname "$0")"
 mode=user
 [ "${1:-}" = "--test" ] && mode=test
 
-# zstfs's build of pyfuse3 (scripts/build-pyfuse3.sh). FUSE passthrough needs libfuse 3.17 and
-# CAP_SYS_ADMIN: root gets the bundled libfuse 3.17 build, an ordinary user the build against
-# the system's libfuse (no passthrough, which it could never use). ZSTFS_LIBFUSE=system|bundled
-# chooses otherwise. A build that fails, or does not load, never stays: the next choice is
-# tried, down to stock pyfuse3 (same behaviour, slower on request-bound work); the tests need a
-# patched build.
-libfuse=${ZSTFS_LIBFUSE:-$([ "$(id -u)" -eq 0 ] && echo bundled || echo system)}
+# zstfs's build of pyfuse3 (scripts/build-pyfuse3.sh), against libfuse 3.17 built into the
+# venv: everyone gets FUSE_HANDLE_KILLPRIV_V2 (writes stop asking for security.capability; the
+# system's 3.14 cannot ask for it), root also FUSE passthrough (CAP_SYS_ADMIN).
+# ZSTFS_LIBFUSE=system builds against the system's libfuse instead. A build that fails, or does
+# not load, never stays: the next choice is tried, down to stock pyfuse3 (same behaviour, slower
+# on request-bound work); the tests need a patched build.
+libfuse=${ZSTFS_LIBFUSE:-bundled}
 case $libfuse in system|bundled) ;; *) echo "ZSTFS_LIBFUSE must be system or bundled" >&2; exit 2 ;; esac
 
 need=(fuse3 libfuse3-dev pkg-config gcc python3-dev zstd patch)

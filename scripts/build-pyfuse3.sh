@@ -23,6 +23,11 @@
 #                         ENOSYS is never sent again), readdir and fsyncdir get the inode, not a handle
 #   enable_passthrough    (libfuse 3.17+ only) INIT asks for FUSE_CAP_PASSTHROUGH; FileInfo.backing_id,
 #                         pyfuse3.passthrough_open(fd) / passthrough_close(id) (CAP_SYS_ADMIN)
+#   kill_suidgid          write, open, create and setattr get kill_suidgid=True where the request
+#                         asks the server to clear set-uid/set-gid (FUSE_WRITE_KILL_SUIDGID,
+#                         FUSE_OPEN_KILL_SUIDGID, FATTR_KILL_SUIDGID: libfuse passes none of them on)
+#   enable_killpriv_v2    (libfuse 3.17+ only) INIT asks for FUSE_CAP_HANDLE_KILLPRIV_V2: writes no
+#                         longer ask for security.capability (the server clears the bits instead)
 # and `pyfuse3.ZSTFS_PATCHES` naming those in effect. zstfs works on a stock pyfuse3 too, only
 # slower on request-bound work; `zstfs status --json` shows `pyfuse3_patches`.
 set -euo pipefail

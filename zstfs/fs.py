@@ -28,7 +28,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FileHandleT, FileInfo, FUSEError, InodeT
 
-from zstfs import codec, listing
+from zstfs import codec, listing, privileges
 from zstfs.attrs import (
     DIRECT_APPENDS,
     NEGATIVE,
@@ -102,20 +102,19 @@ class Operations(pyfuse3.Operations):
     # (CACHE_TIMEOUT), which is as long as any other change made behind the mount stays unseen;
     # zstfs's own swaps and promotions never change a listed name.
     enable_readdir_cache = True
-    # Requests are read with one read(2), not spliced into a pipe first: zstfs copies every
-    # write into Python anyway (BENCHMARKS.md: -25-35 % on request-bound work).
+    # Requests are read with one read(2), not spliced: zstfs copies every write into Python anyway.
     disable_splice_read = True
     # No OPENDIR/RELEASEDIR round trips: opendir answers ENOSYS, which a kernel that supports it
     # (5.1+) takes as success for good; readdir and fsyncdir then receive the directory's inode.
-    # zstfs's pyfuse3 resets this to False at INIT where the kernel does not support it.
-    # (A property: setting it, as pyfuse3 does at INIT, picks the listing protocol.)
+    # Reset at INIT where unsupported (a property: setting it picks the listing protocol).
     _by_inode = "directories_by_inode" in getattr(pyfuse3, "ZSTFS_PATCHES", ())
-    # Files outside the patterns are opened in FUSE passthrough mode (Linux 6.9+, libfuse
-    # 3.17+, and CAP_SYS_ADMIN to register a backing file): the kernel reads, writes and maps
-    # the backing file itself, so a write costs no round trip through this daemon and nothing
-    # written is ever held here (passthrough.py). zstfs's pyfuse3 resets this at INIT where
-    # the kernel lacks it; the first refused registration turns it off for the mount.
+    # Files outside the patterns are opened in FUSE passthrough mode where Linux 6.9+, libfuse
+    # 3.17+ and CAP_SYS_ADMIN allow: the kernel serves their reads, writes and mappings itself
+    # (passthrough.py). Reset at INIT where unsupported; off after a refused registration.
     enable_passthrough = "enable_passthrough" in getattr(pyfuse3, "ZSTFS_PATCHES", ())
+    # FUSE_HANDLE_KILLPRIV_V2 (libfuse 3.17+): writes stop asking for security.capability, and
+    # set-uid/set-gid are cleared where a request says so (`kill_suidgid`; privileges.py).
+    enable_killpriv_v2 = "enable_killpriv_v2" in getattr(pyfuse3, "ZSTFS_PATCHES", ())
     # The calls into the kernel session, replaceable so that the in-process tests can drive
     # these operations without a mount.
     readdir_reply = staticmethod(pyfuse3.readdir_reply)
@@ -225,6 +224,7 @@ class Operations(pyfuse3.Operations):
         fields: pyfuse3.SetattrFields,
         fh: FileHandleT | None,
         ctx: pyfuse3.RequestContext,
+        kill_suidgid: bool = False,
     ) -> pyfuse3.EntryAttributes:
         f = fields
         st, size = await self.view.setattr(
@@ -235,7 +235,8 @@ class Operations(pyfuse3.Operations):
                    if f.update_uid or f.update_gid else None),
             times=((attr.st_atime_ns if f.update_atime else None,
                     attr.st_mtime_ns if f.update_mtime else None)
-                   if f.update_atime or f.update_mtime else None))
+                   if f.update_atime or f.update_mtime else None),
+            kill_suidgid=kill_suidgid)
         return entry_attributes(inode, st, size)
 
     @translate_errors
@@ -429,8 +430,11 @@ class Operations(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ open files
     @translate_errors
-    async def open(self, inode: InodeT, flags: int, ctx: pyfuse3.RequestContext) -> FileInfo:
+    async def open(self, inode: InodeT, flags: int, ctx: pyfuse3.RequestContext,
+                   kill_suidgid: bool = False) -> FileInfo:
         handle = await self.files.open(self.view.node(inode), flags)
+        if privileges.kills_on_open(flags, kill_suidgid, self.enable_killpriv_v2, ctx.uid):
+            privileges.clear_suidgid(handle.fd)
         return self._file_info(handle, keep_cache(handle))
 
     def _file_info(self, handle: Handle, keep_cache: bool) -> FileInfo:
@@ -441,12 +445,13 @@ class Operations(pyfuse3.Operations):
         return file_info(handle.fh, keep_cache, backing_id, direct)
 
     async def _create_existing(
-        self, parent_inode: int, name: bytes, flags: int, ctx: pyfuse3.RequestContext
+        self, parent_inode: int, name: bytes, flags: int, ctx: pyfuse3.RequestContext,
+        kill_suidgid: bool = False,
     ) -> tuple[FileInfo, pyfuse3.EntryAttributes]:
         if flags & os.O_EXCL:
             raise FUSEError(errno.EEXIST)
         node, _ = await self._entry(parent_inode, name)
-        info = await self.open(InodeT(node.ino), flags & ~os.O_CREAT, ctx)
+        info = await self.open(InodeT(node.ino), flags & ~os.O_CREAT, ctx, kill_suidgid)
         node.lookups += 1
         return info, await self._stat_node(node)
 
@@ -458,6 +463,7 @@ class Operations(pyfuse3.Operations):
         mode: int,
         flags: int,
         ctx: pyfuse3.RequestContext,
+        kill_suidgid: bool = False,
     ) -> tuple[FileInfo, pyfuse3.EntryAttributes]:
         self.view.check_name(parent_inode, name)
         parent, dfd = self.view.dir_path(parent_inode), self.view.dfd(parent_inode)
@@ -465,7 +471,7 @@ class Operations(pyfuse3.Operations):
         existing = self.store.resolve_in(dfd, parent, name) if compressible else None
         if existing is not None:
             # The name exists in compressed form: O_CREAT without O_EXCL opens it.
-            return await self._create_existing(parent_inode, name, flags, ctx)
+            return await self._create_existing(parent_inode, name, flags, ctx, kill_suidgid)
         try:
             # Exclusive, whatever the caller asked: an existing file (created below the mount
             # since the kernel cached its absence) is opened like any open, never chowned or
@@ -474,7 +480,7 @@ class Operations(pyfuse3.Operations):
                 name, (flags & ~getattr(os, "O_DIRECT", 0)) | os.O_CREAT | os.O_EXCL
                 | os.O_CLOEXEC | os.O_NOFOLLOW, stat.S_IMODE(mode) & ~ctx.umask, dir_fd=dfd))
         except FileExistsError:
-            return await self._create_existing(parent_inode, name, flags, ctx)
+            return await self._create_existing(parent_inode, name, flags, ctx, kill_suidgid)
         try:
             if self.root_uid and (ctx.uid, ctx.gid) != (0, 0):
                 os.fchown(fd, ctx.uid, ctx.gid)
@@ -511,11 +517,13 @@ class Operations(pyfuse3.Operations):
         return data
 
     @translate_errors
-    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
+    async def write(self, fh: FileHandleT, off: int, buf: bytes,
+                    kill_suidgid: bool = False) -> int:
         h = self.handles[fh]
         if h.node.compressed:
             await self.files.make_plain(h.node)
         self.files.refresh(h)
+        privileges.before_write(h.fd, kill_suidgid)
         n = self.store.write_all(h.fd, buf, off)
         h.wrote = True
         h.node.writes += 1

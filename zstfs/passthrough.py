@@ -16,6 +16,7 @@ import logging
 import os
 from typing import Protocol
 
+from zstfs import privileges
 from zstfs.openfiles import Handle, Node, OpenFiles
 from zstfs.store import split
 
@@ -54,6 +55,8 @@ class Passthrough:
         if not backing_id:
             # (each other open handle is served here)
             if not session.enable_passthrough or node.opens > 1:
+                return 0
+            if privileges.served_writer(handle.fd, handle.flags):
                 return 0
             path = self.files.table.path(node)
             if path is None or self.files.store.rules.compressible(*split(path)):

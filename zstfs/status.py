@@ -67,6 +67,7 @@ class MountStatus:
             "open_file_accounting": self.store.accounting.mode,
             "pyfuse3_patches": list(self.patches),
             "passthrough": self.ops.enable_passthrough,
+            "killpriv_v2": self.ops.enable_killpriv_v2,
             "known_inodes": len(self.ops.table.nodes),
             "recovery": {"temps_removed": recovery.temps_removed,
                          "leftovers_removed": recovery.leftovers_removed,

@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from zstfs import codec
+from zstfs import codec, privileges
 from zstfs.openfiles import ROOT_INODE, Handle, Node, OpenFiles
 from zstfs.store import RENAME_EXCHANGE, Entry, join, rename_at
 
@@ -253,9 +253,10 @@ class View:
     async def setattr(self, node: Node, handle: Handle | None, *, size: int | None = None,
                       mode: int | None = None, owner: tuple[int, int] | None = None,
                       times: tuple[int | None, int | None] | None = None,
-                      ) -> tuple[os.stat_result, int]:
+                      kill_suidgid: bool = False) -> tuple[os.stat_result, int]:
         """Truncate to `size`, chmod, chown (-1: unchanged) and set (atime, mtime) (None:
-        unchanged) of a node; its stat and logical size after. Under the file's lock: a
+        unchanged) of a node, and clear set-uid/set-gid where the kernel says so
+        (`privileges`); its stat and logical size after. Under the file's lock: a
         promotion or a swap's publish step never runs meanwhile, so the change lands on the
         file that results (and a swap never reverts it)."""
         files = self.files
@@ -280,6 +281,8 @@ class View:
                     ns = (current.st_atime_ns if times[0] is None else times[0],
                           current.st_mtime_ns if times[1] is None else times[1])
                     self.apply(target, lambda t: os.utime(t, ns=ns), node)
+                if kill_suidgid:  # a truncation or chown (FATTR_KILL_SUIDGID)
+                    self.apply(target, privileges.clear_suidgid, node)
                 return await self.stat(node)
 
         return await files.unleased(node, os.O_WRONLY, attempt)
