@@ -63,7 +63,7 @@ class _File:
     failures: int = 0  # failed jobs in a row
     retry_at: float = 0.0  # a failed file waits out its backoff until then
     busy: int = 0  # times found open elsewhere in a row
-    skipped: tuple[int, ...] | None = None  # identity left plain or left alone
+    skipped: tuple[object, ...] | None = None  # identity left plain or left alone
     in_flight: bool = False
     #: Renamed (or its directory was) through the mount while in flight: where it is now. The
     #: job, which does not finish its file, requeues it there (its own path may lead nowhere).

@@ -321,7 +321,7 @@ class Operations(pyfuse3.Operations):
         st = os.stat(name, dir_fd=self.view.dfd(parent_inode), follow_symlinks=False)
         # A compaction abandoned by the unlink of the directory's last file may still have
         # its temp in there for a moment: let it clean up first.
-        await self.files.settle_dir((st.st_dev, st.st_ino))
+        await self.files.settle_dir(codec.key_of(st))
         os.rmdir(name, dir_fd=self.view.dfd(parent_inode))
         self.table.unlink(parent_inode, name)
 

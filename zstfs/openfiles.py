@@ -61,7 +61,8 @@ FALLBACK_INODE_BASE = 1 << 62
 #: file, so that its inode number stays the same when it is looked up again.
 ALIAS_LIMIT = 200_000
 
-Key = tuple[int, int]  # (st_dev, st_ino) of the backing file
+Key = codec.FileKey  # (st_dev, st_ino) of the backing file
+key_of = codec.key_of
 #: Directory descriptors used within this many `FileTable.dir_fd` calls are never closed to
 #: make room (see `_close_idle_dir_fds`).
 DIR_FD_GRACE = 256
@@ -76,10 +77,6 @@ def dir_fds_budget() -> int:
     if soft == resource.RLIM_INFINITY:
         soft = 1 << 20
     return max(DIR_FD_GRACE, soft // 2)
-
-
-def key_of(st: os.stat_result) -> Key:
-    return (st.st_dev, st.st_ino)
 
 
 def blocks_opens(lease: int) -> bool:
@@ -722,9 +719,9 @@ class OpenFiles:
                 return os.stat(name, dir_fd=self.table.dir_fd(node), follow_symlinks=False)
         return self.store.lstat(path)
 
-    def identity_of(self, path: bytes) -> tuple[int, ...] | None:
-        """What a decision to leave `path` alone depended on: the plain file's and (if any)
-        its `.zst`'s inode, size and mtime. None if the plain file is gone."""
+    def identity_of(self, path: bytes) -> tuple[object, ...] | None:
+        """What a decision to leave `path` alone depended on: the plain file's identity and
+        ctime, and its `.zst`'s identity if any. None if the plain file is gone."""
         parent, name = split(path)
         try:
             dir_fd = self.open_dir(parent)
@@ -732,10 +729,10 @@ class OpenFiles:
             return None
         try:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            ident: tuple[int, ...] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            ident: tuple[object, ...] = (codec.identity_of(st), st.st_ctime_ns)
             try:
                 z = os.stat(zst_name(name), dir_fd=dir_fd, follow_symlinks=False)
-                ident += (z.st_ino, z.st_size, z.st_mtime_ns)
+                ident += (codec.identity_of(z),)
             except FileNotFoundError:
                 pass
             return ident

@@ -91,7 +91,7 @@ class Leased(BlockingIOError):
     """A backing file cannot be opened without waiting: a lease on it is being broken (EAGAIN
     if it ever reaches the filesystem layer's errno translation)."""
 
-    def __init__(self, key: tuple[int, int]) -> None:
+    def __init__(self, key: codec.FileKey) -> None:
         super().__init__(errno.EAGAIN, f"file {key} is leased")
         self.key = key
 
@@ -338,7 +338,7 @@ class Store:
             fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=at)
         except BlockingIOError:
             st = os.stat(path, dir_fd=at, follow_symlinks=False)
-            raise Leased((st.st_dev, st.st_ino)) from None
+            raise Leased(codec.key_of(st)) from None
         if not flags & os.O_NONBLOCK:
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         return fd
@@ -527,7 +527,7 @@ class Store:
         src = os.open(zname, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dir_fd)
         try:
             st = os.fstat(src)
-            if expect is not None and (st.st_dev, st.st_ino) != expect:
+            if expect is not None and codec.key_of(st) != expect:
                 raise Changed(f"{name!r}: the compressed file was replaced")
             with self._temp_in(dir_fd, name) as (tmp_name, tmp):
                 if not empty:

@@ -97,11 +97,11 @@ def outcome_of(e: Exception) -> Outcome:
     return Outcome.WAIT  # Changed: decided again by its (new) mtime
 
 
-def full_identity(st: os.stat_result) -> tuple[int, int, int, int, int, int]:
-    """What must not change between deciding on a swap and publishing it: the same file
-    (device, inode), the same content (size, mtime), the same metadata (ctime covers mode,
-    owner, xattrs and times) and still one name."""
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink)
+def unchanged(st: os.stat_result) -> tuple[codec.Identity, int, int]:
+    """What must not change between deciding on a swap and publishing it: the same file in
+    the same state (its identity), the same metadata (ctime covers mode, owner, xattrs and
+    times) and still one name."""
+    return (codec.identity_of(st), st.st_ctime_ns, st.st_nlink)
 
 
 # ---------------------------------------------------------------------- one swap in progress
@@ -140,7 +140,7 @@ class Swap:
         except FileNotFoundError:
             raise Changed(f"{self.path!r} was removed or renamed") from None
         now = os.fstat(self.src_fd)
-        if not (full_identity(current) == full_identity(now) == full_identity(self.source)):
+        if not (unchanged(current) == unchanged(now) == unchanged(self.source)):
             raise Changed(f"{self.path!r} changed since it was read")
         return now
 
@@ -610,7 +610,7 @@ class Swapper:
             if not self.plan.eligible(self.store, self.parent, name, swap.source):
                 raise Changed(f"{path!r} is not an eligible file")
             expect = self.guard.expect
-            if expect is not None and full_identity(expect) != full_identity(swap.source):
+            if expect is not None and unchanged(expect) != unchanged(swap.source):
                 raise Changed(f"{path!r} changed since it was chosen")
             try:
                 if not leases.take(src, swap.lease):

@@ -51,8 +51,10 @@ from zstfs.codec.format import (
     CodecParams,
     CorruptError,
     DecodeLimitError,
+    FileKey,
     Identity,
     identity_of,
+    key_of,
 )
 from zstfs.codec.reader import ZstReader, logical_size
 from zstfs.codec.spill import SPILL_FREE_SHARE, SPILL_MIN_FREE
@@ -76,12 +78,14 @@ __all__ = [
     "CorruptError",
     "DecodeLimitError",
     "Decoders",
+    "FileKey",
     "Identity",
     "ZstReader",
     "compress_file",
     "decompress_file",
     "identity_of",
     "is_native",
+    "key_of",
     "logical_size",
     "reencode",
     "verify_equal",

@@ -76,14 +76,28 @@ class BudgetBusyError(DecodeLimitError):
     """The decoder budget stayed pinned by work in progress: a transient refusal, not damage."""
 
 
+#: Which file: (st_dev, st_ino).
+FileKey = tuple[int, int]
+
+
+def key_of(st: os.stat_result) -> FileKey:
+    return (st.st_dev, st.st_ino)
+
+
 class Identity(NamedTuple):
-    """What the codec keys its caches on: a file's content is fixed while these are (a changed
-    file has a new size or mtime, a replaced one a new inode)."""
+    """zstfs's one notion of a file's identity: which file (device, inode: `key`) and which
+    state of its content (size, mtime); a changed file has a new size or mtime, a replaced one
+    a new inode. The codec keys its caches on it; the store, the file table and the swap compare
+    it (with ctime and link count where metadata matters too: `swap.unchanged`)."""
 
     dev: int
     ino: int
     size: int
     mtime_ns: int
+
+    @property
+    def key(self) -> FileKey:
+        return (self.dev, self.ino)
 
 
 def identity_of(st: os.stat_result) -> Identity:
