@@ -346,7 +346,7 @@ class Compactor:
             f.busy += 1
             if not self._stopping:
                 self._schedule(path, now + min(MAX_BUSY_RETRY, BUSY_RETRY * 2 ** (f.busy - 1)))
-        elif outcome in (Outcome.SMALL, Outcome.PAIR, Outcome.KEEP):
+        elif outcome in (Outcome.SMALL, Outcome.PAIR, Outcome.UNADOPTABLE):
             ident = self.files.identity_of(path)
             if ident is not None:
                 self._file(path).skipped = ident
@@ -354,7 +354,7 @@ class Compactor:
                 self.stats.pairs_skipped += 1
                 self.stats.error(os.fsdecode(path), "both plain and .zst exist and differ; "
                                  "left alone until one of them changes")
-            elif outcome is Outcome.KEEP:
+            elif outcome is Outcome.UNADOPTABLE:
                 self.stats.error(os.fsdecode(path), "cannot be re-encoded (damaged, or it needs "
                                  "a wider decoding window than the daemon allows); left as is")
             else:

@@ -81,13 +81,13 @@ class Outcome(enum.Enum):
     BUSY = "busy"  # open or mapped outside the mount, or opened there during the swap
     SMALL = "small"  # compression saves too little
     PAIR = "pair"  # a different NAME.zst beside it: reported, left alone
-    KEEP = "keep"  # a foreign .zst that cannot be re-encoded here (damaged, window too wide)
+    UNADOPTABLE = "unadoptable"  # a foreign .zst that cannot be re-encoded (damaged, wide window)
 
 
 def outcome_of(e: Exception) -> Outcome:
     """What a swap that stopped with `e` comes to (subclasses before their bases)."""
     if isinstance(e, Unadoptable):
-        return Outcome.KEEP
+        return Outcome.UNADOPTABLE
     if isinstance(e, PairExists):
         return Outcome.PAIR
     if isinstance(e, Abandoned):
@@ -376,8 +376,8 @@ def _install(swap: Swap, *, replace: bool = False) -> os.stat_result:
     zname = zst_name(swap.name)
     if not replace and _exists_at(swap.dir_fd, zname):
         raise PairExists(f"{swap.path!r}: a .zst of it already exists")
-    keep = temp_name(swap.name)
-    os.link(swap.name, keep, src_dir_fd=swap.dir_fd, dst_dir_fd=swap.dir_fd,
+    spare = temp_name(swap.name)
+    os.link(swap.name, spare, src_dir_fd=swap.dir_fd, dst_dir_fd=swap.dir_fd,
             follow_symlinks=False)
     done = False
     try:
@@ -394,11 +394,11 @@ def _install(swap: Swap, *, replace: bool = False) -> os.stat_result:
             time.sleep(LEASE_GRACE)
         if (swap.leased and not leases.intact(swap.src_fd)) or (
                 not swap.leased and leases.open_elsewhere(now, frozenset({swap.src_fd}))):
-            _undo_install(swap, keep, zname)
+            _undo_install(swap, spare, zname)
             raise Busy(f"{swap.path!r} was opened while its swap was published")
         done = True
     finally:
-        _drop_keep(swap, keep, done)
+        _drop_spare(swap, spare, done)
     if swap.leased and not leases.intact(swap.src_fd, swap.lease):
         # An opener resolved the name before the unlink yet reached the lease only after
         # the grace: it will get the unlinked inode. Nothing to restore it with; say so.
@@ -408,32 +408,32 @@ def _install(swap: Swap, *, replace: bool = False) -> os.stat_result:
     return zst_st
 
 
-def _drop_keep(swap: Swap, keep: bytes, done: bool) -> None:
+def _drop_spare(swap: Swap, spare: bytes, done: bool) -> None:
     """Remove the hidden second link, unless it became the plain file's only name in a swap
     that did not finish (an error while undoing it): then it is set aside where recovery
     keeps it."""
     try:
-        kst = os.stat(keep, dir_fd=swap.dir_fd, follow_symlinks=False)
+        kst = os.stat(spare, dir_fd=swap.dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return  # renamed back to its name by the undo
     if done or kst.st_nlink > 1:
-        os.unlink(keep, dir_fd=swap.dir_fd)
+        os.unlink(spare, dir_fd=swap.dir_fd)
         return
     kept = kept_name(swap.name)
-    rename_at(swap.dir_fd, keep, swap.dir_fd, kept, RENAME_NOREPLACE)
+    rename_at(swap.dir_fd, spare, swap.dir_fd, kept, RENAME_NOREPLACE)
     log.error("%s: its swap failed half way; the plain file is kept as %s",
               os.fsdecode(swap.path), os.fsdecode(kept))
 
 
-def _undo_install(swap: Swap, keep: bytes, zname: bytes) -> None:
+def _undo_install(swap: Swap, spare: bytes, zname: bytes) -> None:
     """Someone is opening the plain inode we just unlinked: give it its name back (plain
     wins, and it holds the same bytes as the `.zst`, which goes)."""
     try:
-        rename_at(swap.dir_fd, keep, swap.dir_fd, swap.name, RENAME_NOREPLACE)
+        rename_at(swap.dir_fd, spare, swap.dir_fd, swap.name, RENAME_NOREPLACE)
     except FileExistsError:
-        # A new file took the name in between: keep the old one where recovery keeps it.
+        # A new file took the name in between: set the old one aside where recovery keeps it.
         kept = kept_name(swap.name)
-        rename_at(swap.dir_fd, keep, swap.dir_fd, kept, RENAME_NOREPLACE)
+        rename_at(swap.dir_fd, spare, swap.dir_fd, kept, RENAME_NOREPLACE)
         log.error("%s: opened during its swap while a new file took its name; the old "
                   "file is kept as %s", os.fsdecode(swap.path), os.fsdecode(kept))
         return

@@ -121,7 +121,7 @@ class Decoders:
             if spill is not None and n <= self.frames.cacheable_size:
                 spill.close()  # cacheable after all: decoded whole when read
                 spill = None
-            self.spills.keep(identity, raw.start, spill, n)
+            self.spills.remember(identity, raw.start, spill, n)
             self.frames.mark_verified(identity, raw.start)
             return n
 
@@ -148,7 +148,7 @@ class Decoders:
                     self._check(fd, frame.comp_start, frame.comp_end, frame.log_size, spill)
                 finally:
                     self.budget.release(cost)
-                self.spills.keep(identity, frame.comp_start, spill, frame.log_size)
+                self.spills.remember(identity, frame.comp_start, spill, frame.log_size)
                 frames.mark_verified(identity, frame.comp_start)
             finally:
                 frames.flights.done(key, event)

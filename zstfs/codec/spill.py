@@ -177,7 +177,7 @@ class Spills:
             return False
         return sv.f_bavail * sv.f_frsize < self._keep_free(sv)
 
-    def keep(self, identity: Identity, comp_start: int, spill: Spill | None, size: int) -> None:
+    def remember(self, identity: Identity, comp_start: int, spill: Spill | None, size: int) -> None:
         """Keep a finished copy of a frame just found intact (if it is whole)."""
         if spill is None:
             return
