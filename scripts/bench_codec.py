@@ -27,19 +27,16 @@ import random
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import zstandard
+
+from zstfs import codec  # the installed zstfs (./install.sh --test installs this checkout)
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
-
-import zstandard  # noqa: E402
-
-from zstfs import codec  # noqa: E402
 
 MB = 1_000_000
 MiB = 2**20
