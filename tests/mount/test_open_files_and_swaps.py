@@ -805,7 +805,12 @@ def test_directory_flips_under_the_compactor_lose_nothing(store: Path,
         done = compressed()
         print(f"{flips} flips; {at_start} -> {done} of {len(content)} compressed meanwhile")
         assert at_start < len(content), "the compactor was done before the first flip"
-        assert done > at_start, "no swap happened while the directories were flipped"
+        if done <= at_start:
+            st = m.status() or {}
+            keys = ("scan_done", "waiting_files", "eligible_now", "in_flight", "swaps_done",
+                    "swaps_abandoned", "swaps_failed", "swaps_busy", "last_errors")
+            pytest.fail("no swap happened while the directories were flipped; the compactor: "
+                        + repr({k: st.get(k) for k in keys}))
         wait_until(lambda: idle(m), 30, "the compactor to settle")
         for name, data in content.items():
             assert (store / name).read_bytes() == data, name
