@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """What the benchmark scripts share: running and timing commands, medians and ratios, a zstfs
-daemon on a mountpoint, dropping the page cache, running a command as another user, and the
+daemon on a mountpoint, dropping the page cache (also for
+an ordinary user, through a root parent's socket), running a command as another user, and the
 result table.
 
 `scripts/bench.py` and `scripts/bench_mount_cost.py` import it; it imports neither (run as
@@ -13,10 +14,12 @@ import contextlib
 import json
 import os
 import platform
+import socket
 import stat
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -100,14 +103,95 @@ def ratio_row(res: Results, what: str, zstfs: list[float], base: list[float], ba
 # Running things
 
 
+#: In an ordinary user's benchmark run: the Unix socket of a root parent's DropCachesServer,
+#: which drops the page cache for it (only root can write drop_caches).
+DROP_CACHES_ENV = "ZSTFS_BENCH_DROP_CACHES"
+
+
 def can_drop_caches() -> bool:
-    return os.geteuid() == 0 and os.access("/proc/sys/vm/drop_caches", os.W_OK)
+    """Root, or a process that a root parent serves (DROP_CACHES_ENV)."""
+    if os.geteuid() == 0:
+        return os.access("/proc/sys/vm/drop_caches", os.W_OK)
+    return bool(os.environ.get(DROP_CACHES_ENV))
 
 
 def drop_caches() -> None:
+    """`sync; echo 3 > /proc/sys/vm/drop_caches`: directly as root, else by asking the root
+    parent's DropCachesServer and waiting for it to be done (never silently skipped)."""
+    if os.geteuid() != 0:
+        _ask_to_drop_caches()
+        return
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3\n")
+
+
+def _ask_to_drop_caches() -> None:
+    path = os.environ.get(DROP_CACHES_ENV)
+    if not path:
+        raise RuntimeError(f"dropping the page cache needs root or {DROP_CACHES_ENV}")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(120)
+        s.connect(path)
+        s.sendall(b"drop\n")
+        reply = s.makefile("rb").readline()
+    if reply != b"ok\n":
+        raise RuntimeError(f"the drop_caches server at {path} answered {reply!r}")
+
+
+class DropCachesServer:
+    """As root, for one ordinary user's benchmark process: a Unix socket (theirs, mode 0600) on
+    which each request `drop\\n` is a `sync; echo 3 > /proc/sys/vm/drop_caches`, answered `ok\\n`
+    when done. `served` counts them, so the parent can tell the user's cold runs were cold."""
+
+    def __init__(self, path: Path, uid: int, gid: int) -> None:
+        if len(os.fsencode(path)) >= 108:  # sun_path
+            raise ValueError(f"socket path too long: {path}")
+        self.path, self.uid, self.gid = path, uid, gid
+        self.served = 0
+        self.sock: socket.socket | None = None
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self) -> DropCachesServer:
+        self.path.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(self.path))
+        os.chown(self.path, self.uid, self.gid)
+        os.chmod(self.path, 0o600)
+        sock.listen(4)
+        self.sock = sock
+        self.thread = threading.Thread(target=self._serve, name="drop-caches", daemon=True)
+        self.thread.start()
+        return self
+
+    def _serve(self) -> None:
+        assert self.sock is not None
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed by __exit__
+                return
+            with conn:
+                try:
+                    conn.settimeout(30)
+                    if conn.makefile("rb").readline() != b"drop\n":
+                        conn.sendall(b"bad request\n")
+                        continue
+                    drop_caches()
+                    self.served += 1
+                    conn.sendall(b"ok\n")
+                except OSError as e:
+                    print(f"drop_caches server: {e}", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.sock is not None:
+            # shutdown wakes the accept() that close() alone would leave blocked
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.close()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+        self.path.unlink(missing_ok=True)
 
 
 def sh(cmd: str, *, ok_codes: tuple[int, ...] = (0,)) -> tuple[float, bytes]:
