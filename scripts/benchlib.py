@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """What the benchmark scripts share: running and timing commands, medians and ratios, a zstfs
-daemon on a mountpoint, dropping the page cache (also for
+daemon on a mountpoint and what it costs (CPU time, peak RSS), dropping the page cache (also for
 an ordinary user, through a root parent's socket), running a command as another user, and the
 result table.
 
@@ -213,6 +213,28 @@ def vm_hwm(pid: int) -> int | None:
     except OSError:
         return None
     return None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process (all its threads, the exited ones too) from /proc/PID/stat, in
+    seconds; the kernel reports clock ticks (1/100 s)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Reset a process's VmHWM to its current RSS (`echo 5 > /proc/PID/clear_refs`), so a later
+    VmHWM is the peak since now; False where that is not allowed."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5\n")
+    except OSError:
+        return False
+    return True
 
 
 class Daemon:
