@@ -66,6 +66,13 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 TREE_SOURCES = ["/usr/lib/python3.11", "/usr/share/perl", "/usr/lib/python3/dist-packages"]
 INSERTS = 10_000
 
+#: The codex rows' CODEX_HOME is BASE/codex, not the mount root, where codex's own patterns
+#: (zstfs's default) would look: every mount and `zstfs compress` here also takes them one
+#: directory down, so the sessions to resume really are compressed.
+PATTERNS = ("sessions/**/rollout-*.jsonl", "archived_sessions/**/rollout-*.jsonl",
+            "*/sessions/**/rollout-*.jsonl", "*/archived_sessions/**/rollout-*.jsonl")
+PATTERN_ARGS = tuple(a for p in PATTERNS for a in ("--pattern", p))
+
 GOALS = {"sqlite": 1.5, "sqlite-normal": None, "git-status": 2.0, "git-clone": None,
          "tar": 2.0, "diff": 3.0, "rm": 2.0, "codex-exec": 1.05, "codex-resume": 1.10}
 
@@ -343,13 +350,18 @@ def bench_mount_cost(res: benchlib.Results, work: Path, reps: int, only: set[str
             # compressed offline: what a store looks like after `--compress-after`.
             resumes = 2 * reps + 2 if any(w.name == "codex-resume" for w in rows) else 0
             codex.setup(disk, resumes)
-            with benchlib.mounted(res, "mount cost (codex sessions)", src, mnt, zstfs=zstfs):
+            with benchlib.mounted(res, "mount cost (codex sessions)", src, mnt, *PATTERN_ARGS,
+                                  zstfs=zstfs):
                 codex.setup(mnt, resumes)
-            run([*zstfs, "compress", "--older-than", "0", str(src)])
+            run([*zstfs, "compress", "--older-than", "0", *PATTERN_ARGS, str(src)])
+            stored = list((src / "codex").rglob("rollout-*.jsonl.zst"))
+            if len(stored) < resumes:
+                raise RuntimeError(f"{len(stored)} compressed sessions in {src / 'codex'}, "
+                                   f"expected {resumes}")
         if count:
             os.environ["ZSTFS_OPSTATS"] = "1"
             try:
-                with benchlib.mounted(res, "mount cost (counting)", src, mnt,
+                with benchlib.mounted(res, "mount cost (counting)", src, mnt, *PATTERN_ARGS,
                                       zstfs=zstfs) as d:
                     settle_status(d)
                     idle = diff_requests(settle_status(d), settle_status(d))
@@ -367,7 +379,7 @@ def bench_mount_cost(res: benchlib.Results, work: Path, reps: int, only: set[str
                               f"{counts[w.name]['count']}", flush=True)
             finally:
                 del os.environ["ZSTFS_OPSTATS"]
-        timed_mount = (benchlib.mounted(res, "mount cost", src, mnt, zstfs=zstfs)
+        timed_mount = (benchlib.mounted(res, "mount cost", src, mnt, *PATTERN_ARGS, zstfs=zstfs)
                        if mounter == "zstfs" else other_mount(mounter, src, mnt))
         with timed_mount as d:
             for w in rows:
