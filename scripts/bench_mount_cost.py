@@ -75,6 +75,10 @@ PATTERN_ARGS = tuple(a for p in PATTERNS for a in ("--pattern", p))
 
 GOALS = {"sqlite": 1.5, "sqlite-normal": None, "git-status": 2.0, "git-clone": None,
          "tar": 2.0, "diff": 3.0, "rm": 2.0, "codex-exec": 1.05, "codex-resume": 1.10}
+#: The daemon's CPU time per timed run through the mount, at most (seconds).
+CPU_GOALS = {"codex-exec": 0.030}
+#: The daemon's peak RSS in any row, at most (bytes).
+RSS_GOAL = 200_000_000
 
 
 @dataclass
@@ -251,6 +255,86 @@ class Codex:
         return time.perf_counter() - t0
 
 
+class DaemonCost:
+    """What the timed daemon spends on one row: its CPU time in each timed run through the mount
+    (utime+stime before and after: the workload's requests and whatever they set off), and its
+    peak RSS over the row's runs (VmHWM, reset when the row starts)."""
+
+    def __init__(self, d: benchlib.Daemon | None) -> None:
+        self.d = d
+        self.cpu: list[float] = []
+        self.peak = 0
+        #: False: clear_refs was refused, the peak is since the daemon started.
+        self.reset = d is not None and benchlib.reset_peak_rss(d.pid)
+        self._t0: float | None = None
+
+    def before_run(self) -> None:
+        self._t0 = benchlib.cpu_seconds(self.d.pid) if self.d is not None else None
+
+    def after_run(self) -> None:
+        if self.d is None or self._t0 is None:
+            return
+        t1 = benchlib.cpu_seconds(self.d.pid)
+        if t1 is not None:
+            self.cpu.append(t1 - self._t0)
+
+    def read_peak(self) -> None:
+        """At the row's end (and before a daemon of the row goes away)."""
+        if self.d is not None and (hwm := benchlib.vm_hwm(self.d.pid)):
+            self.peak = max(self.peak, hwm)
+
+    def record(self) -> dict[str, Any]:
+        return {"cpu": self.cpu, "peak_rss": self.peak or None, "peak_reset": self.reset}
+
+    def goal_row(self, res: benchlib.Results, w: Workload) -> None:
+        """A result row for a daemon CPU goal (per `codex exec`)."""
+        goal = CPU_GOALS.get(w.name)
+        if goal is None or not self.cpu:
+            return
+        t = benchlib.median(self.cpu)
+        res.add(benchlib.Row(f"daemon CPU per run: {w.what}", f"{t * 1000:.0f} ms", "-", None,
+                             f"<= {goal * 1000:.0f} ms", t <= goal))
+
+
+DAEMON_COST_NOTE = (
+    "daemon CPU/run: the timed daemon's utime+stime over each timed run through the mount, median "
+    "(the kernel counts 10 ms ticks); daemon peak RSS: its VmHWM over the row's timed runs (reset "
+    f"when the row starts); goals: CPU <= {CPU_GOALS['codex-exec'] * 1000:.0f} ms per `codex "
+    f"exec`, peak RSS <= {RSS_GOAL / 1e6:.0f} MB in every row")
+
+
+def cpu_cell(rec: dict[str, Any], name: str) -> str:
+    """The daemon's median CPU per timed mount run of a row, in ms; MISS against its goal."""
+    cpu = rec.get("cpu") or []
+    if not cpu:
+        return "n/a"
+    t = benchlib.median(cpu)
+    goal = CPU_GOALS.get(name)
+    return f"{t * 1000:.0f} ms" + (" MISS" if goal is not None and t > goal else "")
+
+
+def rss_cell(rec: dict[str, Any]) -> str:
+    """The daemon's peak RSS over a row's timed runs; MISS over RSS_GOAL."""
+    peak = rec.get("peak_rss")
+    if not peak:
+        return "n/a"
+    since = "" if rec.get("peak_reset") else " (since start)"
+    return f"{peak / 1e6:.0f} MB{since}" + (" MISS" if peak > RSS_GOAL else "")
+
+
+def daemon_table(rows: dict[str, dict[str, Any]]) -> str:
+    """Per row, what the timed daemon spent: CPU per run (median; the kernel counts in 10 ms
+    ticks) and peak RSS, against the goals."""
+    lines = ["| row | daemon CPU per mount run (median) | daemon peak RSS | goals |",
+             "|---|---:|---:|---|"]
+    for name, rec in rows.items():
+        goal = CPU_GOALS.get(name)
+        goals = (f"CPU <= {goal * 1000:.0f} ms, " if goal is not None else "") + \
+            f"RSS <= {RSS_GOAL / 1e6:.0f} MB"
+        lines.append(f"| {name} | {cpu_cell(rec, name)} | {rss_cell(rec)} | {goals} |")
+    return "\n".join(lines)
+
+
 def diff_requests(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("count", "errors", "ns"):
@@ -384,14 +468,22 @@ def bench_mount_cost(res: benchlib.Results, work: Path, reps: int, only: set[str
         with timed_mount as d:
             for w in rows:
                 times: dict[Path, list[float]] = {disk: [], mnt: []}
+                cost = DaemonCost(d)
                 for i in range(reps):
                     for base in ((disk, mnt) if i % 2 == 0 else (mnt, disk)):
                         w.prepare(base, i)
+                        if base == mnt:
+                            cost.before_run()
                         times[base].append(w.timed(base, i))
+                        if base == mnt:
+                            cost.after_run()
+                cost.read_peak()
                 benchlib.ratio_row(res, w.what, times[mnt], times[disk], "disk", GOALS[w.name])
+                cost.goal_row(res, w)
                 if record is not None:
                     record.setdefault("rows", {})[w.name] = {
-                        "what": w.what, "mount": times[mnt], "disk": times[disk]}
+                        "what": w.what, "mount": times[mnt], "disk": times[disk],
+                        **cost.record()}
             if record is not None and d is not None:
                 time.sleep(1.1)  # the status document is cached for a second
                 st = d.status() or {}
@@ -492,13 +584,15 @@ def pyfuse3_label(doc: dict[str, Any]) -> str:
 
 
 def side_by_side(names: list[str], sides: list[tuple[str, dict[str, dict[str, Any]]]]) -> str:
-    """workload | disk | root | ratio | ordinary user | ratio | ... | requests root / user ...;
-    `sides`: (label, {row: that side's --json document}), root first."""
+    """workload | disk | root | ratio | ordinary user | ratio | ... | requests, daemon CPU per
+    mount run and daemon peak RSS, root / user ...; `sides`: (label, {row: that side's --json
+    document}), root first."""
     med, secs = benchlib.median, benchlib.secs
+    who = " / ".join(lbl.split(" (")[0] for lbl, _ in sides)
     lines = ["| workload | disk (each side, in column order) | "
              + " | ".join(f"{lbl} | ratio" for lbl, _ in sides)
-             + " | requests (" + " / ".join(lbl.split(" (")[0] for lbl, _ in sides) + ") |",
-             "|---|" + "---:|" * (2 * len(sides) + 2)]
+             + f" | requests ({who}) | daemon CPU/run ({who}) | daemon peak RSS ({who}) |",
+             "|---|" + "---:|" * (2 * len(sides) + 4)]
     for n in names:
         got = [docs.get(n, {}).get("rows", {}).get(n) for _, docs in sides]
         if not any(got):
@@ -511,7 +605,9 @@ def side_by_side(names: list[str], sides: list[tuple[str, dict[str, dict[str, An
                       if x else ["n/a", "n/a"])
         reqs = " / ".join(total_requests(docs.get(n, {}).get("counts", {}).get(n))
                           for _, docs in sides)
-        lines.append(f"| {what} | {disk} | {' | '.join(cells)} | {reqs} |")
+        cpu = " / ".join(cpu_cell(x, n) if x else "n/a" for x in got)
+        rss = " / ".join(rss_cell(x) if x else "n/a" for x in got)
+        lines.append(f"| {what} | {disk} | {' | '.join(cells)} | {reqs} | {cpu} | {rss} |")
     return "\n".join(lines)
 
 
@@ -558,7 +654,7 @@ def root_and_user(res: benchlib.Results, work: Path, reps: int, only: set[str] |
             else:
                 by_user[side - 1][n] = users[side - 1].run_row(n, reps, count, codex_dir)
     labels = []
-    notes = [describe_daemons("root's daemons", root_daemons)]
+    notes = [describe_daemons("root's daemons", root_daemons), DAEMON_COST_NOTE]
     for u, docs in zip(users, by_user, strict=True):
         ran = [d for d in docs.values() if "rows" in d]
         label = f"user ({pyfuse3_label(ran[-1])})" if ran else str(u.python)
@@ -653,6 +749,9 @@ def main(argv: list[str] | None = None) -> int:
         rows += [Workload(n, n, lambda b, i: None, lambda b, i: 0.0)
                  for n in ("codex-exec", "codex-resume")]
         text += "\nFUSE requests of one run per row:\n\n" + request_table(counts, rows) + "\n"
+    if record.get("rows"):
+        text += (f"\nWhat the timed daemon spent per row ({DAEMON_COST_NOTE}):\n\n"
+                 + daemon_table(record["rows"]) + "\n")
     if both:
         text += "\n" + both
     print()
