@@ -8,10 +8,25 @@ few thousand files; and, when the Codex CLI is installed (scripts/install-codex.
 and `codex exec resume` of a session that is compressed in the store (baseline: the same resume of
 a plain session on disk), both against the loopback mock model of the codex tests' harness.
 
+The store rows (`--rows store`) read and write a generated Codex store (scripts/gen_rollouts.py:
+`--store-small N` rollouts, default 1000, and one of 150 MiB; seed 7; generated once per workdir):
+plain on the disk side, compressed with `zstfs compress` in the mount's source on the other.
+`grep -rc deprecated` of the store, `tail -n 1` of the big rollout, one line at a seeded random
+offset of it (a 64 KiB pread, the same offsets on both sides), the first line of every rollout
+under sessions/ (in-process, like a session picker) and `ls -lR sessions/` run cold: before each
+run the page cache is dropped and, through the mount, the daemon restarted (untimed). Without
+root (and without a root parent's socket, see below) they are reported n/a. 10,000 appends of
+300 B to a new rollout with an fsync every 100 run warm. Each run's output must be the same on
+both sides.
+
+For every row the timed daemon's CPU time per run through the mount (utime+stime, median) and
+its peak RSS over the row (VmHWM, reset when the row starts) are reported against the goals
+(<= 30 ms per `codex exec`, <= 200 MB).
+
 With `--count` (default on) every row is first run once on a mount started with
 `ZSTFS_OPSTATS=1`, and the FUSE requests it caused are reported by type, with the time spent in
-the daemon's handlers and the daemon's CPU time per request. Timed runs use a mount without the
-counters.
+the daemon's handlers and the daemon's CPU time per request (cold rows cold here too). Timed runs
+use a mount without the counters.
 
 With `--user NAME --user-python PATH` (as root) every row runs twice, as root and as that
 ordinary user (their daemon and their workload: `setpriv`, their HOME, a workdir of theirs under
@@ -19,14 +34,18 @@ ordinary user (their daemon and their workload: `setpriv`, their HOME, a workdir
 whose pyfuse3 the daemon uses), and one table puts the two side by side. `--user-python` may be
 repeated (e.g. venvs with stock pyfuse3, and zstfs's against libfuse 3.14 and 3.17): a column
 each, the order of the sides rotating row by row. /dev/fuse is made mode 0666 for each of the
-user's runs if it is not, and put back after.
+user's runs if it is not, and put back after. The user cannot drop the page cache: root serves
+their cold runs on a Unix socket in their workdir (benchlib.DropCachesServer), and copies root's
+generated store to them.
 
 Usage::
 
-    python scripts/bench_mount_cost.py [--reps N] [--rows a,b] [--workdir DIR] [--markdown FILE]
+    python scripts/bench_mount_cost.py [--reps N] [--rows a,b|store] [--store-small N]
+                                       [--workdir DIR] [--markdown FILE]
                                        [--user NAME --user-python PATH] [--json FILE]
 
-`scripts/bench.py --only mountcost` runs the same rows into bench.py's table (`--user` too).
+`scripts/bench.py --only mountcost` runs the same rows into bench.py's table (`--user` too,
+`--mountcost-rows` to choose them).
 """
 
 from __future__ import annotations
@@ -36,11 +55,14 @@ import collections
 import contextlib
 import datetime
 import functools
+import hashlib
 import importlib.util
 import json
 import os
 import pwd
+import random
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -74,7 +96,30 @@ PATTERNS = ("sessions/**/rollout-*.jsonl", "archived_sessions/**/rollout-*.jsonl
 PATTERN_ARGS = tuple(a for p in PATTERNS for a in ("--pattern", p))
 
 GOALS = {"sqlite": 1.5, "sqlite-normal": None, "git-status": 2.0, "git-clone": None,
-         "tar": 2.0, "diff": 3.0, "rm": 2.0, "codex-exec": 1.05, "codex-resume": 1.10}
+         "tar": 2.0, "diff": 3.0, "rm": 2.0,
+         "grep-r": 1.0, "tail-1": None, "random-line": None, "session-list": 2.0, "ls-lR": 2.0,
+         "appends-fsync": 3.0,
+         "codex-exec": 1.15, "codex-resume": 1.10}
+FIXTURE_ROWS = ("sqlite", "sqlite-normal", "git-status", "git-clone", "tar", "diff", "rm")
+#: appends-fsync last: the other rows read the store as generated.
+STORE_ROWS = ("grep-r", "tail-1", "random-line", "session-list", "ls-lR", "appends-fsync")
+CODEX_ROWS = ("codex-exec", "codex-resume")
+#: Names that `--rows` takes for a set of rows.
+ROW_SETS = {"store": STORE_ROWS, "codex": CODEX_ROWS, "fixtures": FIXTURE_ROWS}
+
+#: The store rows' store (scripts/gen_rollouts.py): this many small rollouts by default
+#: (--store-small), one big one, and the seed.
+STORE_SMALL = 1000
+STORE_BIG = 150 * 1024 * 1024
+STORE_SEED = 7
+STORE_GREP = "deprecated"
+#: random-line: one pread of this size at a random offset (more if no whole line is in it).
+READ_CHUNK = 64 * 1024
+#: appends-fsync: this many appends of this size, an fsync every so many.
+APPENDS, APPEND_BYTES, FSYNC_EVERY = 10_000, 300, 100
+#: Why a cold row cannot run.
+COLD_NA = ("n/a: a cold run drops the page cache, which needs root or a root parent's socket "
+           f"({benchlib.DROP_CACHES_ENV}, as `--user` gives its child)")
 #: The daemon's CPU time per timed run through the mount, at most (seconds).
 CPU_GOALS = {"codex-exec": 0.030}
 #: The daemon's peak RSS in any row, at most (bytes).
@@ -87,6 +132,9 @@ class Workload:
     what: str
     prepare: Callable[[Path, int], None]  # untimed, before each run
     timed: Callable[[Path, int], float]
+    #: Each run starts cold: the page cache dropped and, through the mount, a freshly started
+    #: daemon (what a first `grep` or session list after a reboot or a fresh mount costs).
+    cold: bool = False
 
 
 class Fixtures:
@@ -133,7 +181,14 @@ def load_codex_harness() -> types.ModuleType:
     return module
 
 
-def workloads(fx: Fixtures, codex: Codex | None) -> list[Workload]:
+def workloads(fx: Fixtures | None, codex: Codex | None, store: Store | None) -> list[Workload]:
+    """The rows that can run with what was set up, in GOALS order."""
+    return [*(fixture_workloads(fx) if fx is not None else []),
+            *(store_workloads(store) if store is not None else []),
+            *(codex_workloads(codex) if codex is not None else [])]
+
+
+def fixture_workloads(fx: Fixtures) -> list[Workload]:
     def fresh(p: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
@@ -200,13 +255,193 @@ def workloads(fx: Fixtures, codex: Codex | None) -> list[Workload]:
         Workload("diff", "`diff -r` of two such trees", diff_prep, diff_run),
         Workload("rm", "`rm -rf` of one such tree", rm_prep, rm_run),
     ]
-    if codex is not None:
-        rows += [Workload("codex-exec", "`codex exec` (mock model)", codex.exec_prep,
-                          codex.exec_run),
-                 Workload("codex-resume", "`codex exec resume` of a compressed session "
-                          "(baseline: plain session on disk)", codex.resume_prep,
-                          codex.resume_run)]
     return rows
+
+
+def codex_workloads(codex: Codex) -> list[Workload]:
+    return [Workload("codex-exec", "`codex exec` (mock model)", codex.exec_prep, codex.exec_run),
+            Workload("codex-resume", "`codex exec resume` of a compressed session "
+                     "(baseline: plain session on disk)", codex.resume_prep, codex.resume_run)]
+
+
+class Store:
+    """The store rows' Codex store: `small` rollouts of 50 KB-2 MB and one of 150 MiB
+    (scripts/gen_rollouts.py, seed 7), generated once per workdir and kept plain in
+    WORK/store-cache (its bytes depend on the Python that made them, so `--user` copies root's
+    there rather than have the user's Python make another). Each run copies it to BASE/store on
+    both sides; the mount side's copy is then compressed."""
+
+    def __init__(self, work: Path, small: int) -> None:
+        self.key = f"store-s{small}-b{STORE_BIG}-seed{STORE_SEED}"
+        self.cache = work / "store-cache"
+        self.plain = self.cache / self.key
+        self.manifest = self.cache / f"{self.key}.json"
+        if not (self.manifest.exists() and self.plain.is_dir()):
+            self.generate(small)
+        self.sizes: dict[str, int] = json.loads(self.manifest.read_text())
+        self.big = max(self.sizes, key=self.sizes.__getitem__)
+        self.sessions = sum(1 for rel in self.sizes if rel.startswith("sessions/"))
+
+    def generate(self, small: int) -> None:
+        import gen_rollouts  # beside this script
+
+        shutil.rmtree(self.plain, ignore_errors=True)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        paths = gen_rollouts.generate_store(self.plain, small=small, big_sizes=[STORE_BIG],
+                                            seed=STORE_SEED)
+        sizes = {str(p.relative_to(self.plain)): p.stat().st_size for p in paths}
+        self.manifest.write_text(json.dumps(sizes))
+        print(f"generated the store: {len(sizes)} rollouts, {sum(sizes.values()) / 1e6:.0f} MB, "
+              f"in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    def copy_to(self, dst: Path) -> None:
+        shutil.rmtree(dst, ignore_errors=True)
+        subprocess.run(["cp", "-a", str(self.plain), str(dst)], check=True)
+
+    def check_compressed(self, root: Path) -> None:
+        """The mount side's copy holds every rollout as `.zst` and none plain."""
+        zst = list(root.rglob("rollout-*.jsonl.zst"))
+        plain = list(root.rglob("rollout-*.jsonl"))
+        if len(zst) != len(self.sizes) or plain:
+            raise RuntimeError(f"{root}: {len(zst)} compressed and {len(plain)} plain rollouts, "
+                               f"expected {len(self.sizes)} compressed")
+
+
+class Agreement:
+    """The mount side of a run must produce what the disk side of the same run did (a fast
+    wrong answer is no result): each row's runs report a digest of their output here."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[str, int], tuple[Path, str, int]] = {}
+
+    def __call__(self, row: str, base: Path, i: int, out: bytes) -> None:
+        digest = hashlib.sha256(out).hexdigest()
+        prev = self.seen.get((row, i))
+        if prev is not None and prev[0] != base and prev[1] != digest:
+            raise RuntimeError(f"{row}, run {i}: {base} gave {len(out)} bytes of output, "
+                               f"{prev[0]} {prev[2]} bytes that differ")
+        self.seen[(row, i)] = (base, digest, len(out))
+
+
+def first_whole_line(path: Path, offset: int) -> bytes:
+    """What a reader jumping into a rollout does: pread READ_CHUNK at `offset`, skip to the
+    first line start and take that line (reading on while it is longer than the chunk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        buf = bytearray()
+        while True:
+            chunk = os.pread(fd, READ_CHUNK, offset + len(buf))
+            buf += chunk
+            start = buf.find(b"\n") + 1
+            end = buf.find(b"\n", start) if start else -1
+            if end >= 0:
+                return bytes(buf[start:end + 1])
+            if not chunk:
+                return bytes(buf[start:]) if start else b""
+    finally:
+        os.close(fd)
+
+
+def first_lines(sessions: Path) -> bytes:
+    """What a session picker reads: the first line of every rollout under `sessions`, walked in
+    sorted order (open, readline, close)."""
+    out = []
+    for d, dirs, files in os.walk(sessions):
+        dirs.sort()
+        for name in sorted(files):
+            if name.startswith("rollout-") and name.endswith(".jsonl"):
+                with open(os.path.join(d, name), "rb") as f:
+                    out.append(f.readline())
+    return b"".join(out)
+
+
+def append_line() -> bytes:
+    """APPEND_BYTES of a rollout line (an event, JSON, newline-terminated)."""
+    head = b'{"timestamp":"2026-07-07T00:00:00.000Z","type":"event_msg","payload":{"text":"'
+    tail = b'"}}\n'
+    return head + b"x" * (APPEND_BYTES - len(head) - len(tail)) + tail
+
+
+def store_workloads(st: Store) -> list[Workload]:
+    q = shlex.quote
+    agree = Agreement()
+    big_size = st.sizes[st.big]
+    line = append_line()
+
+    def store(base: Path) -> Path:
+        return base / "store"
+
+    def nothing(base: Path, i: int) -> None:
+        pass
+
+    def grep_run(base: Path, i: int) -> float:
+        dt, out = benchlib.sh(f"grep -rc {STORE_GREP} {q(str(store(base)))}", ok_codes=(0, 1))
+        prefix = os.fsencode(store(base))
+        agree("grep-r", base, i, b"\n".join(sorted(out.replace(prefix, b"").splitlines())))
+        return dt
+
+    def tail_run(base: Path, i: int) -> float:
+        dt, out = benchlib.sh(f"tail -n 1 {q(str(store(base) / st.big))}")
+        agree("tail-1", base, i, out)
+        return dt
+
+    def random_line_run(base: Path, i: int) -> float:
+        # The same offset on both sides of run i, another in each run.
+        offset = random.Random(f"random-line {STORE_SEED} {i}").randrange(big_size - READ_CHUNK)
+        t0 = time.perf_counter()
+        out = first_whole_line(store(base) / st.big, offset)
+        dt = time.perf_counter() - t0
+        agree("random-line", base, i, out)
+        return dt
+
+    def session_list_run(base: Path, i: int) -> float:
+        t0 = time.perf_counter()
+        out = first_lines(store(base) / "sessions")
+        dt = time.perf_counter() - t0
+        agree("session-list", base, i, out)
+        return dt
+
+    def ls_run(base: Path, i: int) -> float:
+        dt, out = benchlib.sh(f"ls -lR {q(str(store(base) / 'sessions'))} | wc -l")
+        agree("ls-lR", base, i, out)
+        return dt
+
+    def appends_run(base: Path, i: int) -> float:
+        path = store(base) / "sessions" / "rollout-bench-appends.jsonl"
+        path.unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            for k in range(1, APPENDS + 1):
+                os.write(fd, line)
+                if k % FSYNC_EVERY == 0:
+                    os.fsync(fd)
+        finally:
+            os.close(fd)
+        dt = time.perf_counter() - t0
+        size = path.stat().st_size
+        path.unlink()  # the other rows see the store as generated
+        if size != APPENDS * APPEND_BYTES:
+            raise RuntimeError(f"{path}: {size} bytes, expected {APPENDS * APPEND_BYTES}")
+        return dt
+
+    mb = sum(st.sizes.values()) / 1e6
+    big = f"{big_size / 1e6:.0f} MB"
+    return [
+        Workload("grep-r", f"`grep -rc {STORE_GREP}` over the store ({len(st.sizes)} rollouts, "
+                 f"{mb:.0f} MB), cold", nothing, grep_run, cold=True),
+        Workload("tail-1", f"`tail -n 1` of its {big} rollout, cold", nothing, tail_run,
+                 cold=True),
+        Workload("random-line", f"one line at a random offset of the {big} rollout (open, pread "
+                 f"{READ_CHUNK // 1024} KiB), cold", nothing, random_line_run, cold=True),
+        Workload("session-list", f"first line of each of the {st.sessions} rollouts under "
+                 "sessions/ (Python, like a session picker), cold", nothing, session_list_run,
+                 cold=True),
+        Workload("ls-lR", "`ls -lR sessions/ | wc -l`, cold", nothing, ls_run, cold=True),
+        Workload("appends-fsync", f"{APPENDS:,} appends of {APPEND_BYTES} B to a new rollout, "
+                 f"fsync every {FSYNC_EVERY}", nothing, appends_run),
+    ]
 
 
 class Codex:
@@ -257,8 +492,9 @@ class Codex:
 
 class DaemonCost:
     """What the timed daemon spends on one row: its CPU time in each timed run through the mount
-    (utime+stime before and after: the workload's requests and whatever they set off), and its
-    peak RSS over the row's runs (VmHWM, reset when the row starts)."""
+    (utime+stime before and after: the workload's requests and whatever they set off, not a
+    cold run's restart), and its peak RSS over the row's runs (VmHWM, reset when the row starts;
+    with restarts for cold runs, the max over the row's daemons)."""
 
     def __init__(self, d: benchlib.Daemon | None) -> None:
         self.d = d
@@ -267,6 +503,8 @@ class DaemonCost:
         #: False: clear_refs was refused, the peak is since the daemon started.
         self.reset = d is not None and benchlib.reset_peak_rss(d.pid)
         self._t0: float | None = None
+        #: The current daemon served a run of this row (else its peak is an earlier row's).
+        self.served = False
 
     def before_run(self) -> None:
         self._t0 = benchlib.cpu_seconds(self.d.pid) if self.d is not None else None
@@ -277,11 +515,19 @@ class DaemonCost:
         t1 = benchlib.cpu_seconds(self.d.pid)
         if t1 is not None:
             self.cpu.append(t1 - self._t0)
+        self.served = True
 
     def read_peak(self) -> None:
         """At the row's end (and before a daemon of the row goes away)."""
-        if self.d is not None and (hwm := benchlib.vm_hwm(self.d.pid)):
+        if self.d is not None and self.served and (hwm := benchlib.vm_hwm(self.d.pid)):
             self.peak = max(self.peak, hwm)
+
+    def restart(self) -> None:
+        """A fresh daemon for a cold run; the peak is the max over the row's daemons."""
+        if self.d is not None:
+            self.read_peak()
+            self.d.restart()
+            self.served = False
 
     def record(self) -> dict[str, Any]:
         return {"cpu": self.cpu, "peak_rss": self.peak or None, "peak_reset": self.reset}
@@ -353,14 +599,14 @@ def settle_status(d: benchlib.Daemon) -> dict[str, Any]:
     return st["requests"]
 
 
-def request_table(counts: dict[str, dict[str, Any]], rows: list[Workload]) -> str:
+def request_table(counts: dict[str, dict[str, Any]], names: Sequence[str] = tuple(GOALS)) -> str:
     lines = ["| row | requests | by type (handler µs each) | errors / negative | handler µs/req | "
              "daemon CPU µs/req |",
              "|---|---:|---|---|---:|---:|"]
-    for w in rows:
-        if w.name not in counts:
+    for name in names:
+        if name not in counts:
             continue
-        c = counts[w.name]
+        c = counts[name]
         cnt = dict(c["count"])
         cnt = {k: v for k, v in cnt.items() if v}
         total = sum(cnt.values())
@@ -369,7 +615,7 @@ def request_table(counts: dict[str, dict[str, Any]], rows: list[Workload]) -> st
         errs = ", ".join(f"{k} {v}" for k, v in sorted(c["errors"].items(),
                                                         key=lambda kv: -kv[1]))
         ns = sum(c["ns"].values())
-        lines.append(f"| {w.name} | {total} | {by} | {errs or '-'} | "
+        lines.append(f"| {name} | {total} | {by} | {errs or '-'} | "
                      f"{ns / 1000 / max(total, 1):.0f} | "
                      f"{c['cpu_s'] * 1e6 / max(total, 1):.0f} |")
     return "\n".join(lines)
@@ -401,17 +647,25 @@ def other_mount(kind: str, src: Path, mnt: Path) -> Iterator[None]:
 def bench_mount_cost(res: benchlib.Results, work: Path, reps: int, only: set[str] | None = None,
                      count: bool = True, mounter: str = "zstfs",
                      record: dict[str, Any] | None = None,
-                     zstfs: Sequence[str] = benchlib.ZSTFS) -> dict[str, dict[str, Any]]:
+                     zstfs: Sequence[str] = benchlib.ZSTFS,
+                     store_small: int = STORE_SMALL) -> dict[str, dict[str, Any]]:
     """Run the rows into `res`; returns the request counts per row (empty without `count`).
-    `record`, if given, gets each row's run times (`rows`) and what the timed daemon reported
-    about its pyfuse3 (`daemon`); `zstfs` is the command that runs zstfs."""
+    `record`, if given, gets each row's run times and daemon cost (`rows`), the rows that could
+    not run and why (`skipped`) and what the timed daemon reported about its pyfuse3 (`daemon`);
+    `zstfs` is the command that runs zstfs; `store_small` the store rows' number of small
+    rollouts."""
     work.mkdir(parents=True, exist_ok=True)
-    fx = Fixtures(work)
+    record = {} if record is None else record
     disk, src, mnt = work / "disk", work / "src", work / "mnt"
+
+    def wanted(names: Sequence[str]) -> bool:
+        return only is None or bool(set(names) & only)
+
+    fx = Fixtures(work) if wanted(FIXTURE_ROWS) else None
+    store = Store(work, store_small) if wanted(STORE_ROWS) else None
     codex = None
     server = None
-    want_codex = only is None or bool({"codex-exec", "codex-resume"} & only)
-    if want_codex:
+    if wanted(CODEX_ROWS):
         codex_harness = load_codex_harness()
 
         binary = codex_harness.find_codex()
@@ -421,7 +675,13 @@ def bench_mount_cost(res: benchlib.Results, work: Path, reps: int, only: set[str
         else:
             server = codex_harness.MockResponsesServer().start()
             codex = Codex(work, binary, server)
-    rows = [w for w in workloads(fx, codex) if only is None or w.name in only]
+    rows = [w for w in workloads(fx, codex, store) if only is None or w.name in only]
+    if not benchlib.can_drop_caches():
+        for w in rows:
+            if w.cold:
+                res.notes.append(f"{w.name}: {COLD_NA}")
+                record.setdefault("skipped", {})[w.name] = COLD_NA
+        rows = [w for w in rows if not w.cold]
     counts: dict[str, dict[str, Any]] = {}
     try:
         for base in (disk, src):
@@ -429,62 +689,41 @@ def bench_mount_cost(res: benchlib.Results, work: Path, reps: int, only: set[str
             base.mkdir(parents=True)
         if codex is not None and mounter != "zstfs":
             raise RuntimeError("the codex rows need zstfs (they resume compressed sessions)")
+        resumes = 2 * reps + 2 if any(w.name == "codex-resume" for w in rows) else 0
         if codex is not None:
             # Sessions to resume, made through a mount (codex records their paths), then
             # compressed offline: what a store looks like after `--compress-after`.
-            resumes = 2 * reps + 2 if any(w.name == "codex-resume" for w in rows) else 0
             codex.setup(disk, resumes)
             with benchlib.mounted(res, "mount cost (codex sessions)", src, mnt, *PATTERN_ARGS,
                                   zstfs=zstfs):
                 codex.setup(mnt, resumes)
+        if store is not None:
+            store.copy_to(disk / "store")
+            store.copy_to(src / "store")
+        if mounter != "zstfs":
+            if store is not None:
+                res.notes.append(f"store rows: the mount side's store is plain ({mounter} "
+                                 "shows .zst files as they are); cold runs drop the page cache "
+                                 "but keep the daemon")
+        elif codex is not None or store is not None:
             run([*zstfs, "compress", "--older-than", "0", *PATTERN_ARGS, str(src)])
             stored = list((src / "codex").rglob("rollout-*.jsonl.zst"))
             if len(stored) < resumes:
                 raise RuntimeError(f"{len(stored)} compressed sessions in {src / 'codex'}, "
                                    f"expected {resumes}")
+            if store is not None:
+                store.check_compressed(src / "store")
         if count:
-            os.environ["ZSTFS_OPSTATS"] = "1"
-            try:
-                with benchlib.mounted(res, "mount cost (counting)", src, mnt, *PATTERN_ARGS,
-                                      zstfs=zstfs) as d:
-                    settle_status(d)
-                    idle = diff_requests(settle_status(d), settle_status(d))
-                    for w in rows:
-                        w.prepare(mnt, -1)
-                        before = settle_status(d)
-                        w.timed(mnt, -1)
-                        c = diff_requests(before, settle_status(d))
-                        for key in ("count", "ns"):  # minus the status reads themselves
-                            for k, v in idle[key].items():
-                                c[key][k] = c[key].get(k, 0) - v
-                        c["cpu_s"] -= idle["cpu_s"]
-                        counts[w.name] = c
-                        print(f"  {w.name}: {sum(c['count'].values())} requests {c['errors']} "
-                              f"{counts[w.name]['count']}", flush=True)
-            finally:
-                del os.environ["ZSTFS_OPSTATS"]
+            counts = count_requests(res, rows, src, mnt, zstfs)
+            if any(w.cold for w in rows):
+                res.notes.append("the request-counting pass runs the cold rows cold too (a "
+                                 "fresh daemon, the page cache dropped)")
         timed_mount = (benchlib.mounted(res, "mount cost", src, mnt, *PATTERN_ARGS, zstfs=zstfs)
                        if mounter == "zstfs" else other_mount(mounter, src, mnt))
         with timed_mount as d:
             for w in rows:
-                times: dict[Path, list[float]] = {disk: [], mnt: []}
-                cost = DaemonCost(d)
-                for i in range(reps):
-                    for base in ((disk, mnt) if i % 2 == 0 else (mnt, disk)):
-                        w.prepare(base, i)
-                        if base == mnt:
-                            cost.before_run()
-                        times[base].append(w.timed(base, i))
-                        if base == mnt:
-                            cost.after_run()
-                cost.read_peak()
-                benchlib.ratio_row(res, w.what, times[mnt], times[disk], "disk", GOALS[w.name])
-                cost.goal_row(res, w)
-                if record is not None:
-                    record.setdefault("rows", {})[w.name] = {
-                        "what": w.what, "mount": times[mnt], "disk": times[disk],
-                        **cost.record()}
-            if record is not None and d is not None:
+                time_row(res, w, reps, disk, mnt, d, record)
+            if d is not None:
                 time.sleep(1.1)  # the status document is cached for a second
                 st = d.status() or {}
                 record["daemon"] = {k: st.get(k) for k in ("pyfuse3_patches", "passthrough",
@@ -493,6 +732,65 @@ def bench_mount_cost(res: benchlib.Results, work: Path, reps: int, only: set[str
         if server is not None:
             server.stop()
     return counts
+
+
+def count_requests(res: benchlib.Results, rows: list[Workload], src: Path, mnt: Path,
+                   zstfs: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """One run of each row on a mount started with ZSTFS_OPSTATS=1: the FUSE requests it caused,
+    less those of the status reads that count them. A cold row runs cold here too."""
+    counts: dict[str, dict[str, Any]] = {}
+    os.environ["ZSTFS_OPSTATS"] = "1"
+    try:
+        with benchlib.mounted(res, "mount cost (counting)", src, mnt, *PATTERN_ARGS,
+                              zstfs=zstfs) as d:
+            settle_status(d)
+            idle = diff_requests(settle_status(d), settle_status(d))
+            for w in rows:
+                w.prepare(mnt, -1)
+                if w.cold:
+                    d.restart()  # the counters start again at zero: `before` is read after
+                before = settle_status(d)
+                if w.cold:
+                    benchlib.drop_caches()
+                w.timed(mnt, -1)
+                c = diff_requests(before, settle_status(d))
+                for key in ("count", "ns"):  # minus the status reads themselves
+                    for k, v in idle[key].items():
+                        c[key][k] = c[key].get(k, 0) - v
+                c["cpu_s"] -= idle["cpu_s"]
+                counts[w.name] = c
+                print(f"  {w.name}: {sum(c['count'].values())} requests {c['errors']} "
+                      f"{c['count']}", flush=True)
+    finally:
+        del os.environ["ZSTFS_OPSTATS"]
+    return counts
+
+
+def time_row(res: benchlib.Results, w: Workload, reps: int, disk: Path, mnt: Path,
+             d: benchlib.Daemon | None, record: dict[str, Any]) -> None:
+    """`reps` runs of a row on each side, interleaved (which side goes first alternates), into
+    `res` and `record["rows"]`. A cold row's runs each start with the page cache dropped and,
+    through the mount, the timed daemon restarted (untimed)."""
+    times: dict[Path, list[float]] = {disk: [], mnt: []}
+    cost = DaemonCost(d)
+    for i in range(reps):
+        for base in ((disk, mnt) if i % 2 == 0 else (mnt, disk)):
+            w.prepare(base, i)
+            if w.cold:
+                if base == mnt:
+                    cost.restart()
+                benchlib.drop_caches()
+            if base == mnt:
+                cost.before_run()
+            times[base].append(w.timed(base, i))
+            if base == mnt:
+                cost.after_run()
+    cost.read_peak()
+    benchlib.ratio_row(res, w.what, times[mnt], times[disk], "disk", GOALS[w.name])
+    cost.goal_row(res, w)
+    record.setdefault("rows", {})[w.name] = {"what": w.what, "mount": times[mnt],
+                                             "disk": times[disk], "cold": w.cold,
+                                             **cost.record()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -672,20 +970,32 @@ def root_and_user(res: benchlib.Results, work: Path, reps: int, only: set[str] |
             "\n\n" + "\n".join(f"- {x}" for x in notes) + "\n\n"
             + side_by_side(names, [("root", root), *zip(labels, by_user, strict=True)])
             + "\n")
-    rows = [Workload(n, n, lambda b, i: None, lambda b, i: 0.0) for n in GOALS]
     for who, docs in (("root", root), *zip(labels, by_user, strict=True)):
         counts = {n: d["counts"][n] for n, d in docs.items() if n in d.get("counts", {})}
         if counts:
             text += (f"\nFUSE requests of one run per row, as {who}:\n\n"
-                     + request_table(counts, rows) + "\n")
+                     + request_table(counts) + "\n")
     return text, all(n in skips for n, _, _ in missing)
+
+
+def parse_rows(text: str) -> set[str]:
+    """`--rows`: row names and set names (ROW_SETS), comma-separated."""
+    names = {n for part in text.split(",") if part for n in ROW_SETS.get(part, (part,))}
+    unknown = names - GOALS.keys()
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown rows: {', '.join(sorted(unknown))}")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--rows", help="comma list of: sqlite,sqlite-normal,git-status,git-clone,"
-                                   "tar,diff,rm,codex-exec,codex-resume")
+    ap.add_argument("--rows", type=parse_rows,
+                    help=f"comma list of: {','.join(GOALS)}; or of sets of them: "
+                         + ", ".join(f"{k} ({','.join(v)})" for k, v in ROW_SETS.items()))
+    ap.add_argument("--store-small", type=int, default=STORE_SMALL, metavar="N",
+                    help="the store rows' store: N small rollouts besides the 150 MiB one "
+                         f"(default {STORE_SMALL}; generated once per workdir)")
     ap.add_argument("--no-count", action="store_true", help="skip the request-counting pass")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/zstfs-mountcost"))
     ap.add_argument("--markdown", type=Path, metavar="FILE")
@@ -717,7 +1027,7 @@ def main(argv: list[str] | None = None) -> int:
                  "from zstfs.cli import main; sys.exit(main())"]
     else:
         zstfs = list(benchlib.ZSTFS)
-    only = set(args.rows.split(",")) if args.rows else None
+    only = args.rows
     res = benchlib.Results()
     load0 = os.getloadavg()
     t0 = time.perf_counter()
@@ -733,7 +1043,8 @@ def main(argv: list[str] | None = None) -> int:
         counts = {}
     else:
         counts = bench_mount_cost(res, args.workdir.resolve(), args.reps, only, count,
-                                  args.mounter, record=record, zstfs=zstfs)
+                                  args.mounter, record=record, zstfs=zstfs,
+                                  store_small=args.store_small)
     load1 = os.getloadavg()
     header = [
         f"date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; "
@@ -745,10 +1056,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     text = "\n".join(f"- {h}" for h in header) + "\n\n" + res.table() + "\n"
     if counts:
-        rows = workloads(Fixtures(args.workdir.resolve()), None)
-        rows += [Workload(n, n, lambda b, i: None, lambda b, i: 0.0)
-                 for n in ("codex-exec", "codex-resume")]
-        text += "\nFUSE requests of one run per row:\n\n" + request_table(counts, rows) + "\n"
+        text += "\nFUSE requests of one run per row:\n\n" + request_table(counts) + "\n"
     if record.get("rows"):
         text += (f"\nWhat the timed daemon spent per row ({DAEMON_COST_NOTE}):\n\n"
                  + daemon_table(record["rows"]) + "\n")
