@@ -299,6 +299,17 @@ class Store:
         shutil.rmtree(dst, ignore_errors=True)
         subprocess.run(["cp", "-a", str(self.plain), str(dst)], check=True)
 
+    def copy_cache(self, work: Path) -> None:
+        """Put this store in another workdir's cache (where Store(work, ...) finds it)."""
+        cache = work / "store-cache"
+        plain, manifest = cache / self.key, cache / self.manifest.name
+        if manifest.exists() and plain.is_dir():
+            return
+        cache.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(plain, ignore_errors=True)
+        subprocess.run(["cp", "-a", str(self.plain), str(plain)], check=True)
+        shutil.copy2(self.manifest, manifest)  # last: a manifest means a whole copy
+
     def check_compressed(self, root: Path) -> None:
         """The mount side's copy holds every rollout as `.zst` and none plain."""
         zst = list(root.rglob("rollout-*.jsonl.zst"))
@@ -546,7 +557,9 @@ DAEMON_COST_NOTE = (
     "daemon CPU/run: the timed daemon's utime+stime over each timed run through the mount, median "
     "(the kernel counts 10 ms ticks); daemon peak RSS: its VmHWM over the row's timed runs (reset "
     f"when the row starts); goals: CPU <= {CPU_GOALS['codex-exec'] * 1000:.0f} ms per `codex "
-    f"exec`, peak RSS <= {RSS_GOAL / 1e6:.0f} MB in every row")
+    f"exec`, peak RSS <= {RSS_GOAL / 1e6:.0f} MB in every row; several rows in one run share "
+    "a timed daemon, so a row's peak includes what the daemon kept from the rows before (with "
+    "--user each row has its own)")
 
 
 def cpu_cell(rec: dict[str, Any], name: str) -> str:
@@ -834,17 +847,22 @@ class User:
         if not self.can("-x", str(self.python)):
             raise RuntimeError(f"{self.python} is not executable by {self.name}")
 
-    def run_row(self, name: str, reps: int, count: bool,
-                codex_dir: Path | None) -> dict[str, Any]:
-        """One row as the user (a child bench_mount_cost.py); its --json document."""
+    def run_row(self, name: str, reps: int, count: bool, codex_dir: Path | None,
+                store_small: int = STORE_SMALL,
+                drop_caches: Path | None = None) -> dict[str, Any]:
+        """One row as the user (a child bench_mount_cost.py); its --json document. `drop_caches`:
+        the socket of the DropCachesServer that drops the page cache for its cold runs."""
         out = self.work / f"result-{name}.json"
         out.unlink(missing_ok=True)
         cmd = [str(self.python), str(self.stage / "scripts" / "bench_mount_cost.py"),
                "--reps", str(reps), "--rows", name, "--workdir", str(self.work),
-               "--json", str(out), *([] if count else ["--no-count"])]
+               "--store-small", str(store_small), "--json", str(out),
+               *([] if count else ["--no-count"])]
         for a in self.sets:
             cmd += ["--set", a]
         env = {"ZSTFS_CODEX_DIR": str(codex_dir)} if codex_dir is not None else {}
+        if drop_caches is not None:
+            env[benchlib.DROP_CACHES_ENV] = str(drop_caches)
         print(f"  as {self.name}: {name}", flush=True)
         with fuse_device_open():
             r = subprocess.run(self.argv(*cmd, env=env), cwd=self.work)
@@ -909,12 +927,25 @@ def side_by_side(names: list[str], sides: list[tuple[str, dict[str, dict[str, An
     return "\n".join(lines)
 
 
+def cold_note(name: str, u: User, docs: dict[str, dict[str, Any]], served: int, reps: int,
+              count: bool) -> str:
+    """How many page-cache drops root did for the user's cold runs, against how many their
+    cold rows needed (each run on each side, and the counting run)."""
+    cold = [n for n, d in docs.items() if d.get("rows", {}).get(n, {}).get("cold")]
+    expected = len(cold) * (2 * reps + (1 if count else 0))
+    verdict = "as expected" if served == expected else f"EXPECTED {expected}"
+    return (f"{name} ({u.python}): root dropped the page cache {served} times for their cold "
+            f"runs ({len(cold)} cold rows; {verdict})")
+
+
 def root_and_user(res: benchlib.Results, work: Path, reps: int, only: set[str] | None,
                   count: bool, users: list[User],
-                  zstfs: Sequence[str] = benchlib.ZSTFS) -> tuple[str, bool]:
+                  zstfs: Sequence[str] = benchlib.ZSTFS,
+                  store_small: int = STORE_SMALL) -> tuple[str, bool]:
     """Each row as root (into `res`) and as each of `users` (one user, a venv each; which side
     goes first rotates row by row); the side-by-side table with its notes, and whether every
-    user row that could run did."""
+    user row that could run did. The users get root's generated store, and root drops the page
+    cache for their cold runs (a DropCachesServer each, for the whole run)."""
     codex_harness = load_codex_harness()
 
     names = [n for n in GOALS if only is None or n in only]
@@ -932,28 +963,36 @@ def root_and_user(res: benchlib.Results, work: Path, reps: int, only: set[str] |
             codex_dir = codex_harness.codex_dir().resolve()
         else:
             skips = {n: f"{binary} is not executable by {name}" for n in codex_rows}
+    if set(names) & set(STORE_ROWS):
+        store = Store(work, store_small)
+        for u in users:
+            store.copy_cache(u.work)  # before prepare() makes it theirs
     for u in users:
         u.prepare()
     root: dict[str, dict[str, Any]] = {}
     root_daemons: list[dict[str, Any]] = []
     by_user: list[dict[str, dict[str, Any]]] = [{} for _ in users]
     sides = len(users) + 1
-    for k, n in enumerate(names):
-        for side in (k + j for j in range(sides)):
-            side %= sides
-            if side == 0:
-                rec: dict[str, Any] = {}
-                rec["counts"] = bench_mount_cost(res, work, reps, {n}, count, record=rec,
-                                                 zstfs=zstfs)
-                root_daemons.append(rec.pop("daemon", {}))
-                root[n] = rec
-            elif n in skips:
-                by_user[side - 1][n] = {"error": skips[n]}
-            else:
-                by_user[side - 1][n] = users[side - 1].run_row(n, reps, count, codex_dir)
+    with contextlib.ExitStack() as stack:
+        servers = [stack.enter_context(benchlib.DropCachesServer(
+            u.work / f"drop-caches-{j}.sock", u.uid, u.gid)) for j, u in enumerate(users)]
+        for k, n in enumerate(names):
+            for side in (k + j for j in range(sides)):
+                side %= sides
+                if side == 0:
+                    rec: dict[str, Any] = {}
+                    rec["counts"] = bench_mount_cost(res, work, reps, {n}, count, record=rec,
+                                                     zstfs=zstfs, store_small=store_small)
+                    root_daemons.append(rec.pop("daemon", {}))
+                    root[n] = rec
+                elif n in skips:
+                    by_user[side - 1][n] = {"error": skips[n]}
+                else:
+                    by_user[side - 1][n] = users[side - 1].run_row(
+                        n, reps, count, codex_dir, store_small, servers[side - 1].path)
     labels = []
     notes = [describe_daemons("root's daemons", root_daemons), DAEMON_COST_NOTE]
-    for u, docs in zip(users, by_user, strict=True):
+    for u, docs, srv in zip(users, by_user, servers, strict=True):
         ran = [d for d in docs.values() if "rows" in d]
         label = f"user ({pyfuse3_label(ran[-1])})" if ran else str(u.python)
         labels.append(label)
@@ -962,7 +1001,9 @@ def root_and_user(res: benchlib.Results, work: Path, reps: int, only: set[str] |
         if ran:
             notes.append(f"{label}: {name}, {ran[-1]['versions']}")
         notes += sorted({f"{name}: {x}" for d in docs.values() for x in d.get("notes", [])})
-    missing = [(n, u, d["error"]) for u, docs in zip(users, by_user, strict=True)
+        notes.append(cold_note(name, u, docs, srv.served, reps, count))
+    missing = [(n, u, d.get("error") or d.get("skipped", {}).get(n, "no result"))
+               for u, docs in zip(users, by_user, strict=True)
                for n, d in docs.items() if n not in d.get("rows", {})]
     notes += [f"{n} as {name} ({u.python}): n/a ({why})" for n, u, why in missing]
     text = (f"Root and the ordinary user {name}, row by row (which side goes first rotates), "
@@ -1039,7 +1080,8 @@ def main(argv: list[str] | None = None) -> int:
         work = args.workdir.resolve()
         users = [User(args.user, py, work / f"user-{args.user}", args.set)
                  for py in args.user_python]
-        both, user_ok = root_and_user(res, work, args.reps, only, count, users, zstfs)
+        both, user_ok = root_and_user(res, work, args.reps, only, count, users, zstfs,
+                                      args.store_small)
         counts = {}
     else:
         counts = bench_mount_cost(res, args.workdir.resolve(), args.reps, only, count,
