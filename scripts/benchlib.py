@@ -250,20 +250,38 @@ class Daemon:
         self.started_at = 0.0
 
     def start(self) -> Daemon:
+        """Start the daemon and wait for its mount. An ordinary user's mount that found
+        /dev/fuse closed to them is tried again for a while: on a shared machine another
+        process may have just put its mode back (fuse_device_open puts it back in turn)."""
+        deadline = time.monotonic() + 10
+        while not self._start() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.proc is None:
+            raise RuntimeError(f"zstfs mount: /dev/fuse stayed closed to uid {os.geteuid()}")
+        return self
+
+    def _start(self) -> bool:
+        """False if the mount failed because /dev/fuse was not open to this user."""
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         cmd = [*self.zstfs, "mount", "--foreground", *self.args, str(self.source),
                str(self.mountpoint)]
         self.started_at = time.perf_counter()
+        logged = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + 60
         while self.status() is None:
             if self.proc.poll() is not None:
+                with open(self.log, "rb") as f:
+                    f.seek(logged)
+                    if b"failed to open /dev/fuse: Permission denied" in f.read():
+                        self.proc = None
+                        return False
                 raise RuntimeError(f"zstfs mount exited {self.proc.returncode}; see {self.log}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the mount on {self.mountpoint} did not come up in 60 s")
             time.sleep(0.02)
-        return self
+        return True
 
     @property
     def pid(self) -> int:
@@ -340,16 +358,32 @@ def run(argv: Sequence[str] | str, *, cwd: Path | None = None, env: dict[str, st
 @contextlib.contextmanager
 def fuse_device_open() -> Iterator[None]:
     """/dev/fuse readable and writable by everyone (what distributions ship, and what an ordinary
-    user's mount needs) for the duration; its mode is put back after."""
-    mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
-    if mode & 0o006 == 0o006:
-        yield
-        return
-    os.chmod("/dev/fuse", mode | 0o006)
+    user's mount needs) for the duration; its mode is put back after. On a shared machine other
+    processes may do the same and put their mode back meanwhile: a thread opens it again within
+    milliseconds for as long as this lasts (Daemon.start retries a mount that hit the gap), and
+    the mode put back at the end is the last one another process set, else the one before."""
+    wanted = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+    stop = threading.Event()
+
+    def keep_open() -> None:
+        nonlocal wanted
+        while not stop.wait(0.005):
+            now = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+            if now & 0o006 != 0o006:
+                wanted = now
+                os.chmod("/dev/fuse", now | 0o006)
+
+    if wanted & 0o006 != 0o006:
+        os.chmod("/dev/fuse", wanted | 0o006)
+    keeper = threading.Thread(target=keep_open, name="fuse-device-open", daemon=True)
+    keeper.start()
     try:
         yield
     finally:
-        os.chmod("/dev/fuse", mode)
+        stop.set()
+        keeper.join()
+        if stat.S_IMODE(os.stat("/dev/fuse").st_mode) != wanted:
+            os.chmod("/dev/fuse", wanted)
 
 
 def umount_under(path: Path) -> None:
