@@ -17,8 +17,11 @@ ratios to the baseline, the target and PASS/MISS:
   RSS while 8 processes hold 8 ``zstd --long=30`` files open;
 * the daemons' peak RSS (VmHWM) over all of it;
 * with ``--only mountcost``, the rows of ``scripts/bench_mount_cost.py`` (sqlite, git, tar,
-  diff, rm and codex through the mount vs on disk); with ``--user NAME
-  --user-python PATH`` also as that ordinary user, side by side.
+  diff, rm, its store rows -- cold grep, tail, a random line, a session list, ``ls -lR``, appends
+  with fsync -- and codex, through the mount vs on disk, with the daemon's CPU per run and peak
+  RSS per row); ``--mountcost-rows`` picks some (e.g. ``store``); with ``--user NAME
+  --user-python PATH`` also as that ordinary user, side by side (root drops the page cache for
+  the user's cold runs).
 
 Stores come from ``scripts/gen_rollouts.py`` and are cached in ``--workdir`` across runs (the
 plain store only; everything derived from it is rebuilt each run). Mounts use the real CLI
@@ -513,6 +516,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="comma list of: compaction,grep,append,cat,walk,promotion,"
                     "foreign,mountcost (mountcost only when named: "
                     "scripts/bench_mount_cost.py)")
+    ap.add_argument("--mountcost-rows", metavar="ROWS",
+                    help="with --only mountcost: which of its rows (bench_mount_cost.py --rows: "
+                         "names or sets such as store, codex; default all); its store has "
+                         "--small small rollouts (default 1000, 300 with --quick)")
     ap.add_argument("--user", metavar="NAME",
                     help="with --only mountcost, as root: those rows as root and as this "
                          "ordinary user, side by side (scripts/bench_mount_cost.py --user)")
@@ -522,6 +529,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.user and (not args.user_python or os.geteuid() != 0
                       or "mountcost" not in (args.only or "").split(",")):
         ap.error("--user needs root, --user-python and --only mountcost")
+    mountcost_rows = None
+    if args.mountcost_rows:
+        if "mountcost" not in (args.only or "").split(","):
+            ap.error("--mountcost-rows needs --only mountcost")
+        import bench_mount_cost
+
+        try:
+            mountcost_rows = bench_mount_cost.parse_rows(args.mountcost_rows)
+        except argparse.ArgumentTypeError as e:
+            ap.error(f"--mountcost-rows: {e}")
     cfg = QUICK if args.quick else FULL
     if args.reps:
         cfg.reps = args.reps
@@ -563,15 +580,24 @@ def main(argv: list[str] | None = None) -> int:
     if only is not None and "mountcost" in only:  # sqlite, git, tar, codex, ...
         import bench_mount_cost  # imports the codex harness: only when asked for
 
+        rows = mountcost_rows
+        small = (args.small if args.small is not None
+                 else cfg.small if args.quick else bench_mount_cost.STORE_SMALL)
         if args.user:
             users = [bench_mount_cost.User(args.user, py,
                                            work / "mountcost" / f"user-{args.user}", [])
                      for py in args.user_python]
             text, user_ok = bench_mount_cost.root_and_user(res, work / "mountcost", cfg.reps,
-                                                           None, False, users)
+                                                           rows, False, users,
+                                                           store_small=small)
             both = "\n" + text
         else:
-            bench_mount_cost.bench_mount_cost(res, work / "mountcost", cfg.reps, count=False)
+            rec: dict[str, Any] = {}
+            bench_mount_cost.bench_mount_cost(res, work / "mountcost", cfg.reps, rows,
+                                              count=False, record=rec, store_small=small)
+            both = ("\nWhat the timed daemon spent per mount-cost row "
+                    f"({bench_mount_cost.DAEMON_COST_NOTE}):\n\n"
+                    + bench_mount_cost.daemon_table(rec.get("rows", {})) + "\n")
     peak_label, peak = max(res.hwm.items(), key=lambda kv: kv[1])
     res.add(Row(f"daemon peak RSS (VmHWM, max over {len(res.hwm)} daemons: {peak_label})",
                 f"{peak / MB:.0f} MB", "-", None, "<= 200 MB", peak <= 200 * MB))
