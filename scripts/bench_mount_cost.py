@@ -117,6 +117,8 @@ STORE_GREP = "deprecated"
 READ_CHUNK = 64 * 1024
 #: appends-fsync: this many appends of this size, an fsync every so many.
 APPENDS, APPEND_BYTES, FSYNC_EVERY = 10_000, 300, 100
+COLD_COUNT_NOTE = ("the request-counting pass runs the cold rows cold too (a fresh daemon, the "
+                   "page cache dropped)")
 #: Why a cold row cannot run.
 COLD_NA = ("n/a: a cold run drops the page cache, which needs root or a root parent's socket "
            f"({benchlib.DROP_CACHES_ENV}, as `--user` gives its child)")
@@ -728,9 +730,8 @@ def bench_mount_cost(res: benchlib.Results, work: Path, reps: int, only: set[str
                 store.check_compressed(src / "store")
         if count:
             counts = count_requests(res, rows, src, mnt, zstfs)
-            if any(w.cold for w in rows):
-                res.notes.append("the request-counting pass runs the cold rows cold too (a "
-                                 "fresh daemon, the page cache dropped)")
+            if any(w.cold for w in rows) and COLD_COUNT_NOTE not in res.notes:
+                res.notes.append(COLD_COUNT_NOTE)  # once, though --user calls this per row
         timed_mount = (benchlib.mounted(res, "mount cost", src, mnt, *PATTERN_ARGS, zstfs=zstfs)
                        if mounter == "zstfs" else other_mount(mounter, src, mnt))
         with timed_mount as d:
