@@ -58,12 +58,22 @@ RESOLVE_NO_SYMLINKS: Final = 0x04
 RESOLVE_BENEATH: Final = 0x08
 
 
+SYS_GETXATTRAT: Final = 464  # Linux 6.13+; the same number on every architecture
+AT_SYMLINK_NOFOLLOW: Final = 0x100
+AT_EMPTY_PATH: Final = 0x1000
+
+
+class _XattrArgs(ctypes.Structure):
+    _fields_ = [("value", ctypes.c_uint64), ("size", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
 class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
                 ("resolve", ctypes.c_uint64)]
 
 
 _openat2_missing = False
+_getxattrat_missing = False
 
 #: Frames decoded at once when a big file is promoted (the writer waits for it).
 PROMOTE_THREADS = 2
@@ -296,6 +306,26 @@ class Store:
         if not stat.S_ISREG(st.st_mode):
             return None
         return Entry(zname, st, True)
+
+    def getxattr_in(self, dir_fd: int, parent: bytes, name: bytes, attr: bytes) -> bytes | None:
+        """Extended attribute `attr` of what `name` stands for in directory `dir_fd` (`parent`),
+        as `resolve_in` finds it (the plain form, else a regular `.zst` form), without opening
+        it; None where the kernel has no getxattrat."""
+        try:
+            return getxattrat(dir_fd, name, attr)
+        except FileNotFoundError:
+            if not self.rules.compressible(parent, name):
+                raise
+        zname = zst_name(name)
+        try:
+            st = os.stat(zname, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError as e:
+            if no_zst_form(e):
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name) from None
+            raise
+        if not stat.S_ISREG(st.st_mode):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+        return getxattrat(dir_fd, zname, attr)
 
     def list_names(self, path: bytes, dir_fd: int | None = None) -> list[bytes]:
         """The logical names in a directory (a `.zst` listed once, under its plain name), from the
@@ -704,6 +734,39 @@ def open_temp(dir_fd: int, name: bytes) -> tuple[bytes, int]:
     fd = os.open(tmp_name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
                  0o600, dir_fd=dir_fd)
     return tmp_name, fd
+
+
+def getxattrat(dir_fd: int, name: bytes, attr: bytes) -> bytes | None:
+    """Extended attribute `attr` of `name` in directory `dir_fd` (a symlink's own, never its
+    target's; `name` empty: of `dir_fd` itself, if it is not `O_PATH`) in one system call,
+    without opening it; None where the kernel has no getxattrat (before 6.13). `ls -l` asks
+    two of these for every file it lists; opening the file `O_PATH` and reading through
+    `/proc/self/fd` cost three times as much (11 µs against 4)."""
+    global _getxattrat_missing
+    if _getxattrat_missing:
+        return None
+    flags = AT_SYMLINK_NOFOLLOW if name else AT_EMPTY_PATH
+    size = 256
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        args = _XattrArgs(ctypes.addressof(buf), size, 0)
+        n = _syscall(SYS_GETXATTRAT, dir_fd, name, flags, attr, ctypes.byref(args),
+                     ctypes.c_size_t(ctypes.sizeof(args)))
+        if n >= 0:
+            return buf.raw[:n]
+        err = ctypes.get_errno()
+        if err == errno.ENOSYS:
+            _getxattrat_missing = True
+            return None
+        if err != errno.ERANGE:
+            raise OSError(err, os.strerror(err), name)
+        args = _XattrArgs(0, 0, 0)  # too small: ask for the size (it may grow again meanwhile)
+        n = _syscall(SYS_GETXATTRAT, dir_fd, name, flags, attr, ctypes.byref(args),
+                     ctypes.c_size_t(ctypes.sizeof(args)))
+        if n < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), name)
+        size = max(int(n), 1)
 
 
 def rename_at(old_dir: int, old: bytes, new_dir: int, new: bytes, flags: int = 0) -> None:
