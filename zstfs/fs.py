@@ -48,6 +48,10 @@ from zstfs.xattrs import Xattrs
 
 log = logging.getLogger(__name__)
 
+#: How long the reader polls for the next request (`Operations.spin_ns`): 50 µs covers the
+#: think time of a process that sends one request after the other (see BENCHMARKS).
+SPIN_NS = 50_000
+
 _DOTS = {b".": 0, b"..": 1}
 #: Entries one readdir call looks at: more than the kernel's largest reply (128 KiB) can hold.
 READDIR_BATCH = 1024
@@ -115,6 +119,10 @@ class Operations(pyfuse3.Operations):
     # FUSE_HANDLE_KILLPRIV_V2 (libfuse 3.17+): writes stop asking for security.capability, and
     # set-uid/set-gid are cleared where a request says so (`kill_suidgid`; privileges.py).
     enable_killpriv_v2 = "enable_killpriv_v2" in getattr(pyfuse3, "ZSTFS_PATCHES", ())
+    # While requests arrive back to back, the reader polls for the next one this long before it
+    # sleeps: a process waiting on the mount then finds the daemon awake instead of paying for a
+    # wake-up on another CPU (tens of µs on a VM). An idle daemon never polls. 0: off.
+    spin_ns = SPIN_NS
     # The calls into the kernel session, replaceable so that the in-process tests can drive
     # these operations without a mount.
     readdir_reply = staticmethod(pyfuse3.readdir_reply)

@@ -68,6 +68,7 @@ class MountStatus:
             "pyfuse3_patches": list(self.patches),
             "passthrough": self.ops.enable_passthrough,
             "killpriv_v2": self.ops.enable_killpriv_v2,
+            "spin_ns": self.ops.spin_ns if "spin_ns" in self.patches else 0,
             "known_inodes": len(self.ops.table.nodes),
             "recovery": {"temps_removed": recovery.temps_removed,
                          "leftovers_removed": recovery.leftovers_removed,

@@ -58,17 +58,44 @@ RESOLVE_NO_SYMLINKS: Final = 0x04
 RESOLVE_BENEATH: Final = 0x08
 
 
+SYS_GETXATTRAT: Final = 464  # Linux 6.13+; the same number on every architecture
+AT_SYMLINK_NOFOLLOW: Final = 0x100
+AT_EMPTY_PATH: Final = 0x1000
+
+
+class _XattrArgs(ctypes.Structure):
+    _fields_ = [("value", ctypes.c_uint64), ("size", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
 class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
                 ("resolve", ctypes.c_uint64)]
 
 
 _openat2_missing = False
+_getxattrat_missing = False
 
 #: Frames decoded at once when a big file is promoted (the writer waits for it).
 PROMOTE_THREADS = 2
 #: Compressed files up to this size are read ahead whole when opened.
 READAHEAD_LIMIT = 4 << 20
+#: When a listing learns sizes: `.zst` files up to this size are read whole (one disk read
+#: instead of one at each end), bigger ones only where their index is.
+PREFETCH_WHOLE = 1 << 20
+PREFETCH_TAIL = 64 << 10
+
+
+def prefetch(fd: int, size: int) -> None:
+    """Start reading what learning a `.zst`'s size reads, without waiting: a small file whole
+    (its first read follows soon, and it is one disk read either way), a big one's first page
+    (the first frame's header) and its last `PREFETCH_TAIL` bytes (seek table, last frame's
+    checksum)."""
+    with contextlib.suppress(OSError):
+        if size <= PREFETCH_WHOLE:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        else:
+            os.posix_fadvise(fd, 0, 4096, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(fd, size - PREFETCH_TAIL, PREFETCH_TAIL, os.POSIX_FADV_WILLNEED)
 
 
 class StoreError(Exception):
@@ -280,6 +307,26 @@ class Store:
             return None
         return Entry(zname, st, True)
 
+    def getxattr_in(self, dir_fd: int, parent: bytes, name: bytes, attr: bytes) -> bytes | None:
+        """Extended attribute `attr` of what `name` stands for in directory `dir_fd` (`parent`),
+        as `resolve_in` finds it (the plain form, else a regular `.zst` form), without opening
+        it; None where the kernel has no getxattrat."""
+        try:
+            return getxattrat(dir_fd, name, attr)
+        except FileNotFoundError:
+            if not self.rules.compressible(parent, name):
+                raise
+        zname = zst_name(name)
+        try:
+            st = os.stat(zname, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError as e:
+            if no_zst_form(e):
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name) from None
+            raise
+        if not stat.S_ISREG(st.st_mode):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+        return getxattrat(dir_fd, zname, attr)
+
     def list_names(self, path: bytes, dir_fd: int | None = None) -> list[bytes]:
         """The logical names in a directory (a `.zst` listed once, under its plain name), from the
         directory entries' types alone: no stat, so an entry that goes while it is listed (a swap
@@ -371,17 +418,27 @@ class Store:
 
     def learn_sizes(self, dir_fd: int, names: list[bytes]) -> None:
         """Read the logical sizes of several `.zst` files of directory `dir_fd` into the cache
-        (damaged ones are left for the caller, which reports them when it asks for that file)."""
-        for name in names:
-            try:
-                fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dir_fd)
-            except OSError:
-                continue
-            try:
-                self.size_of(fd, os.fstat(fd))
-            except (OSError, codec.CorruptError):
-                continue
-            finally:
+        (damaged ones are left for the caller, which reports them when it asks for that file).
+
+        The reads are asked for all at once first (`prefetch`), so that a cold listing waits
+        for the disk once per page of names, not twice per file."""
+        opened: list[tuple[int, os.stat_result]] = []
+        try:
+            for name in names:
+                try:
+                    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dir_fd)
+                except OSError:
+                    continue
+                st = os.fstat(fd)
+                opened.append((fd, st))
+                prefetch(fd, st.st_size)
+            for fd, st in opened:
+                try:
+                    self.size_of(fd, st)
+                except (OSError, codec.CorruptError):
+                    continue
+        finally:
+            for fd, _ in opened:
                 os.close(fd)
 
     def remember_size(self, st: os.stat_result, size: int) -> None:
@@ -677,6 +734,39 @@ def open_temp(dir_fd: int, name: bytes) -> tuple[bytes, int]:
     fd = os.open(tmp_name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
                  0o600, dir_fd=dir_fd)
     return tmp_name, fd
+
+
+def getxattrat(dir_fd: int, name: bytes, attr: bytes) -> bytes | None:
+    """Extended attribute `attr` of `name` in directory `dir_fd` (a symlink's own, never its
+    target's; `name` empty: of `dir_fd` itself, if it is not `O_PATH`) in one system call,
+    without opening it; None where the kernel has no getxattrat (before 6.13). `ls -l` asks
+    two of these for every file it lists; opening the file `O_PATH` and reading through
+    `/proc/self/fd` cost three times as much (11 µs against 4)."""
+    global _getxattrat_missing
+    if _getxattrat_missing:
+        return None
+    flags = AT_SYMLINK_NOFOLLOW if name else AT_EMPTY_PATH
+    size = 256
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        args = _XattrArgs(ctypes.addressof(buf), size, 0)
+        n = _syscall(SYS_GETXATTRAT, dir_fd, name, flags, attr, ctypes.byref(args),
+                     ctypes.c_size_t(ctypes.sizeof(args)))
+        if n >= 0:
+            return buf.raw[:n]
+        err = ctypes.get_errno()
+        if err == errno.ENOSYS:
+            _getxattrat_missing = True
+            return None
+        if err != errno.ERANGE:
+            raise OSError(err, os.strerror(err), name)
+        args = _XattrArgs(0, 0, 0)  # too small: ask for the size (it may grow again meanwhile)
+        n = _syscall(SYS_GETXATTRAT, dir_fd, name, flags, attr, ctypes.byref(args),
+                     ctypes.c_size_t(ctypes.sizeof(args)))
+        if n < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), name)
+        size = max(int(n), 1)
 
 
 def rename_at(old_dir: int, old: bytes, new_dir: int, new: bytes, flags: int = 0) -> None:

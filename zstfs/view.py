@@ -18,7 +18,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import trio
 
@@ -308,6 +308,17 @@ class View:
             return
         with self.backing_object(node) as path:
             change(path)
+
+    def getxattr(self, node: Node, attr: bytes) -> bytes:
+        """`attr` of the node's backing object (as `xattr_call` finds it); for a file, by name
+        in one or two system calls where the kernel has getxattrat. (A directory keeps its own
+        `O_PATH` descriptor, which getxattrat does not take.)"""
+        if node.ino != ROOT_INODE and not node.is_dir:
+            dfd, parent, name = self.at(node)
+            value = self.store.getxattr_in(dfd, parent, name, attr)
+            if value is not None:
+                return value
+        return cast(bytes, self.xattr_call(node, os.getxattr, attr))
 
     def xattr_call(self, node: Node, call: Callable[..., Any], *args: Any) -> Any:
         """Run an `os.*xattr` call on the node's backing file, never through the mount: the

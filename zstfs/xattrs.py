@@ -9,7 +9,7 @@ import json
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 
 from zstfs.names import STATUS_XATTR
 from zstfs.openfiles import ROOT_INODE
@@ -47,7 +47,7 @@ class Xattrs:
         fd = self.view.handles.held_fd(node)
         if fd is not None:  # every write asks for security.capability: no path walk
             return os.getxattr(fd, name)
-        return cast(bytes, self.view.xattr_call(node, os.getxattr, name))
+        return self.view.getxattr(node, name)
 
     async def set(self, inode: int, name: bytes, value: bytes) -> None:
         if reserved(inode, name):

@@ -173,3 +173,50 @@ def test_a_swap_that_cannot_copy_every_xattr_fails_and_keeps_the_plain_file(
     assert swap_now(store, Compress(), b"r.jsonl") is not None  # and with room, everything is kept
     assert os.getxattr(tmp_path / "r.jsonl.zst", "user.b") == b"2" * 1000
 
+
+
+@pytest.mark.parametrize("kernel", ["getxattrat", "without getxattrat"])
+def test_xattrs_by_name_read_the_form_a_name_stands_for(
+        store: Store, tmp_path: Path, kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`getxattr_in` answers like an open of what `resolve_in` finds: the plain form when both
+    exist, else a regular `.zst` form; a symlink's own attributes, never its target's; values of
+    any length; ENODATA and ENOENT as the kernel gives them. Before Linux 6.13 it says so (None)
+    and the caller takes the slow path."""
+    import zstfs.store as store_module
+
+    if kernel != "getxattrat":
+        monkeypatch.setattr(store_module, "_getxattrat_missing", True)
+    big = bytes(range(256)) * 12  # 3,072 bytes: past the first buffer, within an ext4 block
+    (tmp_path / "both.jsonl").write_bytes(b"plain\n")
+    (tmp_path / "both.jsonl.zst").write_bytes(b"leftover")
+    os.setxattr(tmp_path / "both.jsonl", "user.form", b"plain")
+    os.setxattr(tmp_path / "both.jsonl.zst", "user.form", b"zst")
+    (tmp_path / "z.jsonl.zst").write_bytes(b"x")
+    os.setxattr(tmp_path / "z.jsonl.zst", "user.big", big)
+    os.setxattr(tmp_path / "z.jsonl.zst", "user.empty", b"")
+    (tmp_path / "d.jsonl.zst").mkdir()  # not a representation
+    (tmp_path / "target.txt").write_bytes(b"t")
+    os.setxattr(tmp_path / "target.txt", "user.form", b"target")
+    (tmp_path / "link.txt").symlink_to("target.txt")
+    dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        def get(name: bytes, attr: bytes) -> bytes | None:
+            return store.getxattr_in(dfd, b".", name, attr)
+
+        if kernel != "getxattrat":
+            assert get(b"both.jsonl", b"user.form") is None
+            return
+        assert get(b"both.jsonl", b"user.form") == b"plain"
+        assert get(b"z.jsonl", b"user.big") == big
+        assert get(b"z.jsonl", b"user.empty") == b""
+        with pytest.raises(OSError, match="No data available"):
+            get(b"z.jsonl", b"user.absent")
+        for missing in (b"d.jsonl", b"none.jsonl", b"none.txt"):
+            with pytest.raises(FileNotFoundError):
+                get(missing, b"user.form")
+        with pytest.raises(OSError, match="No data available"):  # the link's own (none)
+            get(b"link.txt", b"user.form")
+        os.setxattr(tmp_path, "user.dir", b"the directory's own")
+        assert store_module.getxattrat(dfd, b"", b"user.dir") == b"the directory's own"
+    finally:
+        os.close(dfd)
