@@ -79,23 +79,6 @@ _getxattrat_missing = False
 PROMOTE_THREADS = 2
 #: Compressed files up to this size are read ahead whole when opened.
 READAHEAD_LIMIT = 4 << 20
-#: When a listing learns sizes: `.zst` files up to this size are read whole (one disk read
-#: instead of one at each end), bigger ones only where their index is.
-PREFETCH_WHOLE = 1 << 20
-PREFETCH_TAIL = 64 << 10
-
-
-def prefetch(fd: int, size: int) -> None:
-    """Start reading what learning a `.zst`'s size reads, without waiting: a small file whole
-    (its first read follows soon, and it is one disk read either way), a big one's first page
-    (the first frame's header) and its last `PREFETCH_TAIL` bytes (seek table, last frame's
-    checksum)."""
-    with contextlib.suppress(OSError):
-        if size <= PREFETCH_WHOLE:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        else:
-            os.posix_fadvise(fd, 0, 4096, os.POSIX_FADV_WILLNEED)
-            os.posix_fadvise(fd, size - PREFETCH_TAIL, PREFETCH_TAIL, os.POSIX_FADV_WILLNEED)
 
 
 class StoreError(Exception):
@@ -418,27 +401,17 @@ class Store:
 
     def learn_sizes(self, dir_fd: int, names: list[bytes]) -> None:
         """Read the logical sizes of several `.zst` files of directory `dir_fd` into the cache
-        (damaged ones are left for the caller, which reports them when it asks for that file).
-
-        The reads are asked for all at once first (`prefetch`), so that a cold listing waits
-        for the disk once per page of names, not twice per file."""
-        opened: list[tuple[int, os.stat_result]] = []
-        try:
-            for name in names:
-                try:
-                    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dir_fd)
-                except OSError:
-                    continue
-                st = os.fstat(fd)
-                opened.append((fd, st))
-                prefetch(fd, st.st_size)
-            for fd, st in opened:
-                try:
-                    self.size_of(fd, st)
-                except (OSError, codec.CorruptError):
-                    continue
-        finally:
-            for fd, _ in opened:
+        (damaged ones are left for the caller, which reports them when it asks for that file)."""
+        for name in names:
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dir_fd)
+            except OSError:
+                continue
+            try:
+                self.size_of(fd, os.fstat(fd))
+            except (OSError, codec.CorruptError):
+                continue
+            finally:
                 os.close(fd)
 
     def remember_size(self, st: os.stat_result, size: int) -> None:
