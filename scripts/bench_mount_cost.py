@@ -399,21 +399,22 @@ def store_workloads(st: Store) -> list[Workload]:
         agree("tail-1", base, i, out)
         return dt
 
+    def in_process(row: str, base: Path, i: int, work: Callable[[], bytes]) -> float:
+        """Time `work` in this process; its output must agree across sides and runs."""
+        t0 = time.perf_counter()
+        out = work()
+        dt = time.perf_counter() - t0
+        agree(row, base, i, out)
+        return dt
+
     def random_line_run(base: Path, i: int) -> float:
         # The same offset on both sides of run i, another in each run.
         offset = random.Random(f"random-line {STORE_SEED} {i}").randrange(big_size - READ_CHUNK)
-        t0 = time.perf_counter()
-        out = first_whole_line(store(base) / st.big, offset)
-        dt = time.perf_counter() - t0
-        agree("random-line", base, i, out)
-        return dt
+        return in_process("random-line", base, i,
+                          lambda: first_whole_line(store(base) / st.big, offset))
 
     def session_list_run(base: Path, i: int) -> float:
-        t0 = time.perf_counter()
-        out = first_lines(store(base) / "sessions")
-        dt = time.perf_counter() - t0
-        agree("session-list", base, i, out)
-        return dt
+        return in_process("session-list", base, i, lambda: first_lines(store(base) / "sessions"))
 
     def ls_run(base: Path, i: int) -> float:
         dt, out = benchlib.sh(f"ls -lR {q(str(store(base) / 'sessions'))} | wc -l")
