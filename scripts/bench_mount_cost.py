@@ -38,11 +38,19 @@ user's runs if it is not, and put back after. The user cannot drop the page cach
 their cold runs on a Unix socket in their workdir (benchlib.DropCachesServer), and copies root's
 generated store to them.
 
+The floor: `--user-floor PATH` adds a column in which the same user runs the rows through
+libfuse's own C example, `passthrough_ll` (scripts/build-passthrough-ll.sh builds it against the
+bundled libfuse 3.17, with KILLPRIV_V2), over the plain store: what any FUSE daemon on this
+machine pays, with no Python and nothing decoded. `--mounter passthrough_ll --floor-binary PATH`
+times it alone. Only `codex exec` of the codex rows runs there (a resume needs a compressed
+session).
+
 Usage::
 
     python scripts/bench_mount_cost.py [--reps N] [--rows a,b|store] [--store-small N]
                                        [--workdir DIR] [--markdown FILE]
-                                       [--user NAME --user-python PATH] [--json FILE]
+                                       [--user NAME --user-python PATH [--user-floor PATH]]
+                                       [--json FILE]
 
 `scripts/bench.py --only mountcost` runs the same rows into bench.py's table (`--user` too,
 `--mountcost-rows` to choose them).
@@ -510,7 +518,7 @@ class DaemonCost:
     cold run's restart), and its peak RSS over the row's runs (VmHWM, reset when the row starts;
     with restarts for cold runs, the max over the row's daemons)."""
 
-    def __init__(self, d: benchlib.Daemon | None) -> None:
+    def __init__(self, d: benchlib.Daemon | OtherDaemon | None) -> None:
         self.d = d
         self.cpu: list[float] = []
         self.peak = 0
@@ -637,39 +645,83 @@ def request_table(counts: dict[str, dict[str, Any]], names: Sequence[str] = tupl
     return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def other_mount(kind: str, src: Path, mnt: Path) -> Iterator[None]:
-    """An experiment's baseline: another FUSE daemon serving `src` on `mnt` (no zstfs)."""
-    if kind != "fuse-overlayfs":
-        raise ValueError(kind)
-    low, wk = src.parent / "ovl-lower", src.parent / "ovl-work"
-    for d in (low, wk, mnt):
-        d.mkdir(exist_ok=True)
-    proc = subprocess.Popen(["fuse-overlayfs", "-f", "-o",
-                             f"lowerdir={low},upperdir={src},workdir={wk}", str(mnt)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+#: The C daemons `--mounter` can time instead of zstfs.
+OTHER_MOUNTERS = ("fuse-overlayfs", "passthrough_ll")
+
+
+class OtherDaemon:
+    """A C daemon serving `src` on `mnt` (`argv` mounts it in the foreground), whose CPU and
+    peak RSS are read as zstfs's are; restarted for each cold run as zstfs is (passthrough_ll
+    keeps an `O_PATH` descriptor of every inode it was asked about, which would keep those
+    inodes cached through a drop of the caches)."""
+
+    def __init__(self, kind: str, argv: list[str], mnt: Path) -> None:
+        self.kind, self.argv, self.mnt = kind, argv, mnt
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        proc = self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
-        while not os.path.ismount(mnt):
+        while not os.path.ismount(self.mnt):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("fuse-overlayfs did not mount")
+                raise RuntimeError(f"{self.kind} did not mount")
             time.sleep(0.05)
-        yield
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True)
+            self.proc.wait(timeout=60)
+            self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@contextlib.contextmanager
+def other_mount(kind: str, src: Path, mnt: Path,
+                floor_binary: Path | None = None) -> Iterator[OtherDaemon]:
+    """A baseline: another FUSE daemon serving `src` on `mnt` (no zstfs). `passthrough_ll`
+    (`floor_binary`, built by scripts/build-passthrough-ll.sh) gets the options that match
+    zstfs's mount: xattrs passed through, no writeback cache, entries and attributes cached 60 s;
+    multi-threaded, as libfuse runs it by default."""
+    mnt.mkdir(exist_ok=True)
+    if kind == "fuse-overlayfs":
+        low, wk = src.parent / "ovl-lower", src.parent / "ovl-work"
+        for d in (low, wk):
+            d.mkdir(exist_ok=True)
+        argv = ["fuse-overlayfs", "-f", "-o", f"lowerdir={low},upperdir={src},workdir={wk}",
+                str(mnt)]
+    elif kind == "passthrough_ll" and floor_binary is not None:
+        argv = [str(floor_binary), "-f", "-o",
+                f"source={src},xattr,no_writeback,timeout=60", str(mnt)]
+    else:
+        raise ValueError(f"{kind} (passthrough_ll needs --floor-binary)")
+    d = OtherDaemon(kind, argv, mnt)
+    try:
+        d.start()
+        yield d
     finally:
-        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
-        proc.wait(timeout=60)
+        d.stop()
 
 
 def bench_mount_cost(res: benchlib.Results, work: Path, reps: int, only: set[str] | None = None,
                      count: bool = True, mounter: str = "zstfs",
                      record: dict[str, Any] | None = None,
                      zstfs: Sequence[str] = benchlib.ZSTFS,
-                     store_small: int = STORE_SMALL) -> dict[str, dict[str, Any]]:
+                     store_small: int = STORE_SMALL,
+                     floor_binary: Path | None = None) -> dict[str, dict[str, Any]]:
     """Run the rows into `res`; returns the request counts per row (empty without `count`).
     `record`, if given, gets each row's run times and daemon cost (`rows`), the rows that could
     not run and why (`skipped`) and what the timed daemon reported about its pyfuse3 (`daemon`);
     `zstfs` is the command that runs zstfs; `store_small` the store rows' number of small
-    rollouts."""
+    rollouts; `floor_binary` the C daemon of `mounter` passthrough_ll."""
     work.mkdir(parents=True, exist_ok=True)
     record = {} if record is None else record
     disk, src, mnt = work / "disk", work / "src", work / "mnt"
@@ -692,6 +744,11 @@ def bench_mount_cost(res: benchlib.Results, work: Path, reps: int, only: set[str
             server = codex_harness.MockResponsesServer().start()
             codex = Codex(work, binary, server)
     rows = [w for w in workloads(fx, codex, store) if only is None or w.name in only]
+    if mounter != "zstfs" and any(w.name == "codex-resume" for w in rows):
+        why = f"needs a compressed session, which {mounter} shows as a .zst"
+        res.notes.append(f"codex-resume: n/a ({why})")
+        record.setdefault("skipped", {})["codex-resume"] = why
+        rows = [w for w in rows if w.name != "codex-resume"]
     if not benchlib.can_drop_caches():
         for w in rows:
             if w.cold:
@@ -703,10 +760,11 @@ def bench_mount_cost(res: benchlib.Results, work: Path, reps: int, only: set[str
         for base in (disk, src):
             shutil.rmtree(base, ignore_errors=True)
             base.mkdir(parents=True)
-        if codex is not None and mounter != "zstfs":
-            raise RuntimeError("the codex rows need zstfs (they resume compressed sessions)")
         resumes = 2 * reps + 2 if any(w.name == "codex-resume" for w in rows) else 0
-        if codex is not None:
+        if codex is not None and mounter != "zstfs":
+            codex.setup(disk, 0)
+            codex.setup(src, 0)
+        elif codex is not None:
             # Sessions to resume, made through a mount (codex records their paths), then
             # compressed offline: what a store looks like after `--compress-after`.
             codex.setup(disk, resumes)
@@ -720,7 +778,7 @@ def bench_mount_cost(res: benchlib.Results, work: Path, reps: int, only: set[str
             if store is not None:
                 res.notes.append(f"store rows: the mount side's store is plain ({mounter} "
                                  "shows .zst files as they are); cold runs drop the page cache "
-                                 "but keep the daemon")
+                                 "and restart it, as they restart zstfs")
         elif codex is not None or store is not None:
             run([*zstfs, "compress", "--older-than", "0", *PATTERN_ARGS, str(src)])
             stored = list((src / "codex").rglob("rollout-*.jsonl.zst"))
@@ -734,11 +792,11 @@ def bench_mount_cost(res: benchlib.Results, work: Path, reps: int, only: set[str
             if any(w.cold for w in rows) and COLD_COUNT_NOTE not in res.notes:
                 res.notes.append(COLD_COUNT_NOTE)  # once, though --user calls this per row
         timed_mount = (benchlib.mounted(res, "mount cost", src, mnt, *PATTERN_ARGS, zstfs=zstfs)
-                       if mounter == "zstfs" else other_mount(mounter, src, mnt))
+                       if mounter == "zstfs" else other_mount(mounter, src, mnt, floor_binary))
         with timed_mount as d:
             for w in rows:
                 time_row(res, w, reps, disk, mnt, d, record)
-            if d is not None:
+            if isinstance(d, benchlib.Daemon):
                 time.sleep(1.1)  # the status document is cached for a second
                 st = d.status() or {}
                 record["daemon"] = {k: st.get(k) for k in ("pyfuse3_patches", "passthrough",
@@ -782,7 +840,7 @@ def count_requests(res: benchlib.Results, rows: list[Workload], src: Path, mnt: 
 
 
 def time_row(res: benchlib.Results, w: Workload, reps: int, disk: Path, mnt: Path,
-             d: benchlib.Daemon | None, record: dict[str, Any]) -> None:
+             d: benchlib.Daemon | OtherDaemon | None, record: dict[str, Any]) -> None:
     """`reps` runs of a row on each side, interleaved (which side goes first alternates), into
     `res` and `record["rows"]`. A cold row's runs each start with the page cache dropped and,
     through the mount, the timed daemon restarted (untimed)."""
@@ -819,10 +877,13 @@ class User:
     """An ordinary user who runs the rows too: their daemon and their workload, from their venv
     (`--user-python`), with this checkout's zstfs and scripts copied where they can read them."""
 
-    def __init__(self, name: str, python: Path, work: Path, sets: list[str]) -> None:
+    def __init__(self, name: str, python: Path, work: Path, sets: list[str],
+                 floor: Path | None = None) -> None:
         pw = pwd.getpwnam(name)
         self.name, self.uid, self.gid, self.home = name, pw.pw_uid, pw.pw_gid, Path(pw.pw_dir)
         self.python, self.work, self.sets = python, work, sets
+        #: Not zstfs: this passthrough_ll binary serves the plain store (the floor column).
+        self.floor = floor
         self.stage = work / "checkout"
 
     def argv(self, *cmd: str, env: dict[str, str] | None = None) -> list[str]:
@@ -846,8 +907,9 @@ class User:
             else:
                 shutil.copy2(src, dst)
         subprocess.run(["chown", "-R", f"{self.uid}:{self.gid}", str(self.work)], check=True)
-        if not self.can("-x", str(self.python)):
-            raise RuntimeError(f"{self.python} is not executable by {self.name}")
+        for exe in (self.python, self.floor):
+            if exe is not None and not self.can("-x", str(exe)):
+                raise RuntimeError(f"{exe} is not executable by {self.name}")
 
     def run_row(self, name: str, reps: int, count: bool, codex_dir: Path | None,
                 store_small: int = STORE_SMALL,
@@ -859,7 +921,9 @@ class User:
         cmd = [str(self.python), str(self.stage / "scripts" / "bench_mount_cost.py"),
                "--reps", str(reps), "--rows", name, "--workdir", str(self.work),
                "--store-small", str(store_small), "--json", str(out),
-               *([] if count else ["--no-count"])]
+               *([] if count and self.floor is None else ["--no-count"])]
+        if self.floor is not None:
+            cmd += ["--mounter", "passthrough_ll", "--floor-binary", str(self.floor)]
         for a in self.sets:
             cmd += ["--set", a]
         env = {"ZSTFS_CODEX_DIR": str(codex_dir)} if codex_dir is not None else {}
@@ -996,18 +1060,26 @@ def root_and_user(res: benchlib.Results, work: Path, reps: int, only: set[str] |
     notes = [describe_daemons("root's daemons", root_daemons), DAEMON_COST_NOTE]
     for u, docs, srv in zip(users, by_user, servers, strict=True):
         ran = [d for d in docs.values() if "rows" in d]
-        label = f"user ({pyfuse3_label(ran[-1])})" if ran else str(u.python)
+        if u.floor is not None:
+            label = "floor (C passthrough_ll, user)"
+            notes.append(f"{label}: {name}, libfuse's example {u.floor} "
+                         "(scripts/build-passthrough-ll.sh) over the plain store, "
+                         "-o xattr,no_writeback,timeout=60, multi-threaded")
+        else:
+            label = f"user ({pyfuse3_label(ran[-1])})" if ran else str(u.python)
+            notes.append(describe_daemons(f"{name}'s daemons, {u.python}",
+                                          [d["daemon"] for d in ran if d.get("daemon")]))
         labels.append(label)
-        notes.append(describe_daemons(f"{name}'s daemons, {u.python}",
-                                      [d["daemon"] for d in ran if d.get("daemon")]))
         if ran:
             notes.append(f"{label}: {name}, {ran[-1]['versions']}")
         notes += sorted({f"{name}: {x}" for d in docs.values() for x in d.get("notes", [])})
-        notes.append(cold_note(name, u, docs, srv.served, reps, count))
-    missing = [(n, u, d.get("error") or d.get("skipped", {}).get(n, "no result"))
+        notes.append(cold_note(name, u, docs, srv.served, reps, count and u.floor is None))
+    missing = [(n, u, d.get("error") or d.get("skipped", {}).get(n, "no result"),
+                n in skips or (u.floor is not None and n in d.get("skipped", {})))
                for u, docs in zip(users, by_user, strict=True)
                for n, d in docs.items() if n not in d.get("rows", {})]
-    notes += [f"{n} as {name} ({u.python}): n/a ({why})" for n, u, why in missing]
+    notes += [f"{n} as {name} ({u.floor or u.python}): n/a ({why})"
+              for n, u, why, _ in missing]
     text = (f"Root and the ordinary user {name}, row by row (which side goes first rotates), "
             f"medians of {reps}; each ratio is against that side's own interleaved disk runs:"
             "\n\n" + "\n".join(f"- {x}" for x in notes) + "\n\n"
@@ -1018,7 +1090,7 @@ def root_and_user(res: benchlib.Results, work: Path, reps: int, only: set[str] |
         if counts:
             text += (f"\nFUSE requests of one run per row, as {who}:\n\n"
                      + request_table(counts) + "\n")
-    return text, all(n in skips for n, _, _ in missing)
+    return text, all(expected for _, _, _, expected in missing)
 
 
 def parse_rows(text: str) -> set[str]:
@@ -1048,8 +1120,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="ATTR=PYVALUE",
                     help="experiment: set an Operations class attribute in the daemons, e.g. "
                          "cache_readdir=True (needs a pyfuse3 that reads it)")
-    ap.add_argument("--mounter", default="zstfs", choices=["zstfs", "fuse-overlayfs"],
-                    help="experiment: time another FUSE daemon (a C one) instead of zstfs")
+    ap.add_argument("--mounter", default="zstfs", choices=["zstfs", *OTHER_MOUNTERS],
+                    help="time another FUSE daemon (a C one) instead of zstfs")
+    ap.add_argument("--floor-binary", type=Path, metavar="PATH",
+                    help="with --mounter passthrough_ll: the binary "
+                         "(scripts/build-passthrough-ll.sh PATH builds it)")
     ap.add_argument("--user", metavar="NAME",
                     help="as root: run every row as root and then as this ordinary user (their "
                          "daemon and workload), and print both side by side")
@@ -1057,11 +1132,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --user: the python of that user's zstfs venv, e.g. "
                          "~NAME/.local/share/zstfs/venv/bin/python (its pyfuse3 is used); "
                          "repeat for a column per venv")
+    ap.add_argument("--user-floor", type=Path, metavar="PATH",
+                    help="with --user: one more column, that user's rows through libfuse's C "
+                         "example passthrough_ll at PATH (scripts/build-passthrough-ll.sh PATH) "
+                         "over the plain store")
     ap.add_argument("--json", type=Path, metavar="FILE",
                     help="also write the run times, request counts and notes here")
     args = ap.parse_args(argv)
     if args.user and (os.geteuid() != 0 or not args.user_python or args.mounter != "zstfs"):
         ap.error("--user needs root, --user-python and the zstfs mounter")
+    if args.user_floor and not args.user:
+        ap.error("--user-floor needs --user")
+    if args.mounter == "passthrough_ll" and not args.floor_binary:
+        ap.error("--mounter passthrough_ll needs --floor-binary")
     if args.python or args.set:
         sets = "".join(f"setattr(f.Operations, {k!r}, {v});"
                        for k, v in (a.split("=", 1) for a in args.set))
@@ -1082,20 +1165,25 @@ def main(argv: list[str] | None = None) -> int:
         work = args.workdir.resolve()
         users = [User(args.user, py, work / f"user-{args.user}", args.set)
                  for py in args.user_python]
+        if args.user_floor:
+            users.append(User(args.user, args.user_python[0], work / f"user-{args.user}-floor",
+                              [], floor=args.user_floor.resolve()))
         both, user_ok = root_and_user(res, work, args.reps, only, count, users, zstfs,
                                       args.store_small)
         counts = {}
     else:
         counts = bench_mount_cost(res, args.workdir.resolve(), args.reps, only, count,
                                   args.mounter, record=record, zstfs=zstfs,
-                                  store_small=args.store_small)
+                                  store_small=args.store_small,
+                                  floor_binary=args.floor_binary)
     load1 = os.getloadavg()
     header = [
         f"date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; "
         f"total {time.perf_counter() - t0:.0f} s; medians of {args.reps} interleaved runs",
         f"machine: {benchlib.versions()}",
         f"load average at start {load0[0]:.2f}, at end {load1[0]:.2f}",
-        f"daemons: {' '.join(zstfs) if args.mounter == 'zstfs' else args.mounter}",
+        f"daemons: {' '.join(zstfs) if args.mounter == 'zstfs' else args.mounter}"
+        + (f" ({args.floor_binary})" if args.floor_binary else ""),
         *res.notes,
     ]
     text = "\n".join(f"- {h}" for h in header) + "\n\n" + res.table() + "\n"
