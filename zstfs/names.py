@@ -34,8 +34,11 @@ DEFAULT_PATTERNS: tuple[str, ...] = (
     "archived_sessions/**/rollout-*.jsonl",
 )
 
+#: Extended attributes under this prefix are zstfs's own, on every file: the mount never shows
+#: them or lets them be set, and metadata copies leave them out.
+XATTR_PREFIX = b"user.zstfs."
 #: Extended attribute on the mount root that returns the daemon's status as JSON.
-STATUS_XATTR = b"user.zstfs.status"
+STATUS_XATTR = XATTR_PREFIX + b"status"
 
 #: What `--pattern` options give: one pattern, several, or None for the default.
 Patterns = str | Iterable[str] | None

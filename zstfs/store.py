@@ -25,10 +25,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
-from zstfs import codec, leases
+from zstfs import codec, leases, sizenote
 from zstfs.names import (
     KEPT_PREFIX,
     LOCK_NAME,
+    XATTR_PREFIX,
     ZST_SUFFIX_B,
     NameRules,
     is_reserved,
@@ -336,12 +337,33 @@ class Store:
         """The logical size of a compressed file if it is known without any I/O."""
         return self.decoders.indexes.known_size(codec.identity_of(st))
 
+    def noted_size(self, dir_fd: int, zname: bytes, st: os.stat_result) -> int | None:
+        """The logical size noted on `.zst` `zname` of directory `dir_fd` (stat `st`), if it
+        has a note that names it as `st` describes it (`sizenote`): one xattr read, no data
+        read. Remembered like a size learnt from the file."""
+        try:
+            value = getxattrat(dir_fd, zname, sizenote.NAME)
+            if value is None:  # no getxattrat (before 6.13): by path, not following a symlink
+                value = os.getxattr(f"/proc/self/fd/{dir_fd}/{os.fsdecode(zname)}",
+                                    sizenote.NAME, follow_symlinks=False)
+        except OSError:  # none, or none to be had: the file itself says
+            return None
+        size = sizenote.decode(value, st)
+        if size is not None:
+            self.decoders.indexes.remember_noted(codec.identity_of(st), size)
+        return size
+
     def logical_size(self, path: bytes, st: os.stat_result) -> int:
-        """Decoded size of the `.zst` at `path` (reads its seek table or frame headers, cached)."""
+        """Decoded size of the `.zst` at `path`: noted on it, else from its seek table or frame
+        headers (cached)."""
         size = self.decoders.indexes.size(codec.identity_of(st))
         if size is not None:
             return size
-        fd = self.open_compressed(path, st)
+        size = self.noted_size(self.root_fd, path, st)
+        if size is not None:
+            return size
+        # Not `open_compressed`: a size needs the seek table, not the whole file read ahead.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=self.root_fd)
         try:
             return self.size_of(fd, st)
         finally:
@@ -349,11 +371,14 @@ class Store:
 
     def size_of(self, fd: int, st: os.stat_result) -> int:
         """Decoded size of the open `.zst` `fd`, whose stat is `st`; raises the damage found in
-        it, now or before (both kept by the decoders' index cache)."""
+        it, now or before (both kept by the decoders' index cache). A size read from the file
+        is noted on it for the next mount (`sizenote`)."""
         size = self.decoders.indexes.size(codec.identity_of(st))
         if size is not None:
             return size
-        return codec.ZstReader(fd, self.decoders).size
+        size = codec.ZstReader(fd, self.decoders).size
+        sizenote.write(fd, st, size)
+        return size
 
     def note_damaged(self, st: os.stat_result, why: codec.CorruptError) -> None:
         """Remember a damaged `.zst` (any stat of it) so that the census counts it from now on."""
@@ -765,5 +790,6 @@ def copy_metadata(src_fd: int, dst_fd: int, st: os.stat_result) -> None:
             raise
         names = []
     for attr in names:
-        os.setxattr(dst_fd, attr, os.getxattr(src_fd, attr))
+        if not os.fsencode(attr).startswith(XATTR_PREFIX):  # zstfs's own (a size note)
+            os.setxattr(dst_fd, attr, os.getxattr(src_fd, attr))
     os.utime(dst_fd, ns=(st.st_atime_ns, st.st_mtime_ns))

@@ -32,7 +32,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from zstfs import codec, leases
+from zstfs import codec, leases, sizenote
 from zstfs.names import kept_name, temp_name, zst_name
 from zstfs.stats import Stats
 from zstfs.store import (
@@ -177,10 +177,11 @@ def _temp(swap: Swap, progress: Callable[[int], None] | None
 
 
 def _seal(store: Store, swap: Swap, tmp: int, logical: int, stored: int) -> None:
-    """The verified temp gets the source's metadata (all of it, or an error) and is made
-    durable."""
+    """The verified temp gets the source's metadata (all of it, or an error) and a note of its
+    logical size (`sizenote`), and is made durable."""
     swap.check()
     copy_metadata(swap.src_fd, tmp, swap.source)
+    sizenote.write(tmp, os.fstat(tmp), logical)
     os.fsync(tmp)
     store.remember_size(os.fstat(tmp), logical)
     swap.logical, swap.stored = logical, stored

@@ -1,6 +1,7 @@
 """Extended attributes through the mount: each backing object's own (never through the mount,
-never a symlink's target's), and zstfs's own on the mount root: `user.zstfs.*`, of which
-`user.zstfs.status` is the virtual status document."""
+never a symlink's target's), except zstfs's own, `user.zstfs.*`: on the mount root
+`user.zstfs.status` is the virtual status document, and a `.zst` may carry a note of its
+logical size (`sizenote`). The mount never shows those or lets them be set."""
 
 from __future__ import annotations
 
@@ -11,12 +12,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from zstfs.names import STATUS_XATTR
+from zstfs.names import STATUS_XATTR, XATTR_PREFIX
 from zstfs.openfiles import ROOT_INODE
 from zstfs.view import View
 
-#: Extended attributes on the mount root under this prefix are zstfs's own (`user.zstfs.status`).
-RESERVED_XATTR_PREFIX = b"user.zstfs."
 #: How long the status document given to a thread bounds the length of its next one.
 STATUS_PAIR_SECONDS = 1.0
 
@@ -25,9 +24,9 @@ def _error(code: int) -> OSError:
     return OSError(code, os.strerror(code))
 
 
-def reserved(inode: int, name: bytes) -> bool:
-    """`user.zstfs.*` on the mount root is zstfs's own (the virtual status)."""
-    return inode == ROOT_INODE and name.startswith(RESERVED_XATTR_PREFIX)
+def reserved(name: bytes) -> bool:
+    """`user.zstfs.*` is zstfs's own, on every file."""
+    return name.startswith(XATTR_PREFIX)
 
 
 class Xattrs:
@@ -39,8 +38,8 @@ class Xattrs:
 
     async def get(self, inode: int, name: bytes, caller: int) -> bytes:
         """Attribute `name` of inode `inode`, for process `caller`; ENODATA if it has none."""
-        if reserved(inode, name):
-            if name == STATUS_XATTR and self.status_provider is not None:
+        if reserved(name):
+            if inode == ROOT_INODE and name == STATUS_XATTR and self.status_provider is not None:
                 return await self._status_json(caller)
             raise _error(errno.ENODATA)
         node = self.view.node(inode)
@@ -50,7 +49,7 @@ class Xattrs:
         return self.view.getxattr(node, name)
 
     async def set(self, inode: int, name: bytes, value: bytes) -> None:
-        if reserved(inode, name):
+        if reserved(name):
             raise _error(errno.EPERM)
         node = self.view.node(inode)
         # Never during a swap's publish, which would revert it.
@@ -59,13 +58,13 @@ class Xattrs:
 
     def list(self, inode: int) -> list[bytes]:
         names = [os.fsencode(n) for n in self.view.xattr_call(self.view.node(inode), os.listxattr)]
-        names = [n for n in names if not reserved(inode, n)]
+        names = [n for n in names if not reserved(n)]
         if inode == ROOT_INODE and self.status_provider is not None:
             names.append(STATUS_XATTR)
         return names
 
     async def remove(self, inode: int, name: bytes) -> None:
-        if reserved(inode, name):
+        if reserved(name):
             raise _error(errno.EPERM)
         node = self.view.node(inode)
         async with self.view.files.hold(node):

@@ -44,6 +44,8 @@ class IndexCache:
         self._lock = threading.Lock()
         self._indexes: OrderedDict[Identity, Index] = OrderedDict()
         self._sizes: OrderedDict[Identity, int] = OrderedDict()
+        #: Sizes taken from a note on the file (`sizenote`), until its index confirms them.
+        self._noted: OrderedDict[Identity, int] = OrderedDict()
         self._damage: OrderedDict[Identity, _Damage] = OrderedDict()
 
     def cached(self, identity: Identity) -> Index | None:
@@ -69,6 +71,15 @@ class IndexCache:
             if not isinstance(e, BudgetBusyError):  # a transient refusal, not damage
                 self.note_damaged(identity, e, index=True)
             raise
+        with self._lock:
+            noted = self._noted.pop(identity, None)
+        if noted is not None and noted != index.size:
+            # Listed with a size its frames do not have (the file changed, keeping its size and
+            # mtime): the kernel may hold that size, so no byte of it is served.
+            e = CorruptError(f"decodes to {index.size} bytes, but its size note says {noted} "
+                             "(the file changed without a new size or mtime)")
+            self.note_damaged(identity, e, index=True)
+            raise e
         with self._lock:
             self._indexes[identity] = index
             while len(self._indexes) > INDEX_CACHE_ENTRIES:
@@ -104,6 +115,16 @@ class IndexCache:
             while len(self._sizes) > SIZE_ENTRIES:
                 self._sizes.popitem(last=False)
 
+    def remember_noted(self, identity: Identity, size: int) -> None:
+        """A size read from the file's note: known like any other, and checked against its
+        frames when its index is built."""
+        with self._lock:
+            self._noted[identity] = size
+            self._noted.move_to_end(identity)
+            while len(self._noted) > SIZE_ENTRIES:
+                self._noted.popitem(last=False)
+        self.remember_size(identity, size)
+
     def note_damaged(self, identity: Identity, why: CorruptError, *, index: bool = False) -> None:
         """Remember a damaged file (from now on its size raises the first damage found);
         ``index``: its index could not be built (readers get the same error)."""
@@ -120,4 +141,5 @@ class IndexCache:
         with self._lock:
             self._indexes.clear()
             self._sizes.clear()
+            self._noted.clear()
             self._damage.clear()
