@@ -21,7 +21,8 @@ ratios to the baseline, the target and PASS/MISS:
   with fsync -- and codex, through the mount vs on disk, with the daemon's CPU per run and peak
   RSS per row); ``--mountcost-rows`` picks some (e.g. ``store``); with ``--user NAME
   --user-python PATH`` also as that ordinary user, side by side (root drops the page cache for
-  the user's cold runs).
+  the user's cold runs), and with ``--user-floor PATH`` through libfuse's C ``passthrough_ll``
+  as that user (scripts/build-passthrough-ll.sh PATH).
 
 Stores come from ``scripts/gen_rollouts.py`` and are cached in ``--workdir`` across runs (the
 plain store only; everything derived from it is rebuilt each run). Mounts use the real CLI
@@ -525,7 +526,12 @@ def main(argv: list[str] | None = None) -> int:
                          "ordinary user, side by side (scripts/bench_mount_cost.py --user)")
     ap.add_argument("--user-python", type=Path, metavar="PATH", action="append", default=[],
                     help="with --user: the python of that user's zstfs venv (repeatable)")
+    ap.add_argument("--user-floor", type=Path, metavar="PATH",
+                    help="with --user: one more column, the user's rows through libfuse's C "
+                         "passthrough_ll at PATH (scripts/build-passthrough-ll.sh PATH)")
     args = ap.parse_args(argv)
+    if args.user_floor and not args.user:
+        ap.error("--user-floor needs --user")
     if args.user and (not args.user_python or os.geteuid() != 0
                       or "mountcost" not in (args.only or "").split(",")):
         ap.error("--user needs root, --user-python and --only mountcost")
@@ -587,6 +593,11 @@ def main(argv: list[str] | None = None) -> int:
             users = [bench_mount_cost.User(args.user, py,
                                            work / "mountcost" / f"user-{args.user}", [])
                      for py in args.user_python]
+            if args.user_floor:
+                users.append(bench_mount_cost.User(
+                    args.user, args.user_python[0],
+                    work / "mountcost" / f"user-{args.user}-floor", [],
+                    floor=args.user_floor.resolve()))
             text, user_ok = bench_mount_cost.root_and_user(res, work / "mountcost", cfg.reps,
                                                            rows, False, users,
                                                            store_small=small)
