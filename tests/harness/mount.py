@@ -71,6 +71,15 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
         time.sleep(interval)
 
 
+def errno_of(fn: Callable[..., Any], *args: Any, **kw: Any) -> int:
+    """The errno of a system call that must fail (the test fails if it succeeds)."""
+    try:
+        fn(*args, **kw)
+    except OSError as e:
+        return e.errno or 0
+    raise AssertionError(f"{fn.__name__}{args} did not fail")
+
+
 def compress_in_place(path: Path) -> None:
     """Replace a plain backing file by its `.zst` in zstfs's format (what a swap leaves)."""
     from zstfs.codec import CodecParams, compress_file

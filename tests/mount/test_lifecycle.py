@@ -31,19 +31,12 @@ from harness.mount import (
     STATUS_XATTR,
     Mount,
     MountFactory,
+    errno_of,
     gone,
     is_mounted,
     lazy_unmount,
     wait_until,
 )
-
-
-def errno_of(fn, *args) -> int:  # type: ignore[no-untyped-def]
-    try:
-        fn(*args)
-    except OSError as e:
-        return e.errno or 0
-    raise AssertionError(f"{fn.__name__}{args} succeeded")
 
 
 def old(path: Path, days: float = 8) -> None:

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness.mount import Mount, MountFactory, wait_until
+from harness.mount import Mount, MountFactory, errno_of, wait_until
 
 NOBODY = 65534
 RENAME_NOREPLACE = 1
@@ -60,14 +60,6 @@ def python(code: str, *args: str | Path, timeout: float = 60,
 def as_nobody(*cmd: str | Path) -> list[str]:
     return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
             *map(str, cmd)]
-
-
-def errno_of(fn, *args, **kw) -> int:  # type: ignore[no-untyped-def]
-    try:
-        fn(*args, **kw)
-    except OSError as e:
-        return e.errno or 0
-    raise AssertionError(f"{fn.__name__}{args} did not fail")
 
 
 def walk(root: Path) -> dict[str, tuple]:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness.mount import MountFactory, wait_until
+from harness.mount import MountFactory, errno_of, wait_until
 
 NOTE = "user.zstfs.size"
 OLD = time.time() - 86400
@@ -30,14 +30,6 @@ def note_of(path: str | Path) -> bytes | None:
         if e.errno == errno.ENODATA:
             return None
         raise
-
-
-def errno_of(fn, *args, **kw) -> int:  # type: ignore[no-untyped-def]
-    try:
-        fn(*args, **kw)
-    except OSError as e:
-        return e.errno or 0
-    raise AssertionError(f"{fn.__name__}{args} did not fail")
 
 
 def old_file(path: Path, data: bytes) -> None:
