@@ -858,8 +858,15 @@ def test_symlinked_directories_never_lead_the_compactor_outside(
         m = mount_factory(store, "--compress-after", "2s", "--jobs", "2")
         s = store / "sessions"
         real = s / "2025.real"
-        started = sum(n.endswith(".zst") for n in b.names("sessions/2025"))
-        for i in range(60):
+        def compressed() -> int:
+            return sum(n.endswith(".zst") for n in b.names("sessions/2025"))
+
+        started = compressed()
+        # At least 60 flips, and on until the compactor has swapped some file meanwhile (on a
+        # loaded machine its first swap may come after 60 flips).
+        deadline = time.monotonic() + 90
+        i = 0
+        while i < 60 or (compressed() == started and time.monotonic() < deadline):
             os.rename(s / "2025", real)  # the directory goes away ...
             os.symlink(outside / "2025", s / "2025")  # ... and a link takes its place
             if i % 2:
@@ -867,7 +874,8 @@ def test_symlinked_directories_never_lead_the_compactor_outside(
                 os.rename(s / "2025.new", s / "2025")  # the link re-aimed, atomically
             os.unlink(s / "2025")
             os.rename(real, s / "2025")
-        during = sum(n.endswith(".zst") for n in b.names("sessions/2025")) - started
+            i += 1
+        during = compressed() - started
         print(f"{started} of {len(inside)} compressed before the flips, {during} during them")
         assert started < len(inside), "the compactor was done before the first flip"
         assert during > 0, "no swap happened while the directory was flipped"
