@@ -1,7 +1,7 @@
-"""The logical size of a `.zst`, noted on the file itself (an extended attribute), so that a
-listing (`ls -l`, `find`, codex's session picker, READDIRPLUS) learns it from the inode it has
-just stat'ed instead of reading the file's seek table from the far end of the file: on a cold
-store that is one disk read less per compressed file listed.
+"""The logical size of a `.zst`, noted on the file itself (an extended attribute), so that the
+census every mount runs and a listing (`ls -l`, `find`, codex's session picker, READDIRPLUS)
+learn it from the file's inode instead of reading its seek table from the far end of the file:
+on a cold store that is one disk read less per compressed file (`Store.size_of`).
 
 The note names the `.zst`'s own size and mtime when it was written, and counts only while both
 are unchanged: the identity the daemon's caches key on (`codec.identity_of`), kept across
@@ -49,6 +49,15 @@ def decode(value: bytes | None, st: os.stat_result) -> int | None:
     if (size, mtime_ns) != (st.st_size, st.st_mtime_ns) or logical >= MAX_CONTENT_SIZE:
         return None
     return logical
+
+
+def read(fd: int, st: os.stat_result) -> int | None:
+    """The logical size noted on the `.zst` open as `fd`, if its note names the file as `st`
+    describes it; None if it has none (or none the daemon may read)."""
+    try:
+        return decode(os.getxattr(fd, NAME), st)
+    except OSError:
+        return None
 
 
 def write(fd: int, st: os.stat_result, logical: int) -> bool:

@@ -337,44 +337,38 @@ class Store:
         """The logical size of a compressed file if it is known without any I/O."""
         return self.decoders.indexes.known_size(codec.identity_of(st))
 
-    def noted_size(self, dir_fd: int, zname: bytes, st: os.stat_result) -> int | None:
-        """The logical size noted on `.zst` `zname` of directory `dir_fd` (stat `st`), if it
-        has a note that names it as `st` describes it (`sizenote`): one xattr read, no data
-        read. Remembered like a size learnt from the file."""
-        try:
-            value = getxattrat(dir_fd, zname, sizenote.NAME)
-            if value is None:  # no getxattrat (before 6.13): by path, not following a symlink
-                value = os.getxattr(f"/proc/self/fd/{dir_fd}/{os.fsdecode(zname)}",
-                                    sizenote.NAME, follow_symlinks=False)
-        except OSError:  # none, or none to be had: the file itself says
-            return None
-        size = sizenote.decode(value, st)
-        if size is not None:
-            self.decoders.indexes.remember_noted(codec.identity_of(st), size)
-        return size
-
     def logical_size(self, path: bytes, st: os.stat_result) -> int:
-        """Decoded size of the `.zst` at `path`: noted on it, else from its seek table or frame
-        headers (cached)."""
+        """Decoded size of the `.zst` at `path`: cached, noted on it, else from its seek table or
+        frame headers."""
         size = self.decoders.indexes.size(codec.identity_of(st))
         if size is not None:
             return size
-        size = self.noted_size(self.root_fd, path, st)
-        if size is not None:
-            return size
-        # Not `open_compressed`: a size needs the seek table, not the whole file read ahead.
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=self.root_fd)
+        fd = self.open_for_size(self.root_fd, path)
         try:
             return self.size_of(fd, st)
         finally:
             os.close(fd)
 
+    @staticmethod
+    def open_for_size(dir_fd: int, zname: bytes) -> int:
+        """Open `.zst` `zname` of `dir_fd` to learn its size (`size_of`): not `open_compressed`,
+        which reads a small file ahead whole for a reader; a size needs its note or its seek
+        table."""
+        return os.open(zname, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dir_fd)
+
     def size_of(self, fd: int, st: os.stat_result) -> int:
-        """Decoded size of the open `.zst` `fd`, whose stat is `st`; raises the damage found in
-        it, now or before (both kept by the decoders' index cache). A size read from the file
-        is noted on it for the next mount (`sizenote`)."""
-        size = self.decoders.indexes.size(codec.identity_of(st))
+        """Decoded size of the open `.zst` `fd`, whose stat is `st`: the one way a size is
+        learnt. Cached by identity; else the note on the file (`sizenote`: one xattr read, no
+        data read; checked against the frames when a reader builds the index); else its seek
+        table or frame headers, and then noted on it for the next mount. Raises the damage
+        found in it, now or before (both kept by the decoders' index cache)."""
+        identity = codec.identity_of(st)
+        size = self.decoders.indexes.size(identity)
         if size is not None:
+            return size
+        size = sizenote.read(fd, st)
+        if size is not None:
+            self.decoders.indexes.remember_noted(identity, size)
             return size
         size = codec.ZstReader(fd, self.decoders).size
         sizenote.write(fd, st, size)
@@ -429,7 +423,7 @@ class Store:
         (damaged ones are left for the caller, which reports them when it asks for that file)."""
         for name in names:
             try:
-                fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dir_fd)
+                fd = self.open_for_size(dir_fd, name)
             except OSError:
                 continue
             try:

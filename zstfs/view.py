@@ -127,10 +127,8 @@ class View:
         the trio thread (the directory's descriptor is only borrowed), read in a worker."""
         size = self.store.known_size(st)
         if size is None:
-            size = self.store.noted_size(dfd, zname, st)
-        if size is None:
             try:
-                fd = self.store.open_compressed(zname, st, dir_fd=dfd)
+                fd = self.store.open_for_size(dfd, zname)
                 try:
                     size = await trio.to_thread.run_sync(
                         self.store.size_of, fd, st, limiter=self.read_limiter)
@@ -210,8 +208,7 @@ class View:
         learnt meanwhile, which makes the entries stale (see `listed_entry`)."""
         current = {name: self.store.resolve_in(dir_fd, parent, name) for name in names}
         unknown = [e.name for e in current.values()
-                   if e is not None and e.compressed and self.store.known_size(e.st) is None
-                   and self.store.noted_size(dir_fd, e.name, e.st) is None]
+                   if e is not None and e.compressed and self.store.known_size(e.st) is None]
         if unknown:
             # One thread hop for the whole directory rather than one per compressed file:
             # a cold `find` or `grep -r` reads every seek table once.

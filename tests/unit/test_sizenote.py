@@ -77,7 +77,7 @@ def test_metadata_copies_leave_zstfs_xattrs_out(tmp_path: Path) -> None:
     assert os.listxattr(dst) == ["user.mine"]
 
 
-def test_a_swap_notes_the_size_and_a_new_store_reads_it_without_opening_the_file(
+def test_a_swap_notes_the_size_and_a_new_store_takes_it_instead_of_the_seek_table(
         tmp_path: Path) -> None:
     data = lines(5000)
     (tmp_path / "r.jsonl").write_bytes(data)
@@ -98,7 +98,6 @@ def test_a_swap_notes_the_size_and_a_new_store_reads_it_without_opening_the_file
     second = Store.open(str(tmp_path), NameRules("*.jsonl"), codec.CodecParams())
     try:
         assert second.known_size(st) is None
-        assert second.noted_size(second.root_fd, b"r.jsonl.zst", st) == len(data)
         assert second.logical_size(b"r.jsonl.zst", st) == len(data)
         assert second.known_size(st) == len(data)
         fd = os.open(zst, os.O_RDONLY)
@@ -124,7 +123,7 @@ def test_a_size_learnt_from_the_file_is_noted_on_it(store: Store, tmp_path: Path
         os.close(fd_out)
     (tmp_path / "f.jsonl").unlink()
     st = os.stat(zst)
-    assert store.noted_size(store.root_fd, b"f.jsonl.zst", st) is None
+    assert sizenote.NAME.decode() not in os.listxattr(zst)
     assert store.logical_size(b"f.jsonl.zst", st) == len(data)
     assert os.stat(zst).st_mtime_ns == st.st_mtime_ns
     assert sizenote.decode(os.getxattr(zst, sizenote.NAME), os.stat(zst)) == len(data)
