@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from zstfs import codec
 from zstfs.codec import CodecParams, CorruptError, DecodeLimitError, Decoders, ZstReader
+from zstfs.codec.reader import SEQ_RUN
 
 HAS_ZSTD = shutil.which("zstd") is not None
 needs_zstd = pytest.mark.skipif(not HAS_ZSTD, reason="zstd CLI not installed")
@@ -821,6 +822,8 @@ def test_sequential_reader_gets_the_next_frames_decoded_ahead(tmp_path: Path,
     assert len(frames) > 8
     k = 3
     mid = frames[k].log_start + frames[k].log_size // 2
+    for at in range(0, mid, 64 << 10):  # from the start, as `cat` reads
+        assert reader.read(at, 64 << 10) == data[at : at + (64 << 10)]
     assert reader.read(mid, 1000) == data[mid : mid + 1000]  # past the middle of frame k
     ident = codec.identity_of(os.fstat(fd))
     end = time.monotonic() + 10.0
@@ -831,6 +834,38 @@ def test_sequential_reader_gets_the_next_frames_decoded_ahead(tmp_path: Path,
                                                          frames[k + j].log_start
                                                          + frames[k + j].log_size]
     assert dec.frames.cached((ident, k + 3)) is None  # not more than AHEAD_FRAMES
+
+
+def test_a_lone_read_in_the_middle_decodes_its_frame_and_nothing_ahead(
+        tmp_path: Path, fds: list[int]) -> None:
+    """A random line or `less` jumping into a big file: no next frame fetched or decoded."""
+    data = text(8 << 20, 42)
+    fd = open_blob(tmp_path, fds, ours(data, frame_size=256 << 10))
+    dec = Decoders(cache=2 << 20, idle_seconds=0)
+    reader = ZstReader(fd, dec)
+    index = dec.index(fd, codec.identity_of(os.fstat(fd)))
+    frames = index.frames
+    k = 5
+    late = frames[k].log_start + frames[k].log_size * 3 // 4  # past the middle of frame k
+    assert reader.read(late, 1000) == data[late : late + 1000]
+    assert reader.read(late + 1000, 1000) == data[late + 1000 : late + 2000]  # the line goes on
+    assert dec.frames.pending_ahead() == 0
+    assert dec.frames.decoded == 1
+    # Reading on for long enough makes it a sequential reader after all.
+    at = late + 2000
+    while at < late + SEQ_RUN + (64 << 10):
+        assert reader.read(at, 64 << 10) == data[at : at + (64 << 10)]
+        at += 64 << 10
+    j = index.frame_at(at) + 1
+    assert j + 1 < len(frames)
+    while at < frames[j].log_start - frames[j - 1].log_size // 4:  # past the middle of j - 1
+        assert reader.read(at, 64 << 10) == data[at : at + (64 << 10)]
+        at += 64 << 10
+    ident = codec.identity_of(os.fstat(fd))
+    end = time.monotonic() + 10.0
+    while dec.frames.cached((ident, j + 1)) is None and time.monotonic() < end:
+        time.sleep(0.005)  # polling an observable, with a deadline
+    assert dec.frames.cached((ident, j + 1)) is not None  # decoded ahead, never read
 
 
 def test_decoding_ahead_decodes_each_frame_once_and_survives_a_closed_reader(

@@ -10,6 +10,16 @@ from zstfs.codec.decoders import Decoders
 from zstfs.codec.format import MAX_CONTENT_SIZE, DecodeLimitError, gib, identity_of
 from zstfs.codec.index import Frame, Index
 
+#: A reader reads on sequentially while each read starts within this distance of where its
+#: previous one ended (the kernel's parallel read-ahead sends its windows a little out of
+#: order) ...
+SEQ_SLACK = 4 << 20
+#: ... and it gets the next frames fetched and decoded ahead once its run started at the file's
+#: start (`cat`, `grep`, codex reading a rollout) or has gone on for this many bytes. A lone read
+#: in the middle of a big file (a random line, `less` jumping) decodes its own frame and nothing
+#: more, and the disk fetches nothing else meanwhile.
+SEQ_RUN = 4 << 20
+
 
 class ZstReader:
     """Random-access reader over one ``.zst`` file descriptor.
@@ -17,13 +27,26 @@ class ZstReader:
     The caller owns ``fd`` and keeps it open while the reader is in use.  Only ``os.pread`` is used,
     so one reader may serve several threads at once.  The frame index, decoded frames and resumable
     decoders live in a :class:`Decoders` budget keyed by the file identity, so readers of the same
-    unchanged file share them; a reader itself holds no decoder between reads.
+    unchanged file share them; a reader itself holds no decoder between reads.  It follows its
+    own reads only to tell a sequential reader (worth reading ahead for) from a random one;
+    threads racing on that only blur the guess.
     """
 
     def __init__(self, fd: int, decoders: Decoders) -> None:
         self._fd = fd
         self._identity = identity_of(os.fstat(fd))
         self._dec = decoders
+        self._run: tuple[int, int] | None = None  # [start, end) of the current sequential run
+
+    def _reads_on(self, offset: int, end: int) -> bool:
+        """Note a read of ``[offset, end)``; True if this reader reads on sequentially."""
+        run = self._run
+        if run is not None and run[1] - SEQ_SLACK <= offset <= run[1] + SEQ_SLACK:
+            run = (run[0], max(run[1], end))
+        else:
+            run = (offset, end)
+        self._run = run
+        return run[0] == 0 or run[1] - run[0] >= SEQ_RUN
 
     def _index(self) -> Index:
         return self._dec.index(self._fd, self._identity)
@@ -71,6 +94,7 @@ class ZstReader:
                     self._dec.verify(self._fd, self._identity, frame)
         if offset >= end:
             return b""
+        ahead = self._reads_on(offset, end)
         frame_no = index.frame_at(offset)
         parts: list[bytes] = []
         pos = offset
@@ -78,7 +102,7 @@ class ZstReader:
             frame = index.frames[frame_no]
             lo = pos - frame.log_start
             hi = min(end, frame.log_start + frame.log_size) - frame.log_start
-            part = self._frame_slice(frame_no, frame, lo, hi, decode=decode)
+            part = self._frame_slice(frame_no, frame, lo, hi, decode=decode, ahead=ahead)
             if part is None:
                 return None
             parts.append(part)
@@ -115,9 +139,10 @@ class ZstReader:
             )
 
     def _frame_slice(
-        self, frame_no: int, frame: Frame, lo: int, hi: int, *, decode: bool
+        self, frame_no: int, frame: Frame, lo: int, hi: int, *, decode: bool, ahead: bool
     ) -> bytes | None:
-        """Bytes ``[lo, hi)`` of one frame: from the shared cache, or a resumable stream."""
+        """Bytes ``[lo, hi)`` of one frame: from the shared cache, or a resumable stream; with
+        ``ahead`` (a sequential reader), the next frames are fetched and decoded meanwhile."""
         self._check_size(frame)
         if not self._dec.frames.cacheable(frame):
             if not decode:
@@ -137,9 +162,10 @@ class ZstReader:
         if data is None:
             if not decode:
                 return None
-            self._read_ahead(frame_no + 1)
+            if ahead:
+                self._read_ahead(frame_no + 1)
             data = self._dec.frames.frame_bytes(self._fd, self._identity, frame_no, frame)
-        if hi * 2 > frame.log_size:
+        if ahead and hi * 2 > frame.log_size:
             # Past the middle of a frame, a reader that goes on wants the next ones: they are
             # decoded on other cores meanwhile (`grep -r`, `cat`, codex reading a rollout).
             for ahead in range(1, AHEAD_FRAMES + 1):
