@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from zstfs import codec
 from zstfs.codec import CodecParams, CorruptError, Decoders, ZstReader
+from zstfs.codec.format import one_shot_decompressor
 
 SMALL = CodecParams(frame_size=4096)
 HAS_ZSTD = shutil.which("zstd") is not None
@@ -426,6 +427,16 @@ def test_concurrent_readers(files: Files) -> None:
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(work, range(16)))
+
+
+def test_one_shot_contexts_are_kept_per_thread() -> None:
+    """Whole-frame decodes reuse their thread's context, and never share one across threads
+    (test_concurrent_readers decodes with them from eight threads at once)."""
+    mine = one_shot_decompressor()
+    assert one_shot_decompressor() is mine
+    with ThreadPoolExecutor(1) as pool:
+        theirs = pool.submit(one_shot_decompressor).result()
+    assert theirs is not mine
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from zstfs.codec.format import (
     ProgressFn,
     decompressor,
     gib,
+    one_shot_decompressor,
     pread_exact,
 )
 from zstfs.codec.index import Frame, parse_frame
@@ -119,7 +120,11 @@ def decode_whole(fd: int, frame: Frame) -> bytes:
     check_extent(fd, frame)
     data = pread_exact(fd, frame.comp_end - frame.comp_start, frame.comp_start, "frame")
     try:
-        out = decompressor().decompress(data, max_output_size=max(frame.log_size, 1))
+        # A frame that states its size decodes in one pass, keeping nothing in the context; one
+        # that does not is streamed, and the context would keep its window after the call.
+        ctx = (one_shot_decompressor() if zstandard.frame_content_size(data) >= 0
+               else decompressor())
+        out = ctx.decompress(data, max_output_size=max(frame.log_size, 1))
     except zstandard.ZstdError as exc:
         raise damage(frame.comp_start, exc) from exc
     if len(out) != frame.log_size:
