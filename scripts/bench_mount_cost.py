@@ -43,7 +43,9 @@ libfuse's own C example, `passthrough_ll` (scripts/build-passthrough-ll.sh build
 bundled libfuse 3.17, with KILLPRIV_V2), over the plain store: what any FUSE daemon on this
 machine pays, with no Python and nothing decoded. `--mounter passthrough_ll --floor-binary PATH`
 times it alone. Only `codex exec` of the codex rows runs there (a resume needs a compressed
-session).
+session). Root's floor is libfuse's C++ example `passthrough_hp` with FUSE passthrough on, as
+zstfs's root mount has it: `--mounter passthrough_hp --floor-binary PATH`
+(scripts/build-passthrough-hp.sh builds it).
 
 Usage::
 
@@ -646,7 +648,10 @@ def request_table(counts: dict[str, dict[str, Any]], names: Sequence[str] = tupl
 
 
 #: The C daemons `--mounter` can time instead of zstfs.
-OTHER_MOUNTERS = ("fuse-overlayfs", "passthrough_ll")
+OTHER_MOUNTERS = ("fuse-overlayfs", "passthrough_ll", "passthrough_hp")
+#: The C daemons that need --floor-binary (built by scripts/build-passthrough-ll.sh and
+#: scripts/build-passthrough-hp.sh).
+FLOOR_MOUNTERS = ("passthrough_ll", "passthrough_hp")
 
 
 class OtherDaemon:
@@ -701,8 +706,11 @@ def other_mount(kind: str, src: Path, mnt: Path,
     elif kind == "passthrough_ll" and floor_binary is not None:
         argv = [str(floor_binary), "-f", "-o",
                 f"source={src},xattr,no_writeback,timeout=60", str(mnt)]
+    elif kind == "passthrough_hp" and floor_binary is not None:
+        # Its defaults: FUSE passthrough on (root only), entries and attributes cached.
+        argv = [str(floor_binary), "--foreground", str(src), str(mnt)]
     else:
-        raise ValueError(f"{kind} (passthrough_ll needs --floor-binary)")
+        raise ValueError(f"{kind} (passthrough_ll and passthrough_hp need --floor-binary)")
     d = OtherDaemon(kind, argv, mnt)
     try:
         d.start()
@@ -721,7 +729,7 @@ def bench_mount_cost(res: benchlib.Results, work: Path, reps: int, only: set[str
     `record`, if given, gets each row's run times and daemon cost (`rows`), the rows that could
     not run and why (`skipped`) and what the timed daemon reported about its pyfuse3 (`daemon`);
     `zstfs` is the command that runs zstfs; `store_small` the store rows' number of small
-    rollouts; `floor_binary` the C daemon of `mounter` passthrough_ll."""
+    rollouts; `floor_binary` the C daemon of `mounter` passthrough_ll or passthrough_hp."""
     work.mkdir(parents=True, exist_ok=True)
     record = {} if record is None else record
     disk, src, mnt = work / "disk", work / "src", work / "mnt"
@@ -1123,8 +1131,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mounter", default="zstfs", choices=["zstfs", *OTHER_MOUNTERS],
                     help="time another FUSE daemon (a C one) instead of zstfs")
     ap.add_argument("--floor-binary", type=Path, metavar="PATH",
-                    help="with --mounter passthrough_ll: the binary "
-                         "(scripts/build-passthrough-ll.sh PATH builds it)")
+                    help="with --mounter passthrough_ll or passthrough_hp: the binary "
+                         "(scripts/build-passthrough-ll.sh PATH or "
+                         "scripts/build-passthrough-hp.sh PATH builds it)")
     ap.add_argument("--user", metavar="NAME",
                     help="as root: run every row as root and then as this ordinary user (their "
                          "daemon and workload), and print both side by side")
@@ -1143,8 +1152,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--user needs root, --user-python and the zstfs mounter")
     if args.user_floor and not args.user:
         ap.error("--user-floor needs --user")
-    if args.mounter == "passthrough_ll" and not args.floor_binary:
-        ap.error("--mounter passthrough_ll needs --floor-binary")
+    if args.mounter in FLOOR_MOUNTERS and not args.floor_binary:
+        ap.error(f"--mounter {args.mounter} needs --floor-binary")
     if args.python or args.set:
         sets = "".join(f"setattr(f.Operations, {k!r}, {v});"
                        for k, v in (a.split("=", 1) for a in args.set))
