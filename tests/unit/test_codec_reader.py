@@ -868,6 +868,73 @@ def test_a_lone_read_in_the_middle_decodes_its_frame_and_nothing_ahead(
     assert dec.frames.cached((ident, j + 1)) is not None  # decoded ahead, never read
 
 
+def fetch_spy(reader: ZstReader, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The frames `reader` asks the kernel to fetch ahead (read-ahead of compressed bytes)."""
+    asked: list[int] = []
+    real = reader._read_ahead
+
+    def spy(frame_no: int) -> None:
+        asked.append(frame_no)
+        real(frame_no)
+
+    monkeypatch.setattr(reader, "_read_ahead", spy)
+    return asked
+
+
+def read_on(reader: ZstReader, data: bytes, start: int, stop: int, step: int = 128 << 10) -> None:
+    for at in range(start, stop, step):
+        assert reader.read(at, step) == data[at : at + step]
+
+
+def test_a_first_line_reader_fetches_nothing_ahead_and_cat_does(
+        tmp_path: Path, fds: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    data = text(8 << 20, 43)
+    fd = open_blob(tmp_path, fds, ours(data, frame_size=1 << 20))
+    dec = Decoders(cache=4 << 20, idle_seconds=0)
+    frames = dec.index(fd, codec.identity_of(os.fstat(fd))).frames
+    head = ZstReader(fd, dec)  # a session list: the first line, from the head frame
+    asked = fetch_spy(head, monkeypatch)
+    assert head.read(0, 128 << 10) == data[: 128 << 10]
+    assert asked == []
+    cat = ZstReader(fd, Decoders(cache=4 << 20, idle_seconds=0))
+    asked = fetch_spy(cat, monkeypatch)
+    read_on(cat, data, 0, frames[2].log_start + 1)
+    assert asked  # reading on from the start: the next frames are fetched as it goes
+    assert max(asked) == 3
+
+
+def test_a_run_whose_first_reads_arrive_out_of_order_still_starts_at_the_start(
+        tmp_path: Path, fds: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel's first two read-ahead windows may reach the daemon in either order."""
+    data = text(8 << 20, 44)
+    fd = open_blob(tmp_path, fds, ours(data, frame_size=1 << 20))
+    dec = Decoders(cache=4 << 20, idle_seconds=0)
+    frames = dec.index(fd, codec.identity_of(os.fstat(fd))).frames
+    reader = ZstReader(fd, dec)
+    asked = fetch_spy(reader, monkeypatch)
+    w = 128 << 10
+    assert reader.read(w, w) == data[w : 2 * w]
+    assert reader.read(0, w) == data[:w]
+    read_on(reader, data, 2 * w, frames[2].log_start + 1)
+    assert 3 in asked  # far less than SEQ_RUN read: only the start of the file made it a run
+    assert frames[2].log_start + w < SEQ_RUN
+
+
+def test_reads_far_apart_are_no_run(tmp_path: Path, fds: list[int],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two lines a few MiB apart (within the slack) are two lone reads, not a sequential run."""
+    data = text(12 << 20, 45)
+    fd = open_blob(tmp_path, fds, ours(data, frame_size=1 << 20))
+    dec = Decoders(cache=4 << 20, idle_seconds=0)
+    reader = ZstReader(fd, dec)
+    asked = fetch_spy(reader, monkeypatch)
+    for at in (3 << 20, (6 << 20) + 900_000, (9 << 20) + 900_000):  # each past its frame's middle
+        assert reader.read(at, 4096) == data[at : at + 4096]
+    assert asked == []
+    assert dec.frames.pending_ahead() == 0
+    assert dec.frames.decoded == 3
+
+
 def test_decoding_ahead_decodes_each_frame_once_and_survives_a_closed_reader(
         tmp_path: Path) -> None:
     data = text(3 << 20, 41)

@@ -9,16 +9,19 @@ from zstfs.codec.cache import AHEAD_FRAMES
 from zstfs.codec.decoders import Decoders
 from zstfs.codec.format import MAX_CONTENT_SIZE, DecodeLimitError, gib, identity_of
 from zstfs.codec.index import Frame, Index
+from zstfs.codec.writer import HEAD_FRAME
 
-#: A reader reads on sequentially while each read starts within this distance of where its
-#: previous one ended (the kernel's parallel read-ahead sends its windows a little out of
+#: A reader reads on sequentially while each read starts within this distance of the furthest
+#: point it has read to (the kernel's parallel read-ahead sends its windows a little out of
 #: order) ...
 SEQ_SLACK = 4 << 20
-#: ... and it gets the next frames fetched and decoded ahead once its run started at the file's
-#: start (`cat`, `grep`, codex reading a rollout) or has gone on for this many bytes. A lone read
-#: in the middle of a big file (a random line, `less` jumping) decodes its own frame and nothing
-#: more, and the disk fetches nothing else meanwhile.
+#: ... and it gets the next frames fetched and decoded ahead once it has read this many bytes so,
+#: or more than the head frame from the file's start (`cat`, `grep`, codex reading a rollout).
+#: A lone read in the middle of a big file (a random line, `less` jumping) decodes its own frame
+#: and nothing more, the disk fetching nothing else meanwhile; so does a first-line reader (a
+#: session list), which stops inside the head frame.
 SEQ_RUN = 4 << 20
+SEQ_FROM_START = HEAD_FRAME
 
 
 class ZstReader:
@@ -36,17 +39,20 @@ class ZstReader:
         self._fd = fd
         self._identity = identity_of(os.fstat(fd))
         self._dec = decoders
-        self._run: tuple[int, int] | None = None  # [start, end) of the current sequential run
+        # The current sequential run: (start, furthest end, bytes read in it).
+        self._run: tuple[int, int, int] | None = None
 
-    def _reads_on(self, offset: int, end: int) -> bool:
-        """Note a read of ``[offset, end)``; True if this reader reads on sequentially."""
+    def _run_with(self, offset: int, end: int) -> tuple[int, int, int]:
+        """The run as it stands once ``[offset, end)`` is read."""
         run = self._run
         if run is not None and run[1] - SEQ_SLACK <= offset <= run[1] + SEQ_SLACK:
-            run = (run[0], max(run[1], end))
-        else:
-            run = (offset, end)
-        self._run = run
-        return run[0] == 0 or run[1] - run[0] >= SEQ_RUN
+            return min(run[0], offset), max(run[1], end), run[2] + end - offset
+        return offset, end, end - offset
+
+    @staticmethod
+    def _sequential(run: tuple[int, int, int]) -> bool:
+        start, _end, nbytes = run
+        return nbytes >= SEQ_RUN or (start == 0 and nbytes > SEQ_FROM_START)
 
     def _index(self) -> Index:
         return self._dec.index(self._fd, self._identity)
@@ -94,7 +100,9 @@ class ZstReader:
                     self._dec.verify(self._fd, self._identity, frame)
         if offset >= end:
             return b""
-        ahead = self._reads_on(offset, end)
+        # Noted once the read is served (a cache probe that misses is tried again, decoding).
+        run = self._run_with(offset, end)
+        ahead = self._sequential(run)
         frame_no = index.frame_at(offset)
         parts: list[bytes] = []
         pos = offset
@@ -108,6 +116,7 @@ class ZstReader:
             parts.append(part)
             pos = frame.log_start + hi
             frame_no += 1
+        self._run = run
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _sizes_checked(self, index: Index, end: int, decode: bool) -> bool:
@@ -168,8 +177,8 @@ class ZstReader:
         if ahead and hi * 2 > frame.log_size:
             # Past the middle of a frame, a reader that goes on wants the next ones: they are
             # decoded on other cores meanwhile (`grep -r`, `cat`, codex reading a rollout).
-            for ahead in range(1, AHEAD_FRAMES + 1):
-                self._decode_ahead(frame_no + ahead, frame.log_size)
+            for n in range(1, AHEAD_FRAMES + 1):
+                self._decode_ahead(frame_no + n, frame.log_size)
         if lo == 0 and hi == len(data):
             return data
         return data[lo:hi]
