@@ -9,12 +9,13 @@
 #   scripts/build-passthrough-hp.sh OUT [LIBFUSE_PREFIX]     (needs g++; default prefix
 #                                                            .venv/opt/libfuse3)
 set -euo pipefail
+out=$(realpath -m "${1:?usage: scripts/build-passthrough-hp.sh OUT [LIBFUSE_PREFIX]}")
+prefix=$(realpath -m "${2:-$(dirname "$0")/../.venv/opt/libfuse3}")
 cd "$(dirname "$0")/.."
-out=${1:?usage: scripts/build-passthrough-hp.sh OUT [LIBFUSE_PREFIX]}
-prefix=$(cd "${2:-.venv/opt/libfuse3}" && pwd)
 [ -f "$prefix/include/fuse3/fuse_lowlevel.h" ] || { echo "error: no libfuse 3.17 under $prefix (run ./install.sh --test)" >&2; exit 1; }
 version=$(sed -n 's/^bundled_version=//p' scripts/build-pyfuse3.sh)
 sha256=$(sed -n 's/^bundled_sha256=//p' scripts/build-pyfuse3.sh)
+[ -n "$version" ] && [ -n "$sha256" ] || { echo "error: no bundled libfuse version in scripts/build-pyfuse3.sh" >&2; exit 1; }
 # The mirror apt already uses, found as build-pyfuse3.sh finds it.
 mirror=$(cat /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null \
     | sed -n 's/^URIs: *\([^ ]*\).*/\1/p; s/^deb \(\[[^]]*\] \)\{0,1\}\([^ ]*\) .*/\2/p' \

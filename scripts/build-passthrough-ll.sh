@@ -11,9 +11,9 @@
 # FUSE_CAP_HANDLE_KILLPRIV_V2 as zstfs does (writes then stop asking for security.capability):
 # the one change made to the example, besides the 3.17 spelling of its feature flags.
 set -euo pipefail
+out=$(realpath -m "${1:?usage: scripts/build-passthrough-ll.sh OUT [LIBFUSE_PREFIX]}")
+prefix=$(realpath -m "${2:-$(dirname "$0")/../.venv/opt/libfuse3}")
 cd "$(dirname "$0")/.."
-out=${1:?usage: scripts/build-passthrough-ll.sh OUT [LIBFUSE_PREFIX]}
-prefix=$(cd "${2:-.venv/opt/libfuse3}" && pwd)
 examples=/usr/share/doc/libfuse3-dev/examples
 [ -f "$examples/passthrough_ll.c" ] || { echo "error: no $examples/passthrough_ll.c (install libfuse3-dev)" >&2; exit 1; }
 [ -f "$prefix/include/fuse3/fuse_lowlevel.h" ] || { echo "error: no libfuse 3.17 under $prefix (run ./install.sh --test)" >&2; exit 1; }
