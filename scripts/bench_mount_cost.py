@@ -1154,6 +1154,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--user-floor needs --user")
     if args.mounter in FLOOR_MOUNTERS and not args.floor_binary:
         ap.error(f"--mounter {args.mounter} needs --floor-binary")
+    if args.mounter == "passthrough_hp" and os.geteuid() != 0:
+        ap.error("--mounter passthrough_hp is root's floor: FUSE passthrough needs root")
     if args.python or args.set:
         sets = "".join(f"setattr(f.Operations, {k!r}, {v});"
                        for k, v in (a.split("=", 1) for a in args.set))

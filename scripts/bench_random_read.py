@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("file", type=Path, help="a big .zst written by zstfs (several frames)")
     ap.add_argument("--runs", type=int, default=15)
     args = ap.parse_args()
+    if args.runs < 1:
+        ap.error("--runs must be at least 1")
     if os.geteuid() != 0:
         sys.exit("needs root: each run drops the page cache")
     times: dict[str, list[float]] = {"sequential readers only (zstfs)": [],
