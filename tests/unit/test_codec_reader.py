@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from zstfs import codec
 from zstfs.codec import CodecParams, CorruptError, DecodeLimitError, Decoders, ZstReader
+from zstfs.codec.index import Frame
 from zstfs.codec.reader import SEQ_RUN
 
 HAS_ZSTD = shutil.which("zstd") is not None
@@ -901,12 +902,18 @@ def read_on(reader: ZstReader, data: bytes, start: int, stop: int, step: int = 1
         assert reader.read(at, step) == data[at : at + step]
 
 
-def test_a_first_line_reader_fetches_nothing_ahead_and_cat_does(
-        tmp_path: Path, fds: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
-    data = text(8 << 20, 43)
+def mib_frames(tmp_path: Path, fds: list[int], seed: int) -> tuple[bytes, int, Decoders,
+                                                                  tuple[Frame, ...]]:
+    """8 MiB of text in zstfs's format with 1 MiB frames: data, descriptor, decoders, frames."""
+    data = text(8 << 20, seed)
     fd = open_blob(tmp_path, fds, ours(data, frame_size=1 << 20))
     dec = Decoders(cache=4 << 20, idle_seconds=0)
-    frames = dec.index(fd, codec.identity_of(os.fstat(fd))).frames
+    return data, fd, dec, dec.index(fd, codec.identity_of(os.fstat(fd))).frames
+
+
+def test_a_first_line_reader_fetches_nothing_ahead_and_cat_does(
+        tmp_path: Path, fds: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    data, fd, dec, frames = mib_frames(tmp_path, fds, 43)
     head = ZstReader(fd, dec)  # a session list: the first line, from the head frame
     asked = fetch_spy(head, monkeypatch)
     assert head.read(0, 128 << 10) == data[: 128 << 10]
@@ -921,10 +928,7 @@ def test_a_first_line_reader_fetches_nothing_ahead_and_cat_does(
 def test_a_run_whose_first_reads_arrive_out_of_order_still_starts_at_the_start(
         tmp_path: Path, fds: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
     """The kernel's first two read-ahead windows may reach the daemon in either order."""
-    data = text(8 << 20, 44)
-    fd = open_blob(tmp_path, fds, ours(data, frame_size=1 << 20))
-    dec = Decoders(cache=4 << 20, idle_seconds=0)
-    frames = dec.index(fd, codec.identity_of(os.fstat(fd))).frames
+    data, fd, dec, frames = mib_frames(tmp_path, fds, 44)
     reader = ZstReader(fd, dec)
     asked = fetch_spy(reader, monkeypatch)
     w = 128 << 10
