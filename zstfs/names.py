@@ -37,6 +37,12 @@ DEFAULT_PATTERNS: tuple[str, ...] = (
 #: Extended attributes under this prefix are zstfs's own, on every file: the mount never shows
 #: them or lets them be set, and metadata copies leave them out.
 XATTR_PREFIX = b"user.zstfs."
+
+
+def is_own_xattr(name: bytes) -> bool:
+    """`user.zstfs.*`: zstfs's own attribute (the status document, a size note), on any file."""
+    return name.startswith(XATTR_PREFIX)
+
 #: Extended attribute on the mount root that returns the daemon's status as JSON.
 STATUS_XATTR = XATTR_PREFIX + b"status"
 

@@ -29,9 +29,9 @@ from zstfs import codec, leases, sizenote
 from zstfs.names import (
     KEPT_PREFIX,
     LOCK_NAME,
-    XATTR_PREFIX,
     ZST_SUFFIX_B,
     NameRules,
+    is_own_xattr,
     is_reserved,
     is_temp,
     kept_name,
@@ -784,6 +784,6 @@ def copy_metadata(src_fd: int, dst_fd: int, st: os.stat_result) -> None:
             raise
         names = []
     for attr in names:
-        if not os.fsencode(attr).startswith(XATTR_PREFIX):  # zstfs's own (a size note)
+        if not is_own_xattr(os.fsencode(attr)):  # a size note names the source, not the copy
             os.setxattr(dst_fd, attr, os.getxattr(src_fd, attr))
     os.utime(dst_fd, ns=(st.st_atime_ns, st.st_mtime_ns))

@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from zstfs.names import STATUS_XATTR, XATTR_PREFIX
+from zstfs.names import STATUS_XATTR, is_own_xattr
 from zstfs.openfiles import ROOT_INODE
 from zstfs.view import View
 
@@ -24,11 +24,6 @@ def _error(code: int) -> OSError:
     return OSError(code, os.strerror(code))
 
 
-def reserved(name: bytes) -> bool:
-    """`user.zstfs.*` is zstfs's own, on every file."""
-    return name.startswith(XATTR_PREFIX)
-
-
 class Xattrs:
     def __init__(self, view: View) -> None:
         self.view = view
@@ -38,7 +33,7 @@ class Xattrs:
 
     async def get(self, inode: int, name: bytes, caller: int) -> bytes:
         """Attribute `name` of inode `inode`, for process `caller`; ENODATA if it has none."""
-        if reserved(name):
+        if is_own_xattr(name):
             if inode == ROOT_INODE and name == STATUS_XATTR and self.status_provider is not None:
                 return await self._status_json(caller)
             raise _error(errno.ENODATA)
@@ -49,7 +44,7 @@ class Xattrs:
         return self.view.getxattr(node, name)
 
     async def set(self, inode: int, name: bytes, value: bytes) -> None:
-        if reserved(name):
+        if is_own_xattr(name):
             raise _error(errno.EPERM)
         node = self.view.node(inode)
         # Never during a swap's publish, which would revert it.
@@ -58,13 +53,13 @@ class Xattrs:
 
     def list(self, inode: int) -> list[bytes]:
         names = [os.fsencode(n) for n in self.view.xattr_call(self.view.node(inode), os.listxattr)]
-        names = [n for n in names if not reserved(n)]
+        names = [n for n in names if not is_own_xattr(n)]
         if inode == ROOT_INODE and self.status_provider is not None:
             names.append(STATUS_XATTR)
         return names
 
     async def remove(self, inode: int, name: bytes) -> None:
-        if reserved(name):
+        if is_own_xattr(name):
             raise _error(errno.EPERM)
         node = self.view.node(inode)
         async with self.view.files.hold(node):
