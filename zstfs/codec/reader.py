@@ -21,7 +21,6 @@ SEQ_SLACK = 4 << 20
 #: and nothing more, the disk fetching nothing else meanwhile; so does a first-line reader (a
 #: session list), which stops inside the head frame.
 SEQ_RUN = 4 << 20
-SEQ_FROM_START = HEAD_FRAME
 
 
 class ZstReader:
@@ -52,7 +51,7 @@ class ZstReader:
     @staticmethod
     def _sequential(run: tuple[int, int, int]) -> bool:
         start, _end, nbytes = run
-        return nbytes >= SEQ_RUN or (start == 0 and nbytes > SEQ_FROM_START)
+        return nbytes >= SEQ_RUN or (start == 0 and nbytes > HEAD_FRAME)
 
     def _index(self) -> Index:
         return self._dec.index(self._fd, self._identity)
