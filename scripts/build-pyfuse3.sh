@@ -16,7 +16,7 @@
 # can never register a backing file, so the system build is all they can use, and it needs no
 # libfuse download, meson or ninja (BENCHMARKS.md: install times and what each build gains).
 #
-# The patch adds opt-in switches that stock pyfuse3 cannot express, and nothing else:
+# The patch adds opt-in switches that stock pyfuse3 cannot express:
 #   enable_readdir_cache  opendir replies FOPEN_CACHE_DIR|FOPEN_KEEP_CACHE (the kernel keeps listings)
 #   disable_splice_read   INIT clears FUSE_CAP_SPLICE_READ (one read(2) per request, no pipe)
 #   directories_by_inode  where the kernel has FUSE_CAP_NO_OPENDIR_SUPPORT (an OPENDIR answered
@@ -28,6 +28,13 @@
 #                         FUSE_OPEN_KILL_SUIDGID, FATTR_KILL_SUIDGID: libfuse passes none of them on)
 #   enable_killpriv_v2    (libfuse 3.17+ only) INIT asks for FUSE_CAP_HANDLE_KILLPRIV_V2: writes no
 #                         longer ask for security.capability (the server clears the bits instead)
+#   spin_ns               with Operations.spin_ns > 0, after a short wait for a request the reader
+#                         polls the session fd that long before it sleeps in epoll
+# one change to the request loop that stock pyfuse3 has no switch for:
+#   inline_handlers       the reader runs each handler until it first suspends, and starts another
+#                         reader task only then; stock pyfuse3 starts one before every request
+#                         that finds no other reader waiting, and the two take turns at the read
+#                         lock, a trio task switch per request
 # and `pyfuse3.ZSTFS_PATCHES` naming those in effect. zstfs works on a stock pyfuse3 too, only
 # slower on request-bound work; `zstfs status --json` shows `pyfuse3_patches`.
 set -euo pipefail

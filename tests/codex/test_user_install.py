@@ -207,7 +207,7 @@ def _install_and_use(user: User, codex: Path, backing: Path, checkout: Path) -> 
     assert info["spin_ns"] > 0  # type: ignore[operator]  # no wake-up per request in a burst
     assert set(info["pyfuse3_patches"]) == {  # type: ignore[call-overload]
         "enable_readdir_cache", "disable_splice_read", "directories_by_inode", "kill_suidgid",
-        "spin_ns", "enable_passthrough", "enable_killpriv_v2"}
+        "spin_ns", "inline_handlers", "enable_passthrough", "enable_killpriv_v2"}
     proc = Path(f"/proc/{pid}")
     assert proc.stat().st_uid == user.pw.pw_uid
     exe = os.readlink(proc / "exe")

@@ -8,6 +8,7 @@ sending requests whose handlers never wait for anything. Real mount, a real clie
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 import pyfuse3
 import pytest
 from harness.backing import DAY, backing, rollout, zstd_decode
-from harness.mount import MountFactory, wait_until
+from harness.mount import MountFactory, compress_in_place, wait_until
 
 #: One getxattr after the other on an open file (each one a request whose handler returns at
 #: once) until stdin says stop; then the count.
@@ -76,3 +77,107 @@ def test_requests_sent_back_to_back_do_not_starve_the_compactor(
         assert zstd_decode(b.read("a.jsonl.zst")) == data
         assert (store / "a.jsonl").read_bytes() == data
         m.stop()
+
+
+#: Takes a read lease on a backing file (opened before the mount goes over it), says so, prints
+#: "broken" when the kernel asks for it back, and lets go when stdin says so.
+LEASE_HOLDER = r"""
+import fcntl, os, signal, sys
+signal.signal(signal.SIGIO, lambda *_: print("broken", flush=True))
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+print("leased", flush=True)
+sys.stdin.readline()
+fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+os.close(fd)
+print("released", flush=True)
+"""
+
+#: Opens a file through the mount for append (this waits for the lease) and writes a line.
+APPENDER = r"""
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND)
+os.write(fd, sys.argv[2].encode())
+os.close(fd)
+print("wrote", flush=True)
+"""
+
+#: Requests of every kind through the mount, some whose handlers wait (decoding a compressed
+#: file), most that never do: prints what it read.
+BUSY_CLIENT = r"""
+import hashlib, os, sys
+root = sys.argv[1]
+for _ in range(200):
+    os.stat(os.path.join(root, "hot.txt"))
+    try:
+        os.getxattr(os.path.join(root, "hot.txt"), "user.absent")
+    except OSError:
+        pass
+names = sorted(os.listdir(root))
+with open(os.path.join(root, "cold.jsonl"), "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()
+print(" ".join(names), digest, flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_request_that_waits_does_not_hold_up_the_others(
+        store: Path, mount_factory: MountFactory) -> None:
+    """An append to a file that another process holds a lease on waits, in the daemon, until the
+    lease is given back. Meanwhile other processes' requests are all answered (stats, xattrs, a
+    listing, a compressed file read whole), and the append then lands with every byte."""
+    (store / "hot.txt").write_bytes(b"busy\n")
+    held = b'{"line":1}\n'
+    (store / "held.jsonl").write_bytes(held)
+    cold = rollout(store / "cold.jsonl", 3_000_000, seed=4)
+    compress_in_place(store / "cold.jsonl")
+    line = '{"line":2}\n'
+    holder = subprocess.Popen([sys.executable, "-c", LEASE_HOLDER, str(store / "held.jsonl")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    appender = None
+    try:
+        assert holder.stdin is not None
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "leased"
+        with backing(store) as b:
+            m = mount_factory(store, "--force")  # (the holder's descriptor is in the store)
+            appender = subprocess.Popen([sys.executable, "-c", APPENDER,
+                                         str(store / "held.jsonl"), line],
+                                        stdout=subprocess.PIPE, text=True)
+            assert holder.stdout.readline().strip() == "broken"  # the daemon asked for it
+            # Well within the time the kernel gives a lease holder (after which it takes the
+            # lease back and the append would go on regardless).
+            patience = int(Path("/proc/sys/fs/lease-break-time").read_text()) / 2
+            try:
+                busy = subprocess.run([sys.executable, "-c", BUSY_CLIENT, str(store)],
+                                      capture_output=True, text=True, timeout=patience)
+            except subprocess.TimeoutExpired:
+                pytest.fail("requests went unanswered while the append waited for the lease")
+            assert busy.returncode == 0, busy.stderr
+            names, digest = busy.stdout.rsplit(" ", 1)
+            assert names.split() == ["cold.jsonl", "held.jsonl", "hot.txt"]
+            assert digest.strip() == hashlib.sha256(cold).hexdigest()
+            assert appender.poll() is None, "the append did not wait for the lease"
+            assert b.read("held.jsonl") == held
+            holder.stdin.write("go\n")
+            holder.stdin.flush()
+            assert holder.stdout.readline().strip() == "released"
+            out, _ = appender.communicate(timeout=60)
+            assert appender.returncode == 0, out
+            assert out.strip() == "wrote", out
+            assert b.read("held.jsonl") == held + line.encode()
+            # and the mount goes on answering afterwards
+            again = subprocess.run([sys.executable, "-c", BUSY_CLIENT, str(store)],
+                                   capture_output=True, text=True, timeout=60)
+            assert again.returncode == 0, again.stderr
+            assert again.stdout == busy.stdout
+            m.stop()
+    finally:
+        for p in (holder, appender):
+            if p is not None:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+                for stream in (p.stdin, p.stdout):
+                    if stream is not None:
+                        stream.close()
