@@ -31,10 +31,10 @@
 #   spin_ns               with Operations.spin_ns > 0, after a short wait for a request the reader
 #                         polls the session fd that long before it sleeps in epoll
 # one change to the request loop that stock pyfuse3 has no switch for:
-#   inline_handlers       the reader runs each handler until it first suspends, and starts another
-#                         reader task only then; stock pyfuse3 starts one before every request
-#                         that finds no other reader waiting, and the two take turns at the read
-#                         lock, a trio task switch per request
+#   inline_handlers       the reader runs each handler until it first suspends, and only then wakes
+#                         a spare reader (or starts one); stock pyfuse3 starts one before every
+#                         request that finds no other reader waiting, and the two take turns at
+#                         the read lock, a trio task switch per request
 # and `pyfuse3.ZSTFS_PATCHES` naming those in effect. zstfs works on a stock pyfuse3 too, only
 # slower on request-bound work; `zstfs status --json` shows `pyfuse3_patches`.
 set -euo pipefail
