@@ -126,6 +126,12 @@ def test_a_request_that_waits_does_not_hold_up_the_others(
     """An append to a file that another process holds a lease on waits, in the daemon, until the
     lease is given back. Meanwhile other processes' requests are all answered (stats, xattrs, a
     listing, a compressed file read whole), and the append then lands with every byte."""
+    # The kernel takes a lease back by force after this long: the requests below must be
+    # answered well within it.
+    patience = int(Path("/proc/sys/fs/lease-break-time").read_text()) / 2
+    if patience < 10:
+        pytest.skip(f"fs.lease-break-time is {2 * patience:.0f} s here: too short to tell a "
+                    "waiting request from one that went on")
     (store / "hot.txt").write_bytes(b"busy\n")
     held = b'{"line":1}\n'
     (store / "held.jsonl").write_bytes(held)
@@ -145,9 +151,6 @@ def test_a_request_that_waits_does_not_hold_up_the_others(
                                          str(store / "held.jsonl"), line],
                                         stdout=subprocess.PIPE, text=True)
             assert holder.stdout.readline().strip() == "broken"  # the daemon asked for it
-            # Well within the time the kernel gives a lease holder (after which it takes the
-            # lease back and the append would go on regardless).
-            patience = int(Path("/proc/sys/fs/lease-break-time").read_text()) / 2
             try:
                 busy = subprocess.run([sys.executable, "-c", BUSY_CLIENT, str(store)],
                                       capture_output=True, text=True, timeout=patience)
