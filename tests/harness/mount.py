@@ -122,6 +122,19 @@ def shared_tmp() -> Iterator[Path]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def reap(*procs: subprocess.Popen[Any] | None) -> None:
+    """Kill what is still running and close its pipes (teardown of a test's children)."""
+    for proc in procs:
+        if proc is None:
+            continue
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
 def is_mounted(path: Path) -> bool:
     real = os.path.realpath(path)
     with open("/proc/self/mountinfo") as f:

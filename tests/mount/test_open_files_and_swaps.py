@@ -64,7 +64,15 @@ from harness.backing import (
     zstd_decode,
     zstfs_cli,
 )
-from harness.mount import Mount, MountFactory, is_mounted, lazy_unmount, shared_tmp, wait_until
+from harness.mount import (
+    Mount,
+    MountFactory,
+    is_mounted,
+    lazy_unmount,
+    reap,
+    shared_tmp,
+    wait_until,
+)
 
 from zstfs import codec
 
@@ -514,12 +522,7 @@ def test_open_below_the_mount_during_the_publish_loses_nothing(
             assert b.temps() == []
             assert not [n for n in b.names() if n.startswith(".zstfs-kept.")]
     finally:
-        if racer.poll() is None:
-            racer.kill()
-            racer.wait()
-        for pipe in (racer.stdin, racer.stdout):
-            if pipe is not None:
-                pipe.close()
+        reap(racer)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness.mount import Mount, MountFactory, errno_of, wait_until
+from harness.mount import Mount, MountFactory, errno_of, reap, wait_until
 
 NOBODY = 65534
 RENAME_NOREPLACE = 1
@@ -116,19 +116,6 @@ def tell(proc: subprocess.Popen[bytes], line: str) -> None:
     assert proc.stdin is not None
     proc.stdin.write(line.encode() + b"\n")
     proc.stdin.flush()
-
-
-def reap(*procs: subprocess.Popen[bytes] | None) -> None:
-    """Kill what is still running and close its pipes (teardown of a test's children)."""
-    for proc in procs:
-        if proc is None:
-            continue
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        for pipe in (proc.stdin, proc.stdout):
-            if pipe is not None:
-                pipe.close()
 
 
 @pytest.fixture

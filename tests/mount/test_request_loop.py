@@ -18,7 +18,7 @@ from pathlib import Path
 import pyfuse3
 import pytest
 from harness.backing import DAY, backing, rollout, zstd_decode
-from harness.mount import MountFactory, compress_in_place, wait_until
+from harness.mount import MountFactory, compress_in_place, reap, wait_until
 
 #: One getxattr after the other on an open file (each one a request whose handler returns at
 #: once) until stdin says stop; then the count.
@@ -176,11 +176,4 @@ def test_a_request_that_waits_does_not_hold_up_the_others(
             assert again.stdout == busy.stdout
             m.stop()
     finally:
-        for p in (holder, appender):
-            if p is not None:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-                for stream in (p.stdin, p.stdout):
-                    if stream is not None:
-                        stream.close()
+        reap(holder, appender)
