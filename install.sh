@@ -24,9 +24,9 @@ case $libfuse in system|bundled) ;; *) echo "ZSTFS_LIBFUSE must be system or bun
 need=(fuse3 libfuse3-dev pkg-config gcc python3-dev zstd patch)
 [ "$libfuse" = bundled ] && need+=(curl meson ninja-build)
 if [ "$mode" = test ]; then
-    # sqlite3/attr/psmisc/util-linux: real programs the tests drive; nodejs/npm: the Codex CLI;
+    # sqlite3/attr/acl/psmisc/util-linux: real programs the tests drive; nodejs/npm: the Codex CLI;
     # python3-venv: the README's user install, which a test runs with the distribution's python3.
-    need+=(sqlite3 attr psmisc util-linux python3-venv)
+    need+=(sqlite3 attr acl psmisc util-linux python3-venv)
     command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
 fi
 python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)

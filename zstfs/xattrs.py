@@ -1,7 +1,16 @@
 """Extended attributes through the mount: each backing object's own (never through the mount,
 never a symlink's target's), except zstfs's own, `user.zstfs.*`: on the mount root
 `user.zstfs.status` is the virtual status document, and a `.zst` may carry a note of its
-logical size (`sizenote`). The mount never shows those or lets them be set."""
+logical size (`sizenote`). The mount never shows those or lets them be set.
+
+POSIX ACLs, and SELinux labels where SELinux is not running, are not supported through the
+mount: their names answer EOPNOTSUPP and are not listed, as on a filesystem without them (ext4
+mounted `noacl`). The kernel enforces ACLs on a FUSE mount only with `FUSE_POSIX_ACL`, which
+zstfs does not ask for, so an ACL read or set through it would claim a protection that is not
+there; and a label means nothing to a kernel that runs no SELinux (where SELinux runs, labels
+pass through as before). Listing tools remember a filesystem that lacks them: GNU `ls -l` asks
+every file for both names until one answers EOPNOTSUPP, then never again on that device. The
+backing files keep theirs, and so does compaction."""
 
 from __future__ import annotations
 
@@ -16,6 +25,17 @@ from zstfs.names import STATUS_XATTR, is_own_xattr
 from zstfs.openfiles import ROOT_INODE
 from zstfs.view import View
 
+ACL_XATTRS = frozenset({b"system.posix_acl_access", b"system.posix_acl_default"})
+SELINUX_XATTR = b"security.selinux"
+#: Mounted by every system that runs SELinux (libselinux looks for selinuxfs too).
+SELINUXFS = "/sys/fs/selinux"
+
+
+def unsupported_xattrs(selinuxfs: str = SELINUXFS) -> frozenset[bytes]:
+    """The names the mount answers EOPNOTSUPP for on this machine."""
+    return ACL_XATTRS if os.path.isdir(selinuxfs) else ACL_XATTRS | {SELINUX_XATTR}
+
+
 #: How long the status document given to a thread bounds the length of its next one.
 STATUS_PAIR_SECONDS = 1.0
 
@@ -25,8 +45,9 @@ def _error(code: int) -> OSError:
 
 
 class Xattrs:
-    def __init__(self, view: View) -> None:
+    def __init__(self, view: View, unsupported: frozenset[bytes] | None = None) -> None:
         self.view = view
+        self.unsupported = unsupported_xattrs() if unsupported is None else unsupported
         #: What the status document says (set by the mount once it can describe itself).
         self.status_provider: Callable[[], Awaitable[dict[str, Any]]] | None = None
         self._given: dict[int, tuple[float, bytes]] = {}  # see _status_json
@@ -37,6 +58,8 @@ class Xattrs:
             if inode == ROOT_INODE and name == STATUS_XATTR and self.status_provider is not None:
                 return await self._status_json(caller)
             raise _error(errno.ENODATA)
+        if name in self.unsupported:
+            raise _error(errno.EOPNOTSUPP)
         node = self.view.node(inode)
         fd = self.view.handles.held_fd(node)
         if fd is not None:  # every write asks for security.capability: no path walk
@@ -44,8 +67,7 @@ class Xattrs:
         return self.view.getxattr(node, name)
 
     async def set(self, inode: int, name: bytes, value: bytes) -> None:
-        if is_own_xattr(name):
-            raise _error(errno.EPERM)
+        self._settable(name)
         node = self.view.node(inode)
         # Never during a swap's publish, which would revert it.
         async with self.view.files.hold(node):
@@ -53,17 +75,22 @@ class Xattrs:
 
     def list(self, inode: int) -> list[bytes]:
         names = [os.fsencode(n) for n in self.view.xattr_call(self.view.node(inode), os.listxattr)]
-        names = [n for n in names if not is_own_xattr(n)]
+        names = [n for n in names if not is_own_xattr(n) and n not in self.unsupported]
         if inode == ROOT_INODE and self.status_provider is not None:
             names.append(STATUS_XATTR)
         return names
 
     async def remove(self, inode: int, name: bytes) -> None:
-        if is_own_xattr(name):
-            raise _error(errno.EPERM)
+        self._settable(name)
         node = self.view.node(inode)
         async with self.view.files.hold(node):
             self.view.xattr_call(node, os.removexattr, name)
+
+    def _settable(self, name: bytes) -> None:
+        if is_own_xattr(name):
+            raise _error(errno.EPERM)
+        if name in self.unsupported:
+            raise _error(errno.EOPNOTSUPP)
 
     async def _status_json(self, caller: int) -> bytes:
         """The status document, computed afresh for every request.

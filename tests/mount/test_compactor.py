@@ -71,6 +71,10 @@ def test_old_files_are_compressed_with_metadata_and_others_stay_plain(
     os.chmod(store / "b.jsonl", 0o400)
     os.chown(store / "a.jsonl", 65534, 65534)
     os.chown(store / "b.jsonl", 65534, 65534)
+    # An ACL (the mount does not show ACLs, but the backing file keeps its own) and a user xattr.
+    subprocess.run(["setfacl", "-m", "u:nobody:r", store / "a.jsonl"], check=True)
+    os.setxattr(store / "a.jsonl", "user.note", b"kept")
+    acl = os.getxattr(store / "a.jsonl", "system.posix_acl_access")
     before = {n: os.stat(store / n) for n in originals}
 
     fresh = rollout(store / "fresh.jsonl", 100_000, seed=4, mtime_ns=time.time_ns())
@@ -102,6 +106,9 @@ def test_old_files_are_compressed_with_metadata_and_others_stay_plain(
                 len(data), before[name].st_mtime_ns, before[name].st_mode,
                 before[name].st_uid), name
             assert (store / name).read_bytes() == data, name
+
+        assert os.getxattr(b.path("a.jsonl.zst"), "system.posix_acl_access") == acl
+        assert os.getxattr(b.path("a.jsonl.zst"), "user.note") == b"kept"
 
         top = b.names()
         assert {"fresh.jsonl", "notes.txt", "h1.jsonl", "h2.jsonl"} <= top

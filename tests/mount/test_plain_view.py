@@ -513,6 +513,54 @@ def test_xattrs(mounted: Mount) -> None:
     assert os.getxattr(d, "user.dir") == b"on a dir"
 
 
+def test_acls_and_labels_are_not_supported_through_the_mount(
+        store: Path, mount_factory: MountFactory, tmp_path: Path) -> None:
+    """POSIX ACLs (and SELinux labels where SELinux is not running) answer EOPNOTSUPP through
+    the mount, as on a filesystem without them, since the kernel would not enforce an ACL there:
+    `setfacl` refuses, `getfacl` and `cp -a` work from the mode alone, the names are not listed,
+    and the backing files keep theirs. `ls -l` then asks the daemon once, not twice per file."""
+    labels = not os.path.isdir("/sys/fs/selinux")
+    names = ["system.posix_acl_access"] + (["security.selinux"] if labels else [])
+    (store / "d").mkdir()
+    for i in range(20):
+        (store / "d" / f"f{i}.txt").write_text(f"{i}\n")
+    (store / "d" / "z.jsonl").write_bytes(b"")
+    run("zstd", "-q", "--rm", store / "d" / "z.jsonl")  # shown as z.jsonl
+    run("setfacl", "-m", "u:nobody:r", store / "d" / "f0.txt")
+    os.setxattr(store / "d" / "f0.txt", "user.kept", b"yes")
+    m = mount_factory(store, start=False).start(env={**os.environ, "ZSTFS_OPSTATS": "1"})
+    d = m.mountpoint / "d"
+    for f in (d / "f0.txt", d / "f1.txt", d / "z.jsonl", d):
+        for name in names:
+            assert errno_of(os.getxattr, f, name) == errno.EOPNOTSUPP, (f, name)
+        assert errno_of(os.getxattr, f, "system.posix_acl_default") == errno.EOPNOTSUPP
+        assert not set(os.listxattr(f)) & {*names, "system.posix_acl_default"}
+    assert os.listxattr(d / "f0.txt") == ["user.kept"]
+    r = run("setfacl", "-m", "u:nobody:rw", d / "f1.txt", check=False)
+    assert r.returncode != 0
+    assert "not supported" in r.stderr
+    assert errno_of(os.removexattr, d / "f0.txt", "system.posix_acl_access") == errno.EOPNOTSUPP
+    os.chmod(d / "f1.txt", 0o640)
+    assert "user::rw-\ngroup::r--\nother::---" in run("getfacl", "-c", d / "f1.txt").stdout
+    run("cp", "-a", d / "f0.txt", tmp_path / "copy")  # exits 0: nothing to copy, nothing failed
+    assert (tmp_path / "copy").read_text() == "0\n"
+
+    before = m.status()["requests"]["count"]
+    listing = run("ls", "-l", d).stdout
+    assert "z.jsonl" in listing
+    assert not [line for line in listing.splitlines()[1:] if line[10:11] in ("+", ".")]
+    # A request after the listing, to know when the counters include it (answered in order).
+    assert not (m.mountpoint / "marker-after-ls").exists()
+    after = wait_until(
+        lambda: (c := m.status()["requests"]["count"]).get("lookup", 0)
+        > before.get("lookup", 0) and c, 10, "the counters to show the marker lookup")
+    # GNU ls asked each file for both names while the daemon answered ENODATA (44 here).
+    assert after.get("getxattr", 0) - before.get("getxattr", 0) <= len(names)
+    m.stop()
+    assert "user:nobody:r--" in run("getfacl", "-c", store / "d" / "f0.txt").stdout
+    assert run("getfacl", "-c", store / "d" / "f1.txt").stdout.count("user:") == 1  # user::
+
+
 def test_statfs(mounted: Mount, tmp_path: Path) -> None:
     through = os.statvfs(mounted.mountpoint)
     disk = os.statvfs(tmp_path)  # the same filesystem as the backing directory
