@@ -59,13 +59,26 @@ READDIR_BATCH = 1024
 #: fsync of a plain file up to this size runs on the trio thread: a thread hop costs more than
 #: fsync of a small file (measured here: 190 µs vs 60-130 µs), and SQLite syncs its WAL at every
 #: commit. Bigger files, and a handle whose last fsync took longer than INLINE_FSYNC_SLOW
-#: seconds, sync on a worker thread, so no request waits long behind another's sync.
+#: seconds, sync on a worker thread, so no request waits long behind another's sync. A
+#: directory's fsync (codex: after every file it creates) runs inline the same way, until one
+#: of them is slow.
 INLINE_FSYNC_LIMIT = 8 << 20
 INLINE_FSYNC_SLOW = 0.02
 
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+async def _sync(sync: Callable[[int], None], fd: int, inline: bool) -> bool:
+    """`sync(fd)` on the trio thread if `inline`, else on a worker thread; whether it was slow
+    (judged again at every sync: a thread's time also counts its hop, a fraction of the limit)."""
+    started = time.monotonic()
+    if inline:
+        sync(fd)
+    else:
+        await trio.to_thread.run_sync(sync, fd)
+    return time.monotonic() - started > INLINE_FSYNC_SLOW
 
 
 def translate_errors(
@@ -146,6 +159,7 @@ class Operations(pyfuse3.Operations):
         self.rules = files.store.rules
         self.stats: Stats = files.stats
         self.table = files.table
+        self.slow_dir_sync = False  # a directory's fsync was slow: the next one goes to a thread
         files.on_swapped = self.invalidate_attrs
         files.on_idle, files.on_moved = on_idle, on_moved
         self.handles = files.handles
@@ -308,7 +322,8 @@ class Operations(pyfuse3.Operations):
         fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
                      dir_fd=self.table.dir_fd(node))
         try:
-            await trio.to_thread.run_sync(os.fsync, fd)
+            # Like a small file's fsync, on this thread until one of them is slow.
+            self.slow_dir_sync = await _sync(os.fsync, fd, not self.slow_dir_sync)
         finally:
             os.close(fd)
 
@@ -548,14 +563,8 @@ class Operations(pyfuse3.Operations):
         h = self.handles[fh]
         if h.reader is not None:
             return
-        sync = os.fdatasync if datasync else os.fsync
-        started = time.monotonic()
-        if h.slow_sync or os.fstat(h.fd).st_size > INLINE_FSYNC_LIMIT:
-            await trio.to_thread.run_sync(sync, h.fd)
-        else:
-            sync(h.fd)
-        # Judged again at every sync (a thread's also counts its hop, a fraction of the limit).
-        h.slow_sync = time.monotonic() - started > INLINE_FSYNC_SLOW
+        inline = not h.slow_sync and os.fstat(h.fd).st_size <= INLINE_FSYNC_LIMIT
+        h.slow_sync = await _sync(os.fdatasync if datasync else os.fsync, h.fd, inline)
 
     @translate_errors
     async def release(self, fh: FileHandleT) -> None:

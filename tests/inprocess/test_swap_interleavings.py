@@ -24,7 +24,7 @@ from harness.inprocess import CTX, O_APPEND_W, Gate, World, jsonl, wait_for, wri
 from pyfuse3 import FUSEError
 
 from zstfs import leases
-from zstfs.openfiles import Outcome
+from zstfs.openfiles import ROOT_INODE, Outcome
 from zstfs.store import RENAME_EXCHANGE
 from zstfs.swap import Compress
 
@@ -655,11 +655,12 @@ async def test_listing_by_inode_pages_by_name_cookies_through_changes(world: Wor
     await world.ops.fsyncdir(ino, False)  # type: ignore[arg-type]
 
 
-async def test_fsync_of_a_small_file_runs_inline_until_one_is_slow(
+async def test_fsync_of_a_small_file_or_a_directory_runs_inline_until_one_is_slow(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """fsync of a small plain file runs on the trio thread (a thread hop costs more than the
     sync); a big file, and a handle whose last sync was slow, sync on a worker thread; a fast
-    sync brings the handle back. The clock is the test's: each fake sync says how long it took."""
+    sync brings the handle back. A directory's fsync is judged the same way, mount-wide. The
+    clock is the test's: each fake sync says how long it took."""
     import threading
     import time as real_time
 
@@ -696,6 +697,17 @@ async def test_fsync_of_a_small_file_runs_inline_until_one_is_slow(
     assert threads == [True, True, False, True, False]
     for fh in (small, big):
         await world.release(fh)
+
+    world.ops.directories_by_inode = True
+    with pytest.raises(FUSEError):
+        await world.opendir("")  # ENOSYS: readdir and fsyncdir get the directory's inode
+    await world.mkdir("d")
+    d = await world.lookup("d")
+    threads.clear()
+    took[:] = [0.001, fs.INLINE_FSYNC_SLOW * 2, 0.001, 0.001]
+    for ino in (d, ROOT_INODE, d, ROOT_INODE):
+        await world.ops.fsyncdir(ino, False)  # type: ignore[arg-type]
+    assert threads == [True, True, False, True]
 
 
 @pytest.mark.parametrize("attempts", [1, 3])
