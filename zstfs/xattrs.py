@@ -45,9 +45,9 @@ def _error(code: int) -> OSError:
 
 
 class Xattrs:
-    def __init__(self, view: View, unsupported: frozenset[bytes] | None = None) -> None:
+    def __init__(self, view: View) -> None:
         self.view = view
-        self.unsupported = unsupported_xattrs() if unsupported is None else unsupported
+        self.unsupported = unsupported_xattrs()
         #: What the status document says (set by the mount once it can describe itself).
         self.status_provider: Callable[[], Awaitable[dict[str, Any]]] | None = None
         self._given: dict[int, tuple[float, bytes]] = {}  # see _status_json

@@ -518,7 +518,8 @@ def test_acls_and_labels_are_not_supported_through_the_mount(
     """POSIX ACLs (and SELinux labels where SELinux is not running) answer EOPNOTSUPP through
     the mount, as on a filesystem without them, since the kernel would not enforce an ACL there:
     `setfacl` refuses, `getfacl` and `cp -a` work from the mode alone, the names are not listed,
-    and the backing files keep theirs. `ls -l` then asks the daemon once, not twice per file."""
+    and the backing files keep theirs. `ls -l` then asks the daemon for each name once per run,
+    not once per file."""
     labels = not os.path.isdir("/sys/fs/selinux")
     names = ["system.posix_acl_access"] + (["security.selinux"] if labels else [])
     (store / "d").mkdir()
